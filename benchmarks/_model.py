@@ -1,0 +1,128 @@
+"""The synthetic transformer-like model the restore benchmarks save and load.
+
+The model is an embedding, ``L`` decoder layers (attention and MLP projections,
+q/k/v biases, two norms) and a final norm and LM head, with the layer count
+picked to reach a requested size. Matrices are bf16 except the f32 LM head;
+norms and biases are f32.
+
+Contents are deterministic and cheap to produce for any row range: a tensor is
+``PERIOD`` rows of seeded Gaussian noise tiled along dimension 0, so each saving
+rank can generate exactly its own shard and a loader's output can be checked
+against ``TensorSpec.rows`` without keeping a copy of the model around. ``PERIOD``
+is prime so that no shard boundary lines up with the pattern (a shard read from
+the wrong offset does not compare equal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+
+import ml_dtypes
+import numpy as np
+
+GIB = 1 << 30
+MIB = 1 << 20
+PERIOD = 61
+DTYPES = {"bf16": np.dtype(ml_dtypes.bfloat16), "f32": np.dtype(np.float32)}
+
+# How each kind of tensor is laid out on the ('data', 'model') mesh.
+AXES = {
+    "matrix": ("data", "model"),  # 2-D: rows over 'data', columns over 'model'.
+    "sharded": ("model",),  # 1-D, split over 'model'.
+    "replicated": (),  # 1-D, a full copy on every device.
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # a key of DTYPES
+    kind: str  # a key of AXES
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.np_dtype.itemsize
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        """Mesh axis per dimension, for ``PartitionSpec(*axes)``."""
+        return AXES[self.kind]
+
+    def rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows ``[start, stop)`` (along dimension 0) of this tensor's contents."""
+        stop = self.shape[0] if stop is None else stop
+        rng = np.random.default_rng(zlib.crc32(self.name.encode()))
+        base = rng.standard_normal((PERIOD, *self.shape[1:]), dtype=np.float32)
+        base = base.astype(self.np_dtype)
+        return base[np.arange(start, stop) % PERIOD]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    hidden: int
+    ffn: int
+    vocab: int
+    layers: int
+    tensors: tuple[TensorSpec, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def key(self) -> str:
+        """Names the on-disk cache of this model's checkpoints."""
+        return f"d{self.hidden}-f{self.ffn}-v{self.vocab}-L{self.layers}-p{PERIOD}"
+
+    def describe(self) -> str:
+        counts = {d: sum(t.dtype == d for t in self.tensors) for d in DTYPES}
+        return (
+            f"{len(self.tensors)} tensors, {self.nbytes / GIB:.3f} GiB "
+            f"(hidden {self.hidden}, ffn {self.ffn}, vocab {self.vocab}, {self.layers} layers; "
+            + ", ".join(f"{n} {d}" for d, n in counts.items())
+            + ")"
+        )
+
+
+def _layer(i: int, d: int, ffn: int) -> list[TensorSpec]:
+    p = f"model.layers.{i}"
+    out = [TensorSpec(f"{p}.input_norm.weight", (d,), "f32", "sharded")]
+    for proj in ("q", "k", "v"):
+        out.append(TensorSpec(f"{p}.attn.{proj}_proj.weight", (d, d), "bf16", "matrix"))
+        out.append(TensorSpec(f"{p}.attn.{proj}_proj.bias", (d,), "f32", "replicated"))
+    out += [
+        TensorSpec(f"{p}.attn.o_proj.weight", (d, d), "bf16", "matrix"),
+        TensorSpec(f"{p}.post_attn_norm.weight", (d,), "f32", "sharded"),
+        TensorSpec(f"{p}.mlp.gate_proj.weight", (ffn, d), "bf16", "matrix"),
+        TensorSpec(f"{p}.mlp.up_proj.weight", (ffn, d), "bf16", "matrix"),
+        TensorSpec(f"{p}.mlp.down_proj.weight", (d, ffn), "bf16", "matrix"),
+    ]
+    return out
+
+
+def build_model(size_gib: float) -> ModelSpec:
+    """A model of about ``size_gib`` GiB (at least one layer).
+
+    Every dimension is a multiple of 8, so each tensor splits evenly over the 4
+    saving ranks (``Shard(0)``) and over the (2, 4) restore mesh.
+    """
+    d = 2048 if size_gib >= 0.75 else 1024 if size_gib >= 0.2 else 512
+    ffn = d * 11 // 4  # 5632 for d = 2048
+    vocab = d * 125 // 8  # 32000 for d = 2048
+    top = [
+        TensorSpec("model.embed_tokens.weight", (vocab, d), "bf16", "matrix"),
+        TensorSpec("model.norm.weight", (d,), "f32", "sharded"),
+        TensorSpec("lm_head.weight", (vocab, d), "f32", "matrix"),
+    ]
+    per_layer = sum(t.nbytes for t in _layer(0, d, ffn))
+    fixed = sum(t.nbytes for t in top)
+    layers = max(1, round((size_gib * GIB - fixed) / per_layer))
+    tensors = top[:1] + [t for i in range(layers) for t in _layer(i, d, ffn)] + top[1:]
+    return ModelSpec(d, ffn, vocab, layers, tuple(tensors))

@@ -1,0 +1,398 @@
+"""The public objects: :class:`Checkpoint` (open once, inspect, read, plan, load) and the load pipeline
+that joins catalog -> plan -> read -> place."""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from types import MappingProxyType
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from . import place as _place
+from .catalog import Chunk, Locator, TensorInfo
+from .errors import JReshardError, ShardingError, TargetMismatchError
+from .plan import Piece, Plan, ProcessPlan, merge_runs, normalize_index, overlaps, runs_of
+from .read import CopyJob, Executor
+from .storage import IOStats, Store
+
+DEFAULT_INFLIGHT = 2 * 2**30
+
+
+class Checkpoint:
+    """An opened checkpoint. Use :func:`jreshard.open` to make one.
+
+    Example:
+        >>> import jreshard
+        >>> ckpt = jreshard.open(jreshard.sample_path())
+        >>> sorted(ckpt.tensors)[:2]
+        ['model.layers.0.bias', 'model.layers.0.weight']
+    """
+
+    def __init__(self, source: Any, fmt: Any, store: Store, io: str) -> None:
+        self.source = str(source)
+        self.format = fmt
+        self.store = store
+        self.io = io
+        self._objects: dict[str, Any] | None = None
+        self._locators: dict[tuple[str, int], Locator] = {}
+
+    # -- inspection -------------------------------------------------------------------------------
+
+    @property
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        """Every saved tensor by name: shape, numpy dtype and saved chunks."""
+        return MappingProxyType(self.format.tensors)
+
+    @property
+    def objects(self) -> Mapping[str, Any]:
+        """The non-tensor entries (``step``, ``sched.lr`` ...), decoded by the allow-listed unpickler."""
+        if self._objects is None:
+            names = list(self.format.object_refs)
+            self._objects = self.format.read_objects(names) if names else {}
+        return MappingProxyType(self._objects)
+
+    @property
+    def io_stats(self) -> IOStats:
+        """Bytes and requests read from storage by this checkpoint so far (headers included)."""
+        return self.store.stats
+
+    def __repr__(self) -> str:
+        total = sum(t.nbytes for t in self.format.tensors.values())
+        return (f"<jreshard.Checkpoint {self.format.format_name} {self.source!r}: {len(self.format.tensors)} tensors, "
+                f"{total / 2**30:.3f} GiB, {len(getattr(self.format, 'object_refs', {}))} objects>")
+
+    def close(self) -> None:
+        """Release open files."""
+        close = getattr(self.store, "close", None)
+        if close:
+            close()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def tensor(self, name: str) -> TensorInfo:
+        try:
+            return self.format.tensors[name]
+        except KeyError:
+            raise TargetMismatchError(_unknown(name, self.format.tensors, self.source)) from None
+
+    def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+        """Read tensor ``name`` (or the box ``index``, a tuple of step-1 slices) into a numpy array,
+        reading only the saved bytes that overlap it.
+
+        Example:
+            >>> import jreshard
+            >>> ckpt = jreshard.open(jreshard.sample_path())
+            >>> ckpt.read("model.layers.0.weight", (slice(0, 2), slice(0, 3))).shape
+            (2, 3)
+        """
+        info = self.tensor(name)
+        try:
+            box = normalize_index(index, info.shape)
+        except (IndexError, TypeError, ValueError) as e:
+            raise TargetMismatchError(f"{self.source}: tensor {name!r}: bad index {index!r}: {e}") from None
+        piece = Piece(name, box, 0, [])
+        dest = _place.aligned_empty(piece.shape, info.dtype)
+        with ThreadPoolExecutor(4) as pool:
+            self._fill([(info, piece, dest)], Executor(self.store, self.io), pool)
+        return dest
+
+    # -- planning ---------------------------------------------------------------------------------
+
+    def plan(self, target: Any, *, coalesce_gap: int = 256) -> Plan:
+        """What :meth:`load` would read, per JAX process, without reading tensor bytes (headers only).
+
+        Example:
+            >>> import jax, jreshard
+            >>> from jax.sharding import SingleDeviceSharding
+            >>> ckpt = jreshard.open(jreshard.sample_path())
+            >>> t = ckpt.tensors["model.layers.0.weight"]
+            >>> p = ckpt.plan({t.name: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=SingleDeviceSharding(jax.devices()[0]))})
+            >>> p.bytes_needed == t.nbytes
+            True
+        """
+        import jax
+
+        entries, _ = _flatten_target(target)
+        specs = [self._spec(name, leaf) for name, leaf in entries]
+        posix = Executor(self.store, self.io, coalesce_gap).posix
+        processes: dict[int, ProcessPlan] = {}
+        runs_by: dict[int, dict[str, list[tuple[np.ndarray, np.ndarray]]]] = {}
+        whole: dict[int, set[tuple[str, int]]] = {}
+        for spec in specs:
+            if spec is None:
+                continue
+            info, sharding, _ = spec
+            by_box: dict[tuple[int, Any], Piece] = {}
+            for dev, idx in sharding.devices_indices_map(info.shape).items():
+                box = normalize_index(idx, info.shape)
+                key = (dev.process_index, box)
+                if key not in by_box:
+                    by_box[key] = Piece(info.name, box, dev.process_index, [dev])
+            for piece in by_box.values():
+                pp = processes.setdefault(piece.process, ProcessPlan(piece.process))
+                nbytes = math.prod(piece.shape) * info.dtype.itemsize
+                pp.bytes_needed += nbytes
+                pp.pieces += 1
+                t = pp.tensors.setdefault(info.name, {"bytes_needed": 0, "pieces": 0})
+                t["bytes_needed"] += nbytes
+                t["pieces"] += 1
+                ovs = overlaps(info.chunks, piece.box)
+                locs = self._locate(info, [o.chunk_id for o in ovs if info.chunks[o.chunk_id].whole_read_nbytes is None])
+                for ov in ovs:
+                    chunk = info.chunks[ov.chunk_id]
+                    if chunk.whole_read_nbytes is not None:
+                        whole.setdefault(piece.process, set()).add((info.name, ov.chunk_id))
+                        continue
+                    loc = locs[ov.chunk_id]
+                    if loc.data is not None:
+                        continue  # held in memory since its header read
+                    r = runs_of(loc, chunk.sizes, ov, piece.shape, info.dtype.itemsize)
+                    if r is None:
+                        lo, hi = _element_span(loc, ov, info.dtype.itemsize)
+                        starts, lens = np.array([loc.base + lo]), np.array([hi - lo])
+                    else:
+                        starts = r.src_starts() + loc.base
+                        lens = np.full(len(starts), r.run, np.int64)
+                    bucket = runs_by.setdefault(piece.process, {})
+                    bucket.setdefault(loc.key if posix else f"{loc.key}\0{info.name}\0{ov.chunk_id}\0{piece.box}", []).append((starts, lens))
+        for pid, pp in processes.items():
+            for parts in runs_by.get(pid, {}).values():
+                s = np.concatenate([p[0] for p in parts])
+                l = np.concatenate([p[1] for p in parts])
+                order = np.argsort(s, kind="stable")
+                rs, re, _ = merge_runs(s[order], l[order], coalesce_gap)
+                pp.bytes_to_read += int((re - rs).sum())
+                pp.num_reads += len(rs)
+            for name, cid in whole.get(pid, ()):
+                pp.bytes_to_read += int(self.format.tensors[name].chunks[cid].whole_read_nbytes)
+                pp.num_reads += 1
+        return Plan(processes, jax.process_index(), self.source)
+
+    # -- loading ----------------------------------------------------------------------------------
+
+    def load(self, target: Any, *, max_inflight_bytes: int | None = None,
+             progress: bool | Callable[[dict[str, Any]], None] = False, coalesce_gap: int = 256) -> Any:
+        """Load ``target`` (a pytree of ``jax.ShapeDtypeStruct`` with shardings, or ``jax.Array``) from this
+        checkpoint; see :func:`jreshard.load`.
+
+        Example:
+            >>> import jax, jreshard
+            >>> from jax.sharding import SingleDeviceSharding
+            >>> ckpt = jreshard.open(jreshard.sample_path())
+            >>> t = ckpt.tensors["model.layers.0.weight"]
+            >>> out = ckpt.load({t.name: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=SingleDeviceSharding(jax.devices()[0]))})
+            >>> out[t.name].shape == t.shape
+            True
+        """
+        import jax
+
+        entries, treedef = _flatten_target(target)
+        specs = [self._spec(name, leaf) for name, leaf in entries]
+        limit = int(max_inflight_bytes or DEFAULT_INFLIGHT)
+        report = _progress_fn(progress)
+        # Distinct pieces of this process, in target order.
+        work: list[tuple[int, TensorInfo, Piece, Any]] = []
+        for i, spec in enumerate(specs):
+            if spec is None:
+                continue
+            info, sharding, dtype = spec
+            by_box: dict[Any, Piece] = {}
+            for dev, idx in sharding.addressable_devices_indices_map(info.shape).items():
+                box = normalize_index(idx, info.shape)
+                if box in by_box:
+                    by_box[box].devices.append(dev)
+                else:
+                    by_box[box] = Piece(info.name, box, dev.process_index, [dev])
+            for piece in by_box.values():
+                work.append((i, info, piece, dtype))
+        device_arrays: dict[int, dict[Any, Any]] = {i: {} for i in range(len(specs))}
+        executor = Executor(self.store, self.io, coalesce_gap)
+        total = sum(math.prod(p.shape) * info.dtype.itemsize for _, info, p, _ in work)
+        done = 0
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(executor.threads) as pool:
+            for batch in _batches(work, limit):
+                bufs = [(info, piece, _place.aligned_empty(piece.shape, info.dtype)) for _, info, piece, _ in batch]
+                self._fill(bufs, executor, pool)
+                host, devs, owners = [], [], []
+                for (i, info, piece, dtype), (_, _, buf) in zip(batch, bufs):
+                    if buf.dtype != dtype:
+                        cast = _place.aligned_empty(buf.shape, dtype)
+                        np.copyto(cast, buf, casting="unsafe")
+                        buf = cast
+                    for dev in piece.devices:
+                        host.append(buf)
+                        devs.append(dev)
+                        owners.append(i)
+                placed = _place.put(host, devs)
+                if any(d.platform != "cpu" for d in devs):
+                    jax.block_until_ready(placed)  # host buffers may be released after this
+                for i, dev, arr in zip(owners, devs, placed):
+                    device_arrays[i][dev] = arr
+                del host, bufs
+                done += sum(math.prod(p.shape) * info.dtype.itemsize for _, info, p, _ in batch)
+                if report:
+                    report({"bytes_done": done, "bytes_total": total, "seconds": time.perf_counter() - t0,
+                            "bytes_read": self.store.stats.bytes_read})
+        out = []
+        for i, ((name, leaf), spec) in enumerate(zip(entries, specs)):
+            if spec is None:
+                out.append(self.objects[name])
+                continue
+            info, sharding, dtype = spec
+            per_dev = device_arrays[i]
+            order = list(sharding.addressable_devices_indices_map(info.shape))
+            out.append(_place.assemble(info.shape, sharding, [per_dev[d] for d in order]))
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _spec(self, name: str, leaf: Any) -> tuple[TensorInfo, Any, np.dtype] | None:
+        import jax
+
+        if not isinstance(leaf, (jax.ShapeDtypeStruct, jax.Array)):
+            if name in self.format.object_refs:
+                return None
+            if name in self.format.tensors:
+                raise TargetMismatchError(
+                    f"{self.source}: target leaf for tensor {name!r} is a {type(leaf).__name__}; give a "
+                    "jax.ShapeDtypeStruct with a sharding or a jax.Array"
+                )
+            raise TargetMismatchError(_unknown(name, {**self.format.tensors, **self.format.object_refs}, self.source))
+        info = self.tensor(name)
+        shape = tuple(int(s) for s in leaf.shape)
+        if shape != info.shape:
+            raise TargetMismatchError(
+                f"{self.source}: tensor {name!r}: target shape {shape} differs from the saved shape {info.shape}"
+            )
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is None:
+            raise ShardingError(f"tensor {name!r}: the target has no sharding; give jax.ShapeDtypeStruct(..., sharding=...)")
+        try:
+            sharding.shard_shape(shape)
+        except Exception as e:  # jax raises IndivisibleError / ValueError
+            raise ShardingError(f"tensor {name!r} of shape {shape}: the target sharding cannot tile it: {e}") from None
+        dtype = np.dtype(leaf.dtype)
+        if info.dtype.kind == "c" and dtype.kind != "c":
+            raise TargetMismatchError(f"tensor {name!r}: cannot cast saved {info.dtype} to {dtype} (drops the imaginary part)")
+        return info, sharding, dtype
+
+    def _locate(self, info: TensorInfo, chunk_ids: Iterable[int]) -> dict[int, Locator]:
+        out: dict[int, Locator] = {}
+        todo = []
+        for cid in sorted(set(chunk_ids)):
+            loc = self._locators.get((info.name, cid))
+            if loc is None:
+                todo.append(cid)
+            else:
+                out[cid] = loc
+        if todo:
+            for cid, loc in zip(todo, self.format.locate_many([(info, info.chunks[c]) for c in todo])):
+                out[cid] = loc
+                if loc.data is None:
+                    self._locators[(info.name, cid)] = loc
+        return out
+
+    def _fill(self, bufs: list[tuple[TensorInfo, Piece, np.ndarray]], executor: Executor, pool: ThreadPoolExecutor) -> None:
+        """Fill the host buffers of pieces from the saved chunks (one batched locate, then the reads)."""
+        plans = []
+        wanted: list[tuple[TensorInfo, Chunk]] = []
+        ids: dict[tuple[str, int], int] = {}
+        for info, piece, dest in bufs:
+            ovs = overlaps(info.chunks, piece.box)
+            covered = sum(math.prod(o.size) for o in ovs)
+            if covered != math.prod(piece.shape):
+                raise JReshardError(f"internal: tensor {info.name!r} box {piece.box} covered {covered} elements")
+            for ov in ovs:
+                key = (info.name, ov.chunk_id)
+                if key not in self._locators and key not in ids:
+                    ids[key] = len(wanted)
+                    wanted.append((info, info.chunks[ov.chunk_id]))
+            plans.append((info, piece, dest, ovs))
+        located = self.format.locate_many(wanted) if wanted else []
+        for key, k in ids.items():
+            if located[k].data is None:
+                self._locators[key] = located[k]
+        jobs = []
+        for info, piece, dest, ovs in plans:
+            for ov in ovs:
+                key = (info.name, ov.chunk_id)
+                loc = self._locators.get(key) or located[ids[key]]
+                chunk = info.chunks[ov.chunk_id]
+                jobs.append(CopyJob(info.name, loc, chunk.sizes, ov, dest,
+                                    runs_of(loc, chunk.sizes, ov, piece.shape, info.dtype.itemsize)))
+        executor.run(jobs, pool)
+
+
+def _element_span(loc: Locator, ov: Any, itemsize: int) -> tuple[int, int]:
+    first = loc.storage_offset + sum(s * st for s, st in zip(ov.chunk_start, loc.strides))
+    hi = first + sum((n - 1) * st for n, st in zip(ov.size, loc.strides)) + 1
+    return first * itemsize, hi * itemsize
+
+
+def _batches(work: list, limit: int) -> Iterable[list]:
+    batch, size = [], 0
+    for item in work:
+        _, info, piece, dtype = item
+        n = math.prod(piece.shape) * (info.dtype.itemsize + (dtype.itemsize if dtype != info.dtype else 0))
+        if batch and size + n > limit:
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += n
+    if batch:
+        yield batch
+
+
+def _progress_fn(progress: Any) -> Callable[[dict[str, Any]], None] | None:
+    if callable(progress):
+        return progress
+    if not progress:
+        return None
+
+    def show(info: dict[str, Any]) -> None:
+        done, total = info["bytes_done"], max(info["bytes_total"], 1)
+        rate = done / max(info["seconds"], 1e-9) / 2**30
+        end = "\n" if done >= total else ""
+        sys.stderr.write(f"\rjreshard: {done / 2**30:7.3f} / {total / 2**30:.3f} GiB ({100 * done / total:5.1f}%), "
+                         f"{rate:.2f} GiB/s{end}")
+        sys.stderr.flush()
+
+    return show
+
+
+def _key_name(entry: Any) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _flatten_target(target: Any) -> tuple[list[tuple[str, Any]], Any]:
+    """(dotted name, leaf) of every target leaf, and the treedef to rebuild the structure."""
+    import jax
+
+    def is_leaf(x: Any) -> bool:
+        return isinstance(x, (jax.ShapeDtypeStruct, jax.Array))
+
+    flat, treedef = jax.tree_util.tree_flatten_with_path(target, is_leaf=is_leaf)
+    return [(".".join(_key_name(k) for k in path), leaf) for path, leaf in flat], treedef
+
+
+def _unknown(name: str, known: Mapping[str, Any], source: str) -> str:
+    close = difflib.get_close_matches(name, list(known), n=3)
+    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+    return f"{source}: no tensor or object named {name!r} in the checkpoint ({len(known)} entries){hint}"

@@ -1,0 +1,288 @@
+"""The plan: pure arithmetic from saved chunks and target shardings to byte runs.
+
+Stage 1 (logical, no I/O): for every distinct target index ("piece") of every process, the saved chunks
+that overlap it and the overlapping region (:func:`overlaps`, the arithmetic of torch's resharding).
+Stage 2 (physical): with each chunk's :class:`~jreshard.catalog.Locator`, a region becomes a regular grid of
+contiguous byte *runs* (:func:`runs_of`), and the runs of one file are merged into reads where the gap
+between them is small (:func:`merge_runs`).
+
+:class:`Plan` reports what a load would do, per process, without reading any tensor bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from .catalog import Chunk, Locator, TensorInfo
+
+Box = tuple[tuple[int, int], ...]  # per dim (start, stop)
+
+
+def normalize_index(index: Sequence[slice] | None, shape: Sequence[int]) -> Box:
+    """A tuple of slices (as jax gives for device indices) as per-dimension (start, stop).
+
+    Example:
+        >>> normalize_index((slice(None), slice(2, 4)), (3, 8))
+        ((0, 3), (2, 4))
+    """
+    if index is None:
+        index = ()
+    index = tuple(index)
+    if len(index) > len(shape):
+        raise IndexError(f"index {index} has more dimensions than shape {tuple(shape)}")
+    out = []
+    for d, size in enumerate(shape):
+        s = index[d] if d < len(index) else slice(None)
+        if isinstance(s, (int, np.integer)):
+            s = slice(int(s), int(s) + 1)
+        start, stop, step = s.indices(size)
+        if step != 1:
+            raise IndexError(f"index {index}: only step-1 slices are supported")
+        out.append((start, max(start, stop)))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """The region where saved ``chunk`` (number ``chunk_id`` of its tensor) meets a piece: ``size`` elements
+    per dim starting at ``chunk_start`` in chunk coordinates and at ``piece_start`` in piece coordinates."""
+
+    chunk_id: int
+    chunk_start: tuple[int, ...]
+    piece_start: tuple[int, ...]
+    size: tuple[int, ...]
+
+
+def overlaps(chunks: Sequence[Chunk], box: Box) -> list[Overlap]:
+    """Every saved chunk's overlap with ``box`` (empty overlaps omitted).
+
+    Example:
+        >>> from jreshard.catalog import Chunk
+        >>> [o.size for o in overlaps([Chunk((0,), (4,)), Chunk((4,), (4,))], ((2, 6),))]
+        [(2,), (2,)]
+    """
+    out = []
+    for i, c in enumerate(chunks):
+        lo = [max(o, b0) for o, (b0, _) in zip(c.offsets, box)]
+        hi = [min(o + s, b1) for o, s, (_, b1) in zip(c.offsets, c.sizes, box)]
+        if any(h <= l for l, h in zip(lo, hi)):
+            continue
+        out.append(Overlap(i, tuple(l - o for l, o in zip(lo, c.offsets)), tuple(l - b0 for l, (b0, _) in zip(lo, box)),
+                           tuple(h - l for l, h in zip(lo, hi))))
+    return out
+
+
+def c_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    """Element strides of a C-ordered array of ``shape``."""
+    strides, acc = [], 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= max(int(s), 1)
+    return tuple(reversed(strides))
+
+
+@dataclass(frozen=True)
+class Runs:
+    """A regular grid of contiguous byte runs: for every index ``i`` of ``outer``, ``run`` bytes from
+    ``src + sum(i * src_strides)`` (relative to the locator base) go to ``dst + sum(i * dst_strides)`` of the
+    piece buffer."""
+
+    src: int
+    src_strides: tuple[int, ...]
+    dst: int
+    dst_strides: tuple[int, ...]
+    outer: tuple[int, ...]
+    run: int
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.outer)
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * self.run
+
+    def src_starts(self) -> np.ndarray:
+        return _grid(self.src, self.outer, self.src_strides)
+
+    def dst_starts(self) -> np.ndarray:
+        return _grid(self.dst, self.outer, self.dst_strides)
+
+    @property
+    def src_span(self) -> tuple[int, int]:
+        """[first, last) bytes (relative to the locator base) that the runs touch."""
+        if self.count == 0:
+            return (self.src, self.src)
+        hi = self.src + sum((n - 1) * s for n, s in zip(self.outer, self.src_strides)) + self.run
+        return (self.src, hi)
+
+
+def _grid(start: int, outer: Sequence[int], strides: Sequence[int]) -> np.ndarray:
+    acc = np.array([start], dtype=np.int64)
+    for n, s in zip(outer, strides):
+        acc = (acc[:, None] + np.arange(n, dtype=np.int64)[None, :] * s).reshape(-1)
+    return acc
+
+
+def runs_of(locator: Locator, chunk_sizes: Sequence[int], overlap: Overlap, piece_shape: Sequence[int],
+            itemsize: int) -> Runs | None:
+    """The byte runs that copy ``overlap`` from a chunk laid out as ``locator`` into a C-ordered piece.
+
+    Returns None when the chunk's innermost stride is not 1 (a transposed view): such regions are copied
+    from a staged read of their span instead.
+
+    Example:
+        >>> from jreshard.catalog import Locator
+        >>> loc = Locator("f", 0, 0, (8, 1), 256)
+        >>> r = runs_of(loc, (4, 8), Overlap(0, (0, 2), (0, 0), (4, 4)), (4, 4), 4)
+        >>> (r.outer, r.run, list(r.src_starts()))
+        ((4,), 16, [8, 40, 72, 104])
+    """
+    ndim = len(overlap.size)
+    src_el = locator.strides
+    dst_el = c_strides(piece_shape)
+    size = overlap.size
+    run_el = 1
+    k = ndim  # dims [k:] are folded into the run
+    for j in range(ndim - 1, -1, -1):
+        if size[j] == 1:
+            k = j
+            continue
+        if src_el[j] == run_el and dst_el[j] == run_el:
+            run_el *= size[j]
+            k = j
+        else:
+            break
+    if k == ndim and ndim > 0 and size[-1] != 1:
+        return None  # innermost dimension is not contiguous in the source
+    src0 = (locator.storage_offset + sum(s * st for s, st in zip(overlap.chunk_start, src_el))) * itemsize
+    dst0 = sum(p * st for p, st in zip(overlap.piece_start, dst_el)) * itemsize
+    outer = tuple(size[:k])
+    keep = [i for i, n in enumerate(outer) if n != 1]
+    return Runs(src0, tuple(src_el[i] * itemsize for i in keep), dst0, tuple(dst_el[i] * itemsize for i in keep),
+                tuple(outer[i] for i in keep), run_el * itemsize)
+
+
+def merge_runs(starts: np.ndarray, lengths: np.ndarray, gap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge byte runs (sorted by start) into reads where the gap between consecutive runs is at most ``gap``.
+
+    Returns (read_starts, read_stops, read_of_run).
+
+    Example:
+        >>> import numpy as np
+        >>> s, e, k = merge_runs(np.array([0, 10, 100]), np.array([10, 5, 5]), 16)
+        >>> s.tolist(), e.tolist(), k.tolist()
+        ([0, 100], [15, 105], [0, 0, 1])
+    """
+    if len(starts) == 0:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty
+    ends = starts + lengths
+    prev_end = np.maximum.accumulate(ends)
+    new = np.ones(len(starts), dtype=bool)
+    distance = starts[1:] - prev_end[:-1]
+    new[1:] = (distance > gap) | (distance < 0)  # overlapping runs start a new read
+    read_of_run = np.cumsum(new) - 1
+    read_starts = starts[new]
+    read_stops = np.maximum.reduceat(ends, np.flatnonzero(new))
+    return read_starts, read_stops, read_of_run
+
+
+# --------------------------------------------------------------------------------------------------
+# Plan reporting
+
+
+@dataclass
+class Piece:
+    """One distinct target index of a tensor on one process, and the devices that hold it."""
+
+    name: str
+    box: Box
+    process: int
+    devices: list[Any]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(b - a for a, b in self.box)
+
+    @property
+    def index(self) -> tuple[slice, ...]:
+        return tuple(slice(a, b) for a, b in self.box)
+
+
+@dataclass
+class ProcessPlan:
+    """What one process reads: ``bytes_needed`` (its distinct shards, saved dtype), ``bytes_to_read`` (after
+    merging, with whole reads of compressed items), ``num_reads`` (requests), ``pieces`` (distinct shards)."""
+
+    process: int
+    bytes_needed: int = 0
+    bytes_to_read: int = 0
+    num_reads: int = 0
+    pieces: int = 0
+    tensors: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def amplification(self) -> float:
+        return self.bytes_to_read / self.bytes_needed if self.bytes_needed else 1.0
+
+
+@dataclass
+class Plan:
+    """The work of a load, computed without reading tensor bytes (only headers).
+
+    ``processes`` maps every JAX process the target spans to its :class:`ProcessPlan`; ``bytes_needed``,
+    ``bytes_to_read`` and ``num_reads`` are those of this process.
+    """
+
+    processes: dict[int, ProcessPlan]
+    this_process: int
+    source: str = ""
+
+    @property
+    def local(self) -> ProcessPlan:
+        return self.processes.get(self.this_process, ProcessPlan(self.this_process))
+
+    @property
+    def bytes_needed(self) -> int:
+        return self.local.bytes_needed
+
+    @property
+    def bytes_to_read(self) -> int:
+        return self.local.bytes_to_read
+
+    @property
+    def num_reads(self) -> int:
+        return self.local.num_reads
+
+    def __str__(self) -> str:
+        lines = [f"jreshard plan for {self.source}" if self.source else "jreshard plan",
+                 f"{'process':>8} {'shards':>7} {'needed':>12} {'to read':>12} {'reads':>8} {'ampl.':>6}"]
+        for pid in sorted(self.processes):
+            p = self.processes[pid]
+            mark = "*" if pid == self.this_process else " "
+            lines.append(f"{pid:>7}{mark} {p.pieces:>7} {_human(p.bytes_needed):>12} {_human(p.bytes_to_read):>12} "
+                         f"{p.num_reads:>8} {p.amplification:>6.2f}")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><td>{pid}{' (this)' if pid == self.this_process else ''}</td><td>{p.pieces}</td>"
+            f"<td>{_human(p.bytes_needed)}</td><td>{_human(p.bytes_to_read)}</td><td>{p.num_reads}</td>"
+            f"<td>{p.amplification:.2f}</td></tr>"
+            for pid, p in sorted(self.processes.items())
+        )
+        return ("<table><tr><th>process</th><th>shards</th><th>needed</th><th>to read</th><th>reads</th>"
+                f"<th>amplification</th></tr>{rows}</table>")
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)

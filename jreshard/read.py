@@ -1,0 +1,249 @@
+"""Executes copy jobs: bytes of saved chunks into the host buffers of target pieces.
+
+A :class:`CopyJob` copies one overlap region. Jobs whose bytes are already in memory (small archives read
+whole, decompressed zstd items) are plain strided copies. The others read from the store:
+
+* ``posix`` (local files): all runs of a file, sorted and merged where gaps are small, become ``preadv`` calls
+  whose buffers point straight into the piece buffers (gaps land in a scratch buffer), run on a thread pool;
+* ``tensorstore`` (any KvStore): each job's span (or its runs, when sparse) is read with byte ranges in one
+  batch, then copied into the piece buffer with one strided copy.
+
+Chunks with a transposed layout (innermost stride != 1) are read as their span and copied element-wise.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .catalog import Locator
+from .errors import JReshardError, TruncatedDataError
+from .plan import Overlap, Runs, merge_runs
+from .storage import IOV_MAX, LocalStore, Store
+
+SPLIT_RUN = 8 * 2**20  # long runs are split so that several threads share them
+DENSE = 0.5  # a job whose runs fill at least this fraction of their span is read as one range
+
+
+@dataclass
+class CopyJob:
+    """Copy ``overlap`` of a chunk located by ``locator`` into ``dest`` (the piece's C-ordered buffer)."""
+
+    name: str
+    locator: Locator
+    chunk_sizes: tuple[int, ...]
+    overlap: Overlap
+    dest: np.ndarray
+    runs: Runs | None  # None: not contiguous in the source (transposed); copied from a staged span
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.overlap.size)) * self.dest.dtype.itemsize
+
+    def element_span(self) -> tuple[int, int]:
+        """[lo, hi) bytes, relative to the locator base, that the region's elements touch."""
+        item = self.dest.dtype.itemsize
+        loc = self.locator
+        first = loc.storage_offset + sum(s * st for s, st in zip(self.overlap.chunk_start, loc.strides))
+        lo = first + sum((n - 1) * st for n, st in zip(self.overlap.size, loc.strides) if st < 0)
+        hi = first + sum((n - 1) * st for n, st in zip(self.overlap.size, loc.strides) if st > 0) + 1
+        return lo * item, hi * item
+
+
+def _dest_u8(job: CopyJob) -> np.ndarray:
+    return job.dest.reshape(-1).view(np.uint8)
+
+
+def _copy_runs_from(buf: np.ndarray, origin: int, job: CopyJob) -> None:
+    """Copy job.runs from ``buf`` (uint8, whose byte 0 is locator-relative byte ``origin``)."""
+    r = job.runs
+    assert r is not None
+    lo, hi = r.src_span
+    if lo < origin or hi - origin > len(buf):
+        raise TruncatedDataError(f"{job.locator.where}: tensor {job.name!r}: bytes [{lo}, {hi}) are outside the item")
+    src = np.ndarray(r.outer + (r.run,), np.uint8, buffer=buf, offset=lo - origin, strides=r.src_strides + (1,))
+    dst = np.ndarray(r.outer + (r.run,), np.uint8, buffer=_dest_u8(job), offset=r.dst, strides=r.dst_strides + (1,))
+    np.copyto(dst, src)
+
+
+def _copy_elements_from(buf: np.ndarray, origin: int, job: CopyJob) -> None:
+    """Element-wise strided copy of the overlap from ``buf`` (locator-relative byte ``origin``)."""
+    item = job.dest.dtype.itemsize
+    loc, ov = job.locator, job.overlap
+    lo, hi = job.element_span()
+    if lo < origin or hi - origin > len(buf):
+        raise TruncatedDataError(f"{loc.where}: tensor {job.name!r}: bytes [{lo}, {hi}) are outside the item")
+    first = (loc.storage_offset + sum(s * st for s, st in zip(ov.chunk_start, loc.strides))) * item
+    src = np.ndarray(ov.size, job.dest.dtype, buffer=buf, offset=first - origin,
+                     strides=tuple(st * item for st in loc.strides))
+    region = tuple(slice(p, p + n) for p, n in zip(ov.piece_start, ov.size))
+    job.dest[region] = src
+
+
+def _fix_byteorder(job: CopyJob) -> None:
+    if job.locator.byteorder == "big" and job.dest.dtype.itemsize > 1:
+        region = tuple(slice(p, p + n) for p, n in zip(job.overlap.piece_start, job.overlap.size))
+        view = job.dest[region]
+        if job.dest.dtype.kind == "c":
+            view.view(np.dtype(f"f{job.dest.dtype.itemsize // 2}")).byteswap(inplace=True)
+        else:
+            view.byteswap(inplace=True)
+
+
+class Executor:
+    """Runs copy jobs against one store with a thread pool; ``io`` is "posix" or "tensorstore"."""
+
+    def __init__(self, store: Store, io: str = "auto", coalesce_gap: int = 256, threads: int | None = None) -> None:
+        self.store = store
+        self.posix = isinstance(store, LocalStore) and io in ("auto", "posix")
+        self.gap = max(0, int(coalesce_gap))
+        self.threads = threads or min(8, max(2, 2 * (os.cpu_count() or 1)))
+        self._scratch = np.empty(max(self.gap, 1), np.uint8)
+
+    def run(self, jobs: Sequence[CopyJob], pool: ThreadPoolExecutor) -> None:
+        memory = [j for j in jobs if j.locator.data is not None]
+        staged = [j for j in jobs if j.locator.data is None and j.runs is None]
+        direct = [j for j in jobs if j.locator.data is None and j.runs is not None and j.runs.count]
+        for j in memory:
+            buf = np.frombuffer(j.locator.data, np.uint8)[j.locator.base:]
+            (_copy_runs_from if j.runs is not None else _copy_elements_from)(buf, 0, j)
+        if staged:
+            spans = [j.element_span() for j in staged]
+            datas = self._read([(j.locator.key, j.locator.base + lo, j.locator.base + hi) for j, (lo, hi) in zip(staged, spans)], staged)
+            for j, (lo, _), data in zip(staged, spans, datas):
+                _copy_elements_from(np.frombuffer(data, np.uint8), lo, j)
+        if direct:
+            if self.posix:
+                self._posix(direct, pool)
+            else:
+                self._ranged(direct)
+        for j in jobs:
+            _fix_byteorder(j)
+
+    def _read(self, requests: list[tuple[str, int, int]], jobs: Sequence[CopyJob]) -> list[bytes]:
+        try:
+            return self.store.read_ranges(requests)
+        except JReshardError as e:
+            names = sorted({j.name for j in jobs})
+            raise type(e)(f"{e} [while reading tensor(s) {', '.join(map(repr, names[:5]))}]") from None
+
+    # -- any KvStore -----------------------------------------------------------------------------
+
+    def _ranged(self, jobs: Sequence[CopyJob]) -> None:
+        requests: list[tuple[str, int, int]] = []
+        plans: list[tuple[CopyJob, str, list[tuple[int, int]], np.ndarray | None]] = []
+        for j in jobs:
+            r = j.runs
+            assert r is not None
+            lo, hi = r.src_span
+            base = j.locator.base
+            if r.nbytes >= DENSE * (hi - lo) or r.count == 1:
+                plans.append((j, "span", [(lo, hi)], None))
+                requests.append((j.locator.key, base + lo, base + hi))
+            else:
+                starts = r.src_starts()
+                order = np.argsort(starts, kind="stable")
+                rs, re, _ = merge_runs(starts[order], np.full(len(starts), r.run, np.int64), self.gap)
+                plans.append((j, "runs", list(zip(rs.tolist(), re.tolist())), None))
+                requests.extend((j.locator.key, base + a, base + b) for a, b in zip(rs.tolist(), re.tolist()))
+        datas = iter(self._read(requests, jobs))
+        for j, kind, spans, _ in plans:
+            if kind == "span":
+                _copy_runs_from(np.frombuffer(next(datas), np.uint8), spans[0][0], j)
+                continue
+            r = j.runs
+            assert r is not None
+            bufs = [(a, np.frombuffer(next(datas), np.uint8)) for a, _ in spans]
+            starts_read = np.array([a for a, _ in spans], np.int64)
+            dst_u8 = _dest_u8(j)
+            for s, d in zip(r.src_starts().tolist(), r.dst_starts().tolist()):
+                k = int(np.searchsorted(starts_read, s, side="right")) - 1
+                a, buf = bufs[k]
+                dst_u8[d : d + r.run] = buf[s - a : s - a + r.run]
+
+    # -- local files: preadv straight into piece buffers ------------------------------------------
+
+    def _posix(self, jobs: Sequence[CopyJob], pool: ThreadPoolExecutor) -> None:
+        store = self.store
+        assert isinstance(store, LocalStore)
+        by_key: dict[str, list[CopyJob]] = {}
+        for j in jobs:
+            by_key.setdefault(j.locator.key, []).append(j)
+        tasks = []
+        for key, kjobs in by_key.items():
+            starts, lens, addrs = [], [], []
+            for j in kjobs:
+                r = j.runs
+                assert r is not None
+                s = r.src_starts() + j.locator.base
+                starts.append(s)
+                lens.append(np.full(len(s), r.run, np.int64))
+                addrs.append(r.dst_starts() + j.dest.ctypes.data)
+            s = np.concatenate(starts)
+            l = np.concatenate(lens)
+            a = np.concatenate(addrs)
+            size = store.size(key)
+            if len(s) and int((s + l).max()) > size:
+                bad = sorted({j.name for j in kjobs if int(j.runs.src_starts().max()) + j.locator.base + j.runs.run > size})
+                raise TruncatedDataError(
+                    f"{store.where(key)}: file has {size} bytes, fewer than the metadata says "
+                    f"(tensor(s) {', '.join(map(repr, bad[:5]))}); truncated file?"
+                )
+            # Split long runs so that the thread pool can share them.
+            if len(l) and l.max() > SPLIT_RUN:
+                pieces = (l + SPLIT_RUN - 1) // SPLIT_RUN
+                idx = np.repeat(np.arange(len(l)), pieces)
+                within = np.arange(len(idx)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+                s = s[idx] + within * SPLIT_RUN
+                a = a[idx] + within * SPLIT_RUN
+                l = np.minimum(l[idx] - within * SPLIT_RUN, SPLIT_RUN)
+            order = np.argsort(s, kind="stable")
+            s, l, a = s[order], l[order], a[order]
+            tasks.extend(self._preadv_tasks(key, s, l, a))
+        for f in [pool.submit(store.preadv, key, off, iov) for key, off, iov in tasks]:
+            f.result()
+
+    def _preadv_tasks(self, key: str, s: np.ndarray, l: np.ndarray, a: np.ndarray) -> list[tuple[str, int, np.ndarray]]:
+        read_starts, _, read_of_run = merge_runs(s, l, self.gap)
+        n = len(s)
+        gaps = np.zeros(n, np.int64)
+        gaps[1:] = s[1:] - (s[:-1] + l[:-1])
+        first = np.ones(n, bool)
+        first[1:] = read_of_run[1:] != read_of_run[:-1]
+        gaps[first] = 0
+        # Interleave (gap -> scratch, run -> destination) and drop empty gap entries.
+        iov = np.empty((2 * n, 2), np.uint64)
+        iov[0::2, 0] = self._scratch.ctypes.data
+        iov[0::2, 1] = gaps
+        iov[1::2, 0] = a
+        iov[1::2, 1] = l
+        seg = np.repeat(read_of_run, 2)
+        keep = iov[:, 1] > 0
+        iov, seg = iov[keep], seg[keep]
+        # File offset of every entry: its read's start plus the bytes before it in that read.
+        lens = iov[:, 1].astype(np.int64)
+        cum = np.cumsum(lens) - lens
+        seg_first = np.flatnonzero(np.r_[True, seg[1:] != seg[:-1]])
+        offs = read_starts[seg] + cum - np.repeat(cum[seg_first], np.diff(np.r_[seg_first, len(seg)]))
+        # Cut into preadv calls: at read boundaries and every IOV_MAX entries.
+        cuts = set(seg_first.tolist())
+        for f0, f1 in zip(seg_first.tolist(), np.r_[seg_first[1:], len(seg)].tolist()):
+            cuts.update(range(f0, f1, IOV_MAX))
+        bounds = sorted(cuts) + [len(seg)]
+        return [(key, int(offs[b0]), iov[b0:b1]) for b0, b1 in zip(bounds[:-1], bounds[1:]) if b1 > b0]
+
+
+def read_locator_whole(store: Store, locator: Locator, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A whole chunk/tensor as a new array (used for small objects and ``Checkpoint.read``)."""
+    from .plan import runs_of
+
+    dest = np.empty(shape, dtype)
+    ov = Overlap(0, (0,) * len(shape), (0,) * len(shape), tuple(shape))
+    job = CopyJob("", locator, tuple(shape), ov, dest, runs_of(locator, shape, ov, shape, dtype.itemsize))
+    with ThreadPoolExecutor(2) as pool:
+        Executor(store).run([job], pool)
+    return dest

@@ -1,0 +1,330 @@
+"""Byte storage: where checkpoint files live and how byte ranges of them are read.
+
+Two back-ends share one interface (:class:`Store`):
+
+* :class:`KvStore` reads through a tensorstore KvStore (``file``, ``gcs``, ``s3``, ``http``, ``memory``),
+  with byte-range reads grouped in a ``ts.Batch``;
+* :class:`LocalStore` reads local files with ``pread``/``preadv`` straight into destination buffers (the fast
+  path for local disks, chosen by ``io="auto"``).
+
+:func:`open_store` maps a path or URL to a store and a key. Each store counts the bytes and reads it issued
+(:class:`IOStats`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import MissingDataError, StorageError, TruncatedDataError
+
+
+@dataclass
+class IOStats:
+    """Counters of what a store read: bytes requested from storage and the number of requests.
+
+    Example:
+        >>> s = IOStats(); s.add(100); (s.bytes_read, s.num_reads)
+        (100, 1)
+    """
+
+    bytes_read: int = 0
+    num_reads: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, nbytes: int, reads: int = 1) -> None:
+        with self._lock:
+            self.bytes_read += int(nbytes)
+            self.num_reads += int(reads)
+
+
+class Store:
+    """A flat namespace of files (keys) with ranged reads."""
+
+    description: str = "store"
+    local_root: str | None = None  # set when keys are local files (enables the preadv fast path)
+
+    def __init__(self) -> None:
+        self.stats = IOStats()
+
+    def read_ranges(self, requests: Sequence[tuple[str, int, int]]) -> list[bytes]:
+        """Read ``[(key, start, stop), ...]`` concurrently; each result has exactly ``stop - start`` bytes."""
+        raise NotImplementedError
+
+    def read(self, key: str, start: int, stop: int) -> bytes:
+        return self.read_ranges([(key, start, stop)])[0]
+
+    def read_all(self, key: str) -> bytes:
+        """A whole file."""
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def where(self, key: str) -> str:
+        """A human-readable name of ``key`` for error messages."""
+        return f"{self.description.rstrip('/')}/{key}"
+
+
+def _check_length(store: Store, key: str, start: int, stop: int, got: int) -> None:
+    if got != stop - start:
+        raise TruncatedDataError(
+            f"{store.where(key)}: expected bytes [{start}, {stop}) but the file ends after {start + got} bytes "
+            "(truncated file?)"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Local files
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_preadv = getattr(_libc, "preadv", None)
+if _preadv is not None:
+    _preadv.restype = ctypes.c_ssize_t
+    _preadv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_long]
+IOV_MAX = 1024
+
+
+class LocalStore(Store):
+    """Files under a local directory, read with ``os.pread`` / ``preadv``."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__()
+        self.root = os.path.abspath(root)
+        self.local_root = self.root
+        self.description = self.root
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def path(self, key: str) -> str:
+        return os.path.join(self.root, key)
+
+    def fd(self, key: str) -> int:
+        fd = self._fds.get(key)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(key)
+                if fd is None:
+                    try:
+                        fd = os.open(self.path(key), os.O_RDONLY)
+                    except FileNotFoundError:
+                        raise MissingDataError(f"{self.where(key)}: file not found") from None
+                    except OSError as e:
+                        raise StorageError(f"{self.where(key)}: cannot open: {e}") from e
+                    self._fds[key] = fd
+        return fd
+
+    def size(self, key: str) -> int:
+        return os.fstat(self.fd(key)).st_size
+
+    def exists(self, key: str) -> bool:
+        return os.path.exists(self.path(key))
+
+    def read_ranges(self, requests: Sequence[tuple[str, int, int]]) -> list[bytes]:
+        out = []
+        for key, start, stop in requests:
+            data = os.pread(self.fd(key), stop - start, start) if stop > start else b""
+            _check_length(self, key, start, stop, len(data))
+            out.append(data)
+        self.stats.add(sum(r[2] - r[1] for r in requests), len(requests))
+        return out
+
+    def read_all(self, key: str) -> bytes:
+        return self.read(key, 0, self.size(key))
+
+    def preadv(self, key: str, offset: int, iov: np.ndarray) -> None:
+        """Scatter the file bytes from ``offset`` on into the buffers of ``iov`` (an (n, 2) uint64 array of
+        address, length), with ``preadv`` calls of at most IOV_MAX buffers; a file that ends early raises
+        TruncatedDataError."""
+        fd = self.fd(key)
+        iov = np.array(iov, dtype=np.uint64)  # a copy: partial reads adjust it
+        total = int(iov[:, 1].sum())
+        n, pos, file_pos, calls = len(iov), 0, offset, 0
+        while pos < n:
+            end = min(pos + IOV_MAX, n)
+            want = int(iov[pos:end, 1].sum())
+            got = _preadv(fd, iov[pos:end].ctypes.data, end - pos, file_pos)
+            calls += 1
+            if got < 0:
+                raise StorageError(f"{self.where(key)}: preadv failed: {os.strerror(ctypes.get_errno())}")
+            if got == 0 and want > 0:
+                raise TruncatedDataError(
+                    f"{self.where(key)}: expected {total} bytes from offset {offset} but the file ends at "
+                    f"{file_pos} (truncated file?)"
+                )
+            file_pos += got
+            if got == want:
+                pos = end
+                continue
+            cum = np.cumsum(iov[pos:end, 1])
+            k = int(np.searchsorted(cum, got, side="right"))
+            part = got - (int(cum[k - 1]) if k else 0)
+            pos += k
+            iov[pos, 0] += part
+            iov[pos, 1] -= part
+        self.stats.add(total, calls)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._fds.clear()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+# ------------------------------------------------------------------------------------------------
+# tensorstore KvStore
+
+
+class KvStore(Store):
+    """Any tensorstore KvStore (``file``, ``gcs``, ``s3``, ``http``, ``memory`` ...), read by byte ranges."""
+
+    def __init__(self, spec: dict[str, Any], context: Any = None) -> None:
+        super().__init__()
+        import tensorstore as ts
+
+        self._ts = ts
+        self.spec = spec
+        try:
+            self.kv = ts.KvStore.open(spec, context=context).result() if context is not None else ts.KvStore.open(spec).result()
+        except Exception as e:
+            raise StorageError(f"cannot open storage {spec!r}: {e}") from e
+        self.description = _describe(spec)
+
+    def _result(self, key: str, start: int, stop: int, fut: Any) -> bytes:
+        try:
+            res = fut.result()
+        except Exception as e:
+            msg = str(e)
+            if "OUT_OF_RANGE" in msg or "out of range" in msg.lower():
+                raise TruncatedDataError(
+                    f"{self.where(key)}: expected bytes [{start}, {stop}) but the file is shorter (truncated file?)"
+                ) from None
+            if "NOT_FOUND" in msg:
+                raise MissingDataError(f"{self.where(key)}: file not found") from None
+            raise StorageError(f"{self.where(key)}: read of bytes [{start}, {stop}) failed: {msg}") from e
+        if res.state == "missing":
+            raise MissingDataError(f"{self.where(key)}: file not found")
+        data = res.value  # copies: read once
+        _check_length(self, key, start, stop, len(data))
+        return data
+
+    def read_ranges(self, requests: Sequence[tuple[str, int, int]]) -> list[bytes]:
+        ts = self._ts
+        futures = []
+        with ts.Batch() as batch:
+            for key, start, stop in requests:
+                if stop <= start:
+                    futures.append(None)
+                    continue
+                futures.append(self.kv.read(key, byte_range=slice(start, stop), batch=batch))
+        out = [b"" if f is None else self._result(k, a, b, f) for (k, a, b), f in zip(requests, futures)]
+        self.stats.add(sum(r[2] - r[1] for r in requests), sum(1 for f in futures if f is not None))
+        return out
+
+    def read_all(self, key: str) -> bytes:
+        try:
+            res = self.kv.read(key).result()
+        except Exception as e:
+            raise StorageError(f"{self.where(key)}: read failed: {e}") from e
+        if res.state == "missing":
+            raise MissingDataError(f"{self.where(key)}: file not found")
+        data = res.value
+        self.stats.add(len(data))
+        return data
+
+    def exists(self, key: str) -> bool:
+        try:
+            res = self.kv.read(key, byte_range=slice(0, 0)).result()
+        except Exception:
+            return False
+        return res.state != "missing"
+
+
+def _describe(spec: dict[str, Any]) -> str:
+    driver = spec.get("driver")
+    if driver == "file":
+        return spec["path"]
+    if driver == "gcs":
+        return f"gs://{spec['bucket']}/{spec.get('path', '')}"
+    if driver == "s3":
+        return f"s3://{spec['bucket']}/{spec.get('path', '')}"
+    if driver == "http":
+        return spec["base_url"] + spec.get("path", "")
+    return repr(spec)
+
+
+def store_for_directory(location: str, io: str = "auto", storage_options: dict[str, Any] | None = None) -> Store:
+    """A store whose keys are the files directly under ``location`` (a local dir or a URL prefix).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = tempfile.mkdtemp(); _ = pathlib.Path(d, "a.bin").write_bytes(b"hello")
+        >>> store_for_directory(d).read("a.bin", 1, 3)
+        b'el'
+    """
+    opts = dict(storage_options or {})
+    parsed = urllib.parse.urlparse(location)
+    scheme = parsed.scheme
+    if scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt"):
+        path = parsed.path if scheme == "file" else location
+        path = os.path.abspath(path)
+        if not os.path.isdir(path):
+            raise MissingDataError(f"{path}: directory not found")
+        if io in ("auto", "posix"):
+            return LocalStore(path)
+        return KvStore({"driver": "file", "path": path.rstrip("/") + "/", **opts})
+    if io == "posix":
+        raise StorageError(f"io='posix' reads local files only, not {location}")
+    prefix = parsed.path.lstrip("/")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    if scheme in ("gs", "gcs"):
+        spec = {"driver": "gcs", "bucket": parsed.netloc, "path": prefix}
+    elif scheme == "s3":
+        spec = {"driver": "s3", "bucket": parsed.netloc, "path": prefix}
+        endpoint = opts.pop("endpoint", None) or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            spec["endpoint"] = endpoint
+        region = opts.pop("aws_region", None) or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            spec["aws_region"] = region
+    elif scheme in ("http", "https"):
+        base = f"{scheme}://{parsed.netloc}"
+        spec = {"driver": "http", "base_url": base, "path": "/" + prefix}
+    elif scheme == "memory":
+        spec = {"driver": "memory", "path": prefix}
+    else:
+        raise StorageError(f"{location}: unsupported URL scheme {scheme!r} (use a path, file://, gs://, s3://, http(s)://)")
+    spec.update(opts)
+    return KvStore(spec)
+
+
+def parent_and_name(source: str) -> tuple[str, str]:
+    """Split a file path or URL into its directory and its last component."""
+    parsed = urllib.parse.urlparse(source)
+    if parsed.scheme in ("", "file"):
+        path = parsed.path if parsed.scheme == "file" else source
+        path = os.path.abspath(path)
+        return os.path.dirname(path), os.path.basename(path)
+    head, _, name = source.rstrip("/").rpartition("/")
+    return head, name
+
+
+def is_local(source: str) -> bool:
+    return urllib.parse.urlparse(source).scheme in ("", "file")

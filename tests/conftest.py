@@ -1,0 +1,108 @@
+"""Shared fixtures: 8 virtual CPU devices for JAX, and real DCP checkpoints written by torch.
+
+The environment is set up here, before anything imports jax. The checkpoints are written ONCE per
+session by ``tests/torch_writers.py`` (4 gloo ranks spawned with ``torch.multiprocessing.spawn``)
+in a subprocess, so torch's process group never lives inside the pytest process.
+
+Set ``JRESHARD_TEST_CHECKPOINTS=/some/dir`` to keep the written checkpoints between sessions
+(written there once, reused while ``DIR/DONE`` exists).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_FLAG = "--xla_force_host_platform_device_count=8"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+os.environ["JAX_PLATFORMS"] = "cpu"
+# float64 / int64 / complex128 tensors must stay 64-bit in JAX for exact comparisons.
+os.environ["JAX_ENABLE_X64"] = "1"
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from tests import torch_writers as tw  # noqa: E402
+from tests.helpers import child_env  # noqa: E402
+
+
+@dataclass
+class Checkpoints:
+    root: Path
+    dirs: dict  # variant -> Path of the DCP directory
+    writer_reference: dict  # name -> np.ndarray (the full tensors the writer built)
+    torch_reference: dict  # variant -> {name -> np.ndarray} (torch's dcp.load), not for safetensors
+    torch_objects: dict  # variant -> {flat name -> object} (torch's dcp.load)
+    names: dict  # variant -> [tensor names]
+    write_seconds: float = 0.0
+    _cache: dict = field(default_factory=dict)
+
+    def reference(self, variant: str) -> dict:
+        """torch's own reading where torch can read the variant, else the writer's tensors."""
+        if variant in self.torch_reference:
+            return self.torch_reference[variant]
+        return {n: self.writer_reference[n] for n in self.names[variant]}
+
+
+def _write(root: Path) -> float:
+    t0 = time.monotonic()
+    env = child_env(OMP_NUM_THREADS=1)
+    proc = subprocess.run(
+        [sys.executable, str(TESTS_DIR / "torch_writers.py"), str(root)],
+        env=env,
+        cwd=str(REPO_ROOT),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if proc.returncode != 0 or not (root / "DONE").exists():
+        raise RuntimeError(
+            f"torch checkpoint writer failed (rc={proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-10000:]}"
+        )
+    return time.monotonic() - t0
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, pytestconfig) -> Checkpoints:
+    keep = os.environ.get("JRESHARD_TEST_CHECKPOINTS")
+    if keep:
+        root = Path(keep)
+        seconds = 0.0 if (root / "DONE").exists() else _write(root)
+    else:
+        root = tmp_path_factory.mktemp("dcp")
+        seconds = _write(root)
+    pytestconfig._jreshard_write_seconds = seconds
+    with open(root / "ref" / "variants.json") as f:
+        names = json.load(f)
+    torch_reference, torch_objects = {}, {}
+    for v in tw.TORCH_READABLE_VARIANTS:
+        torch_reference[v] = tw.load_store(str(root / "torch_ref" / v))
+        with open(root / "torch_ref" / v / "objects.json") as f:
+            torch_objects[v] = json.load(f)
+    return Checkpoints(
+        root=root,
+        dirs={v: root / v for v in tw.VARIANTS},
+        writer_reference=tw.load_store(str(root / "ref")),
+        torch_reference=torch_reference,
+        torch_objects=torch_objects,
+        names=names,
+        write_seconds=seconds,
+    )
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # Report how long the session's checkpoint writing took (when it ran).
+    t = getattr(config, "_jreshard_write_seconds", None)
+    if t:
+        terminalreporter.write_line(f"jreshard tests: DCP checkpoints written by torch in {t:.1f}s")

@@ -1,0 +1,126 @@
+"""Small helpers shared by the test modules (no jreshard logic here: expected values come from torch)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+
+
+def child_env(**extra) -> dict:
+    """Environment for subprocesses: repo importable, no inherited JAX device flags."""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env.pop("JAX_ENABLE_X64", None)
+    env.pop("JAX_PLATFORMS", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def assert_same(actual, expected, what: str = "") -> None:
+    """Exact equality: same dtype, same shape, same bytes (bitwise for floats)."""
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    if np.ascontiguousarray(actual).tobytes() != np.ascontiguousarray(expected).tobytes():
+        np.testing.assert_array_equal(actual, expected, err_msg=what)
+        raise AssertionError(f"{what}: values equal but bytes differ (e.g. -0.0 vs 0.0)")
+
+
+# ---------------------------------------------------------------------------------------------
+# meshes and partition specs
+# ---------------------------------------------------------------------------------------------
+
+MESH_SHAPES = {
+    "2x4": ((2, 4), ("data", "model")),
+    "8": ((8,), ("data",)),
+    "4x2": ((4, 2), ("data", "model")),
+}
+
+
+def make_mesh(key: str):
+    import jax
+    from jax.sharding import Mesh
+
+    shape, names = MESH_SHAPES[key]
+    return Mesh(np.array(jax.devices()[: math.prod(shape)]).reshape(shape), names)
+
+
+def spec_fits(spec, shape, mesh_shape: dict) -> bool:
+    """Whether PartitionSpec ``spec`` is valid for ``shape`` on a mesh and tiles it evenly."""
+    if len(spec) > len(shape):
+        return False
+    for dim, axes in enumerate(spec):
+        if axes is None:
+            continue
+        axes = axes if isinstance(axes, tuple) else (axes,)
+        if any(a not in mesh_shape for a in axes):
+            return False
+        n = math.prod(mesh_shape[a] for a in axes)
+        if shape[dim] % n:
+            return False
+    return True
+
+
+def distinct_indices(sharding, shape, addressable_only: bool = True) -> list:
+    """Distinct index boxes (tuples of slices) of the devices of this process."""
+    m = sharding.addressable_devices_indices_map(shape) if addressable_only else sharding.devices_indices_map(shape)
+    seen, out = set(), []
+    for idx in m.values():
+        key = tuple((s.start, s.stop, s.step) for s in idx)
+        if key not in seen:
+            seen.add(key)
+            out.append(idx)
+    return out
+
+
+def box_nbytes(index, shape, itemsize: int) -> int:
+    n = 1
+    for s, d in zip(index, shape):
+        start, stop, step = s.indices(d)
+        n *= len(range(start, stop, step))
+    return n * itemsize
+
+
+def nest(flat: dict) -> dict:
+    """{"a.b.c": x} -> {"a": {"b": {"c": x}}}."""
+    out: dict = {}
+    for k, v in flat.items():
+        d = out
+        parts = k.split(".")
+        for p in parts[:-1]:
+            d = d.setdefault(p, {})
+        d[parts[-1]] = v
+    return out
+
+
+def flatten(nested: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in nested.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_loaded_array(arr, target, ref: np.ndarray, what: str) -> None:
+    """A loaded jax.Array against its target (ShapeDtypeStruct or jax.Array) and reference."""
+    import jax
+
+    assert isinstance(arr, jax.Array), f"{what}: got {type(arr)}"
+    assert tuple(arr.shape) == tuple(target.shape), f"{what}: shape {arr.shape} != {target.shape}"
+    assert np.dtype(arr.dtype) == np.dtype(target.dtype), f"{what}: dtype {arr.dtype} != {target.dtype}"
+    assert arr.sharding == target.sharding, f"{what}: sharding {arr.sharding} != {target.sharding}"
+    expected = ref.astype(np.dtype(target.dtype)) if ref.dtype != np.dtype(target.dtype) else ref
+    assert_same(np.asarray(arr), expected, what)
+    for shard in arr.addressable_shards:
+        assert_same(np.asarray(shard.data), expected[shard.index], f"{what} shard on {shard.device} {shard.index}")
