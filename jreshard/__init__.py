@@ -35,7 +35,7 @@ def open(source: str | os.PathLike, *, io: str = "auto", storage_options: dict[s
     Example:
         >>> import jreshard
         >>> ckpt = jreshard.open(jreshard.sample_path())
-        >>> ckpt.tensors["model.layers.0.weight"].shape
+        >>> ckpt.tensors["model.embed.weight"].shape
         (64, 32)
         >>> ckpt.objects["step"]
         100
@@ -68,7 +68,7 @@ def load(source: str | os.PathLike | Checkpoint, target: Any, *, max_inflight_by
         >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
         >>> mesh = Mesh(np.array(jax.devices()[:1]), ("x",))
         >>> ckpt = jreshard.open(jreshard.sample_path())
-        >>> t = ckpt.tensors["model.layers.0.weight"]
+        >>> t = ckpt.tensors["model.embed.weight"]
         >>> out = jreshard.load(ckpt, {t.name: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=NamedSharding(mesh, P("x")))})
         >>> out[t.name].shape
         (64, 32)
@@ -90,7 +90,7 @@ def plan(source: str | os.PathLike | Checkpoint, target: Any, *, io: str = "auto
         >>> import jax, jreshard
         >>> from jax.sharding import SingleDeviceSharding
         >>> ckpt = jreshard.open(jreshard.sample_path())
-        >>> t = ckpt.tensors["model.layers.0.weight"]
+        >>> t = ckpt.tensors["model.embed.weight"]
         >>> p = jreshard.plan(ckpt, {t.name: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=SingleDeviceSharding(jax.devices()[0]))})
         >>> p.bytes_to_read >= p.bytes_needed
         True

@@ -32,7 +32,7 @@ class Checkpoint:
         >>> import jreshard
         >>> ckpt = jreshard.open(jreshard.sample_path())
         >>> sorted(ckpt.tensors)[:2]
-        ['model.layers.0.bias', 'model.layers.0.weight']
+        ['model.embed.weight', 'model.head.bias']
     """
 
     def __init__(self, source: Any, fmt: Any, store: Store, io: str) -> None:
@@ -95,7 +95,7 @@ class Checkpoint:
         Example:
             >>> import jreshard
             >>> ckpt = jreshard.open(jreshard.sample_path())
-            >>> ckpt.read("model.layers.0.weight", (slice(0, 2), slice(0, 3))).shape
+            >>> ckpt.read("model.embed.weight", (slice(0, 2), slice(0, 3))).shape
             (2, 3)
         """
         info = self.tensor(name)
@@ -118,7 +118,7 @@ class Checkpoint:
             >>> import jax, jreshard
             >>> from jax.sharding import SingleDeviceSharding
             >>> ckpt = jreshard.open(jreshard.sample_path())
-            >>> t = ckpt.tensors["model.layers.0.weight"]
+            >>> t = ckpt.tensors["model.embed.weight"]
             >>> p = ckpt.plan({t.name: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=SingleDeviceSharding(jax.devices()[0]))})
             >>> p.bytes_needed == t.nbytes
             True
@@ -192,7 +192,7 @@ class Checkpoint:
             >>> import jax, jreshard
             >>> from jax.sharding import SingleDeviceSharding
             >>> ckpt = jreshard.open(jreshard.sample_path())
-            >>> t = ckpt.tensors["model.layers.0.weight"]
+            >>> t = ckpt.tensors["model.embed.weight"]
             >>> out = ckpt.load({t.name: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=SingleDeviceSharding(jax.devices()[0]))})
             >>> out[t.name].shape == t.shape
             True

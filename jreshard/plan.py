@@ -139,7 +139,7 @@ def runs_of(locator: Locator, chunk_sizes: Sequence[int], overlap: Overlap, piec
         >>> from jreshard.catalog import Locator
         >>> loc = Locator("f", 0, 0, (8, 1), 256)
         >>> r = runs_of(loc, (4, 8), Overlap(0, (0, 2), (0, 0), (4, 4)), (4, 4), 4)
-        >>> (r.outer, r.run, list(r.src_starts()))
+        >>> (r.outer, r.run, r.src_starts().tolist())
         ((4,), 16, [8, 40, 72, 104])
     """
     ndim = len(overlap.size)

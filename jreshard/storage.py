@@ -64,6 +64,10 @@ class Store:
         """A whole file."""
         raise NotImplementedError
 
+    def tail(self, key: str, n: int) -> bytes:
+        """The last ``n`` bytes of a file (the whole file if it is shorter)."""
+        raise NotImplementedError
+
     def exists(self, key: str) -> bool:
         raise NotImplementedError
 
@@ -138,6 +142,10 @@ class LocalStore(Store):
 
     def read_all(self, key: str) -> bytes:
         return self.read(key, 0, self.size(key))
+
+    def tail(self, key: str, n: int) -> bytes:
+        size = self.size(key)
+        return self.read(key, max(0, size - n), size)
 
     def preadv(self, key: str, offset: int, iov: np.ndarray) -> None:
         """Scatter the file bytes from ``offset`` on into the buffers of ``iov`` (an (n, 2) uint64 array of
@@ -242,6 +250,17 @@ class KvStore(Store):
             res = self.kv.read(key).result()
         except Exception as e:
             raise StorageError(f"{self.where(key)}: read failed: {e}") from e
+        if res.state == "missing":
+            raise MissingDataError(f"{self.where(key)}: file not found")
+        data = res.value
+        self.stats.add(len(data))
+        return data
+
+    def tail(self, key: str, n: int) -> bytes:
+        try:
+            res = self.kv.read(key, byte_range=slice(-n, None)).result()
+        except Exception:
+            return self.read_all(key)  # shorter than n
         if res.state == "missing":
             raise MissingDataError(f"{self.where(key)}: file not found")
         data = res.value

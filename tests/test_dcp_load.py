@@ -196,8 +196,19 @@ def _targets(checkpoints, variant, mesh, spec, include_big=False):
     return out
 
 
-@pytest.mark.parametrize("spec_key", list(SPECS))
-@pytest.mark.parametrize("mesh_key", list(MESH_SHAPES))
+def _spec_axes(spec):
+    out = set()
+    for a in spec:
+        if a is not None:
+            out.update(a if isinstance(a, tuple) else (a,))
+    return out
+
+
+# (mesh, spec) pairs whose axis names exist in the mesh
+MESH_SPECS = [(m, s) for m in MESH_SHAPES for s in SPECS if _spec_axes(SPECS[s]) <= set(MESH_SHAPES[m][1])]
+
+
+@pytest.mark.parametrize("mesh_key,spec_key", MESH_SPECS, ids=[f"{m}-{s}" for m, s in MESH_SPECS])
 @pytest.mark.parametrize("io", IOS)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_load_flat(checkpoints, meshes, variant, io, mesh_key, spec_key):
@@ -364,3 +375,41 @@ def test_plan_replicated_counts_each_box_once_at_least(checkpoints, meshes):
     assert distinct == refs["mp.a"].nbytes
     assert distinct <= plan.bytes_needed <= 2 * distinct
     assert plan.bytes_to_read >= distinct
+
+
+# ---------------------------------------------------------------------------------------------
+# read(): property-based sub-boxes (hypothesis, derandomized so runs are reproducible)
+# ---------------------------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_HYP_NAMES = ["d2.s0s0_uneven", "d1.s2_3d", "d2.uneven_s0s1", "d1.empty_s0", "dtypes.uneven.complex128", "mp.b"]
+
+
+@st.composite
+def _name_and_box(draw):
+    name = draw(st.sampled_from(_HYP_NAMES))
+    box = []
+    for d in tw.TENSORS_BY_NAME[name].shape:
+        a = draw(st.integers(0, d))
+        b = draw(st.integers(a, d))
+        box.append(slice(a, b))
+    return name, tuple(box)
+
+
+@pytest.mark.parametrize("variant", ["plain", "zstd", "threads"])
+def test_read_boxes_property(checkpoints, opened, variant):
+    ck = opened(variant)
+    refs = checkpoints.reference(variant)
+
+    @settings(max_examples=40, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(_name_and_box())
+    def check(name_box):
+        name, box = name_box
+        if name not in refs:
+            return
+        assert_same(ck.read(name, box), refs[name][box], f"{variant}:{name}[{box}]")
+
+    check()
