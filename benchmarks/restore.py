@@ -34,6 +34,10 @@ runs ``--repeat`` times and the median wall time of the restore call is reported
 targets are excluded). Before every run the checkpoint's files are read once,
 untimed, so that every contender sees the same warm page cache; ``--cold`` drops
 the page cache instead (``/proc/sys/vm/drop_caches``), when that is permitted.
+Just before the timed call each run also faults in and frees some anonymous memory
+(``--prefault-gib``): on a VM with free page reporting, the first touch of memory
+that sat free for a few seconds is several times slower, which otherwise adds
+seconds of noise to whichever run comes after an idle moment.
 
 Memory is the process's ``RssAnon`` sampled every 2 ms during the restore (see
 ``_memwatch.py``): the absolute peak and the delta over the value just before the
@@ -81,7 +85,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 
 import numpy as np  # noqa: E402
 
-from _memwatch import PeakAnonMemory  # noqa: E402
+from _memwatch import PeakAnonMemory, prefault  # noqa: E402
 from _model import GIB, ModelSpec, build_model  # noqa: E402
 
 CASES = {
@@ -342,6 +346,8 @@ def worker_main(args, model: ModelSpec, paths: Paths) -> int:
     try:
         restore, targets = PREPARE[name](case, model, paths, args)
         gc.collect()
+        if args.prefault_gib:
+            result["prefaulted"] = prefault(int(args.prefault_gib * GIB))
         with PeakAnonMemory() as mem:
             start = time.perf_counter()
             out = restore()
@@ -494,6 +500,7 @@ def run_child(extra: list[str], args, log: Path, timeout: float) -> tuple[int, s
         "--size-gib", repr(args.size_gib),
         "--workdir", str(args.workdir),
         "--jreshard-io", args.jreshard_io,
+        "--prefault-gib", repr(args.prefault_gib),
         *(["--max-inflight-bytes", str(args.max_inflight_bytes)] if args.max_inflight_bytes else []),
         *extra,
     ]  # fmt: skip
@@ -656,7 +663,8 @@ def benchmark_main(args, model: ModelSpec, paths: Paths) -> int:
         raise SystemExit(f"unknown contender(s) in --skip: {sorted(unknown)}; known: {sorted(PREPARE)}")
 
     print(f"jreshard restore benchmark: model {model.describe()}")
-    print(f"workdir {paths.root}; {args.repeat} run(s) per contender, each in a fresh process")
+    print(f"workdir {paths.root}; {args.repeat} run(s) per contender, each in a fresh process; "
+          f"{args.prefault_gib:.2f} GiB pre-faulted before each restore")  # fmt: skip
     paths.root.mkdir(parents=True, exist_ok=True)
 
     print("checkpoints:")
@@ -673,6 +681,7 @@ def benchmark_main(args, model: ModelSpec, paths: Paths) -> int:
         "model": {"key": model.key, "bytes": model.nbytes, "gib": model.nbytes / GIB,
                   "tensors": len(model.tensors), "description": model.describe()},
         "repeat": args.repeat,
+        "prefault_gib": args.prefault_gib,
         "cases": {},
     }  # fmt: skip
     failed = False
@@ -743,6 +752,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is not met")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip checking the loaded arrays after the first run")  # fmt: skip
+    p.add_argument("--prefault-gib", type=float, default=None,
+                   help="anonymous memory each run faults in and frees just before the restore, "
+                   "so that no contender pays a VM's slow first touch (0 = off; "
+                   "default 2.5 x model size + 0.5)")  # fmt: skip
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per subprocess")
     p.add_argument("--jreshard-io", default="auto", help="the io= argument of jreshard.load")
     p.add_argument("--max-inflight-bytes", type=int, default=None,
@@ -762,6 +775,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model = build_model(args.size_gib)
+    if args.prefault_gib is None:
+        args.prefault_gib = 2.5 * model.nbytes / GIB + 0.5
     paths = Paths(Path(args.workdir) / model.key)
     if args._setup:
         return setup_main(args, model, paths)
