@@ -617,9 +617,13 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def print_case(case: str, res: dict[str, Any], targets: list[dict[str, Any]]) -> None:
+def print_case(res: dict[str, Any], targets: list[dict[str, Any]]) -> None:
     raw = res.get("raw", {}).get("median_s")
     jr = res.get("jreshard", {}).get("median_s")
+
+    def ratio(num: float | None, den: float | None) -> str:
+        return "-" if num is None or den is None else f"{num / den:.2f}"
+
     header = (
         f"{'contender':<10} {'median s':>9} {'GiB/s':>7} {'x raw':>7} {'jreshard/x':>10} "
         f"{'peak anon GiB':>13} {'delta GiB':>9}  check"
@@ -632,8 +636,8 @@ def print_case(case: str, res: dict[str, Any], targets: list[dict[str, Any]]) ->
             continue
         s = r["median_s"]
         print(
-            f"{name:<10} {s:>9.3f} {r['gib_per_s']:>7.2f} {_fmt(raw and s / raw):>7} "
-            f"{_fmt(jr and jr / s):>10} {r['peak_anon_gib']:>13.3f} {r['delta_anon_gib']:>9.3f}  "
+            f"{name:<10} {s:>9.3f} {r['gib_per_s']:>7.2f} {ratio(s, raw):>7} "
+            f"{ratio(jr, s):>10} {r['peak_anon_gib']:>13.3f} {r['delta_anon_gib']:>9.3f}  "
             f"{r['verify']}"
         )
     plan = res.get("jreshard", {}).get("plan")
@@ -644,9 +648,9 @@ def print_case(case: str, res: dict[str, Any], targets: list[dict[str, Any]]) ->
         )
     elif plan:
         print(f"jreshard plan: {plan['error']}")
-    errors = [(n, r["log"]) for n, r in res.items() if r.get("log")]
-    for name, log in errors:
-        print(f"  ({name} log: {log})")
+    for name, r in res.items():
+        if r.get("log"):
+            print(f"  ({name} log: {r['log']})")
     print()
     print(f"{'target':<42} {'value':>8} {'limit':>8}  result")
     for t in targets:
@@ -655,24 +659,74 @@ def print_case(case: str, res: dict[str, Any], targets: list[dict[str, Any]]) ->
         print(f"{label:<42} {_fmt(t['value']):>8} {limit:>8}  {t['result']}")
 
 
+def _print_run(name: str, rep: int, repeat: int, run: dict[str, Any]) -> None:
+    if "error" in run:
+        print(f"  {name} run {rep + 1}: error: {run['error']}")
+        return
+    hwm = "?" if run.get("hwm_delta") is None else f"{run['hwm_delta'] / GIB:.3f}"
+    check = f", check {run['verify']}" if "verify" in run else ""
+    print(
+        f"  {name} run {rep + 1}/{repeat}: {run['seconds']:.3f} s, "
+        f"peak anon {run['peak_anon'] / GIB:.3f} GiB "
+        f"(+{run['delta_anon'] / GIB:.3f}; RSS high-water +{hwm}){check}"
+    )
+
+
+def run_case(case: str, contenders: list[str], setup_errors: dict[str, str | None],
+             args, model: ModelSpec, paths: Paths) -> dict[str, Any]:  # fmt: skip
+    """Runs, prints and evaluates one case; returns its part of the JSON report."""
+    print(f"\n== case {case}: {DESCRIPTIONS[case]} ==")
+    data_files = raw_files(case, paths)
+    if data_files:
+        on_disk = sum(f.stat().st_size for f in data_files)
+        print(f"data files: {len(data_files)}, {on_disk / GIB:.3f} GiB on disk")
+    res: dict[str, Any] = {}
+    cache_states = set()
+    for name in contenders:
+        needs = "orbax" if (case, name) == ("dcp", "orbax") else case
+        if setup_errors.get(needs):
+            res[name] = {"error": setup_errors[needs]}
+            continue
+        runs = []
+        for rep in range(args.repeat):
+            cache_states.add(prepare_page_cache(checkpoint_path(case, name, paths), args.cold))
+            runs.append(run_contender(case, name, rep, args, paths))
+            _print_run(name, rep, args.repeat, runs[-1])
+            if "error" in runs[-1]:
+                break
+        res[name] = summarize(runs, model.nbytes)
+
+    cache = "/".join(sorted(cache_states)) or "-"
+    how = (
+        "dropped before each run"
+        if cache == "cold"
+        else "timings are warm-cache: the files were read once, untimed, before each run"
+    )
+    print(f"\nmedian of {args.repeat} run(s); page cache: {cache} ({how}); "
+          f"GiB/s = model size ({model.nbytes / GIB:.3f} GiB) / time")  # fmt: skip
+    targets = evaluate_targets(case, res, model.nbytes)
+    print_case(res, targets)
+    return {"page_cache": cache, "contenders": res, "targets": targets}
+
+
 def benchmark_main(args, model: ModelSpec, paths: Paths) -> int:
     cases = list(CASES) if args.case == "all" else [args.case]
     skip = {s for item in args.skip for s in item.split(",") if s}
-    unknown = skip - set(PREPARE)
-    if unknown:
+    if unknown := skip - set(PREPARE):
         raise SystemExit(f"unknown contender(s) in --skip: {sorted(unknown)}; known: {sorted(PREPARE)}")
 
+    load = os.getloadavg()[0]
+    busy = " -- the machine is busy, timings will be noisy" if load > 0.5 * (os.cpu_count() or 1) else ""
     print(f"jreshard restore benchmark: model {model.describe()}")
     print(f"workdir {paths.root}; {args.repeat} run(s) per contender, each in a fresh process; "
           f"{args.prefault_gib:.2f} GiB pre-faulted before each restore")  # fmt: skip
-    paths.root.mkdir(parents=True, exist_ok=True)
+    print(f"load average {load:.2f} on {os.cpu_count()} cores{busy}")
 
     print("checkpoints:")
+    paths.root.mkdir(parents=True, exist_ok=True)
     needed = []
     if "dcp" in cases:
-        needed.append("dcp")
-        if "orbax" not in skip:
-            needed.append("orbax")
+        needed += ["dcp"] + ([] if "orbax" in skip else ["orbax"])
     if "safetensors" in cases:
         needed.append("safetensors")
     setup_errors = {what: ensure_checkpoint(what, args, model, paths) for what in needed}
@@ -682,56 +736,23 @@ def benchmark_main(args, model: ModelSpec, paths: Paths) -> int:
                   "tensors": len(model.tensors), "description": model.describe()},
         "repeat": args.repeat,
         "prefault_gib": args.prefault_gib,
+        "load_average": load,
         "cases": {},
     }  # fmt: skip
-    failed = False
     for case in cases:
-        print()
-        print(f"== case {case}: {DESCRIPTIONS[case]} ==")
-        data_files = raw_files(case, paths)
-        if data_files:
-            on_disk = sum(f.stat().st_size for f in data_files)
-            print(f"data files: {len(data_files)}, {on_disk / GIB:.3f} GiB on disk")
-        res: dict[str, Any] = {}
-        cache_states = set()
-        for name in (n for n in CASES[case] if n not in skip):
-            needs = "orbax" if (case, name) == ("dcp", "orbax") else case
-            if setup_errors.get(needs):
-                res[name] = {"error": setup_errors[needs]}
-                continue
-            runs = []
-            for rep in range(args.repeat):
-                cache_states.add(prepare_page_cache(checkpoint_path(case, name, paths), args.cold))
-                run = run_contender(case, name, rep, args, paths)
-                runs.append(run)
-                if "error" in run:
-                    print(f"  {name} run {rep + 1}: error: {run['error']}")
-                    break
-                hwm = run.get("hwm_delta")
-                print(
-                    f"  {name} run {rep + 1}/{args.repeat}: {run['seconds']:.3f} s, "
-                    f"peak anon {run['peak_anon'] / GIB:.3f} GiB "
-                    f"(+{run['delta_anon'] / GIB:.3f}; RSS high-water +"
-                    f"{'?' if hwm is None else format(hwm / GIB, '.3f')})"
-                    + (f", check {run['verify']}" if "verify" in run else "")
-                )
-            res[name] = summarize(runs, model.nbytes)
-        cache = "/".join(sorted(cache_states)) or "-"
-        print(
-            f"\nmedian of {args.repeat} run(s); page cache: {cache} "
-            f"({'dropped before each run' if cache == 'cold' else 'timings are warm-cache: files read once, untimed, before each run'}); "
-            f"GiB/s = model size ({model.nbytes / GIB:.3f} GiB) / time"
-        )
-        targets = evaluate_targets(case, res, model.nbytes)
-        print_case(case, res, targets)
-        failed |= any(t["result"] in ("FAIL", "n/a (error)") for t in targets)
-        report["cases"][case] = {"page_cache": cache, "contenders": res, "targets": targets}
+        contenders = [n for n in CASES[case] if n not in skip]
+        report["cases"][case] = run_case(case, contenders, setup_errors, args, model, paths)
 
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
         print(f"\nresults written to {out}")
+    failed = any(
+        t["result"] in ("FAIL", "n/a (error)")
+        for case in report["cases"].values()
+        for t in case["targets"]
+    )
     return 1 if (failed and args.strict) else 0
 
 

@@ -184,8 +184,7 @@ def merge_runs(starts: np.ndarray, lengths: np.ndarray, gap: int) -> tuple[np.nd
     ends = starts + lengths
     prev_end = np.maximum.accumulate(ends)
     new = np.ones(len(starts), dtype=bool)
-    distance = starts[1:] - prev_end[:-1]
-    new[1:] = (distance > gap) | (distance < 0)  # overlapping runs start a new read
+    new[1:] = starts[1:] - prev_end[:-1] > gap  # overlapping runs share a read
     read_of_run = np.cumsum(new) - 1
     read_starts = starts[new]
     read_stops = np.maximum.reduceat(ends, np.flatnonzero(new))

@@ -208,13 +208,16 @@ class Executor:
             f.result()
 
     def _preadv_tasks(self, key: str, s: np.ndarray, l: np.ndarray, a: np.ndarray) -> list[tuple[str, int, np.ndarray]]:
-        read_starts, _, read_of_run = merge_runs(s, l, self.gap)
+        """preadv calls for runs sorted by file offset: a call per group of runs whose gaps are at most
+        ``self.gap`` (gaps read into the scratch buffer), at most IOV_MAX buffers each."""
         n = len(s)
         gaps = np.zeros(n, np.int64)
         gaps[1:] = s[1:] - (s[:-1] + l[:-1])
         first = np.ones(n, bool)
-        first[1:] = read_of_run[1:] != read_of_run[:-1]
+        first[1:] = (gaps[1:] > self.gap) | (gaps[1:] < 0)  # overlapping runs (never planned) get their own call
         gaps[first] = 0
+        read_of_run = np.cumsum(first) - 1
+        read_starts = s[first]
         # Interleave (gap -> scratch, run -> destination) and drop empty gap entries.
         iov = np.empty((2 * n, 2), np.uint64)
         iov[0::2, 0] = self._scratch.ctypes.data

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from tests.helpers import REPO_ROOT, TESTS_DIR, child_env
 from tests.torch_writers import free_port

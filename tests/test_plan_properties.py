@@ -94,10 +94,12 @@ def test_merge_runs_covers_and_separates(starts, lens, gap):
     rs, re, k = merge_runs(s, l, gap)
     for i in range(len(s)):
         assert rs[k[i]] <= s[i] and s[i] + l[i] <= re[k[i]]
-    between = rs[1:] - re[:-1]
-    assert np.all((between > gap) | (between < 0))  # merged unless the gap is larger (or runs overlap)
-    # A read is no longer than its runs plus the gaps allowed between them.
-    assert int((re - rs).sum()) <= int(l.sum()) + gap * len(s)
+    assert np.all(rs[1:] - re[:-1] > gap)  # reads are disjoint and separated by more than the gap
+    covered = np.zeros(1200, bool)
+    for a, n in zip(s.tolist(), l.tolist()):
+        covered[a : a + n] = True
+    # A read holds only run bytes and gaps of at most ``gap`` between them.
+    assert int((re - rs).sum()) <= int(covered.sum()) + gap * len(s)
 
 
 def _layout(data, sizes):

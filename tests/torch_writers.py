@@ -22,7 +22,7 @@ import json
 import os
 import socket
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 WORLD = 4
 VARIANTS = ("plain", "zstd", "safetensors", "threads")
