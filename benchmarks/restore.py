@@ -48,11 +48,15 @@ array (dtype, shape, sharding and values) against the generator.
 
 Checkpoints are written once under ``--workdir/<model key>/`` and reused.
 
-Targets (printed as PASS/FAIL; the exit code is 0 unless ``--strict``):
+Targets (printed as PASS/FAIL, informational: the exit code is 0 unless
+``--strict``, which exits 1 when a target fails or cannot be evaluated because a
+contender errored; a contender's failure is shown in the table as "error: ...",
+with the path of its log, and never stops the run):
   dcp:          jreshard <= 1.25x raw, <= 0.15x torch, <= 0.4x orbax time;
                 jreshard peak anon delta <= model size + 0.35 GiB.
   safetensors:  jreshard <= 0.15x orbax and <= 1.25x raw time;
                 jreshard peak anon delta <= orbax's.
+  both:         jreshard's arrays match the checkpoint (first run).
 
 Usage::
 
@@ -758,29 +762,35 @@ def benchmark_main(args, model: ModelSpec, paths: Paths) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Benchmark jreshard restores against torch DCP, Orbax and a raw read.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Benchmark jreshard restores against torch DCP, Orbax and a raw read."
     )
-    p.add_argument("--size-gib", type=float, default=1.5, help="approximate model size")
-    p.add_argument("--case", choices=["dcp", "safetensors", "all"], default="all")
+    p.add_argument("--size-gib", type=float, default=1.5,
+                   help="approximate model size (default 1.5)")
+    p.add_argument("--case", choices=["dcp", "safetensors", "all"], default="all",
+                   help="which checkpoint format to benchmark (default all)")
     p.add_argument("--skip", action="append", default=[],
-                   help="contender(s) to leave out: jreshard, torch, orbax, raw (repeatable or comma-separated)")  # fmt: skip
-    p.add_argument("--repeat", type=int, default=3, help="runs per contender; the median is reported")
-    p.add_argument("--workdir", default="/tmp/jreshard-bench", help="cache for the written checkpoints")
+                   help="contender(s) to leave out: jreshard, torch, orbax, raw "
+                   "(repeatable or comma-separated)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="runs per contender; the median is reported (default 3)")
+    p.add_argument("--workdir", default="/tmp/jreshard-bench",
+                   help="cache for the written checkpoints (default /tmp/jreshard-bench)")
     p.add_argument("--cold", action="store_true",
-                   help="drop the page cache before each run (if permitted) instead of warming it")  # fmt: skip
+                   help="drop the page cache before each run (if permitted) instead of warming it")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is not met")
     p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip checking the loaded arrays after the first run")  # fmt: skip
+                   help="skip checking the loaded arrays after the first run")
     p.add_argument("--prefault-gib", type=float, default=None,
                    help="anonymous memory each run faults in and frees just before the restore, "
                    "so that no contender pays a VM's slow first touch (0 = off; "
-                   "default 2.5 x model size + 0.5)")  # fmt: skip
-    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per subprocess")
-    p.add_argument("--jreshard-io", default="auto", help="the io= argument of jreshard.load")
+                   "default 2.5 x model size + 0.5)")
+    p.add_argument("--timeout", type=float, default=1800,
+                   help="seconds allowed per subprocess (default 1800)")
+    p.add_argument("--jreshard-io", default="auto",
+                   help="the io= argument of jreshard.load (default auto)")
     p.add_argument("--max-inflight-bytes", type=int, default=None,
-                   help="the max_inflight_bytes= argument of jreshard.load")  # fmt: skip
+                   help="the max_inflight_bytes= argument of jreshard.load")
     # Internal: the subprocess modes.
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     p.add_argument("--_result", help=argparse.SUPPRESS)

@@ -88,9 +88,9 @@ class Checkpoint:
         except KeyError:
             raise TargetMismatchError(_unknown(name, self.format.tensors, self.source)) from None
 
-    def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
-        """Read tensor ``name`` (or the box ``index``, a tuple of step-1 slices) into a numpy array,
-        reading only the saved bytes that overlap it.
+    def read(self, name: str, index: tuple[slice | int, ...] | None = None) -> np.ndarray:
+        """Read tensor ``name`` (or the box ``index``: a tuple of step-1 slices and integers, as in numpy;
+        integers drop their dimension) into a numpy array, reading only the saved bytes that overlap it.
 
         Example:
             >>> import jreshard
@@ -107,6 +107,11 @@ class Checkpoint:
         dest = _place.aligned_empty(piece.shape, info.dtype)
         with ThreadPoolExecutor(4) as pool:
             self._fill([(info, piece, dest)], Executor(self.store, self.io), pool)
+        if index is not None and not isinstance(index, tuple):
+            index = (index,)
+        dropped = {d for d, s in enumerate(index or ()) if isinstance(s, (int, np.integer))}
+        if dropped:
+            return dest.reshape(tuple(n for d, n in enumerate(dest.shape) if d not in dropped))
         return dest
 
     # -- planning ---------------------------------------------------------------------------------
@@ -127,7 +132,6 @@ class Checkpoint:
 
         entries, _ = _flatten_target(target)
         specs = [self._spec(name, leaf) for name, leaf in entries]
-        posix = Executor(self.store, self.io, coalesce_gap).posix
         processes: dict[int, ProcessPlan] = {}
         runs_by: dict[int, dict[str, list[tuple[np.ndarray, np.ndarray]]]] = {}
         whole: dict[int, set[tuple[str, int]]] = {}
@@ -166,8 +170,7 @@ class Checkpoint:
                     else:
                         starts = r.src_starts() + loc.base
                         lens = np.full(len(starts), r.run, np.int64)
-                    bucket = runs_by.setdefault(piece.process, {})
-                    bucket.setdefault(loc.key if posix else f"{loc.key}\0{info.name}\0{ov.chunk_id}\0{piece.box}", []).append((starts, lens))
+                    runs_by.setdefault(piece.process, {}).setdefault(loc.key, []).append((starts, lens))
         for pid, pp in processes.items():
             for parts in runs_by.get(pid, {}).values():
                 s = np.concatenate([p[0] for p in parts])

@@ -31,14 +31,17 @@ def normalize_index(index: Sequence[slice] | None, shape: Sequence[int]) -> Box:
     """
     if index is None:
         index = ()
-    index = tuple(index)
+    index = tuple(index) if isinstance(index, (tuple, list)) else (index,)
     if len(index) > len(shape):
         raise IndexError(f"index {index} has more dimensions than shape {tuple(shape)}")
     out = []
     for d, size in enumerate(shape):
         s = index[d] if d < len(index) else slice(None)
         if isinstance(s, (int, np.integer)):
-            s = slice(int(s), int(s) + 1)
+            i = int(s) + size if int(s) < 0 else int(s)
+            if not 0 <= i < size:
+                raise IndexError(f"index {int(s)} is out of bounds for dimension {d} of size {size}")
+            s = slice(i, i + 1)
         start, stop, step = s.indices(size)
         if step != 1:
             raise IndexError(f"index {index}: only step-1 slices are supported")

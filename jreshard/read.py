@@ -5,8 +5,8 @@ whole, decompressed zstd items) are plain strided copies. The others read from t
 
 * ``posix`` (local files): all runs of a file, sorted and merged where gaps are small, become ``preadv`` calls
   whose buffers point straight into the piece buffers (gaps land in a scratch buffer), run on a thread pool;
-* ``tensorstore`` (any KvStore): each job's span (or its runs, when sparse) is read with byte ranges in one
-  batch, then copied into the piece buffer with one strided copy.
+* ``tensorstore`` (any KvStore): the same sorted, merged runs become one batch of byte-range reads, and each
+  job copies from them (one strided copy when a single read holds all its runs).
 
 Chunks with a transposed layout (innermost stride != 1) are read as their span and copied element-wise.
 """
@@ -26,7 +26,6 @@ from .plan import Overlap, Runs, merge_runs
 from .storage import IOV_MAX, LocalStore, Store
 
 SPLIT_RUN = 8 * 2**20  # long runs are split so that several threads share them
-DENSE = 0.5  # a job whose runs fill at least this fraction of their span is read as one range
 
 
 @dataclass
@@ -134,36 +133,38 @@ class Executor:
     # -- any KvStore -----------------------------------------------------------------------------
 
     def _ranged(self, jobs: Sequence[CopyJob]) -> None:
+        """All runs of a file, sorted and merged where gaps are small, become one batch of byte-range reads;
+        each job then copies from the read(s) holding its runs (one strided copy when a single read does)."""
+        by_key: dict[str, list[int]] = {}
+        for i, j in enumerate(jobs):
+            by_key.setdefault(j.locator.key, []).append(i)
         requests: list[tuple[str, int, int]] = []
-        plans: list[tuple[CopyJob, str, list[tuple[int, int]], np.ndarray | None]] = []
-        for j in jobs:
+        job_reads: list[tuple[np.ndarray, np.ndarray]] = [None] * len(jobs)  # type: ignore[list-item]
+        for key, idx in by_key.items():
+            starts = [jobs[i].runs.src_starts() + jobs[i].locator.base for i in idx]  # type: ignore[union-attr]
+            owner = np.concatenate([np.full(len(s), k, np.int64) for k, s in enumerate(starts)])
+            s = np.concatenate(starts)
+            l = np.concatenate([np.full(len(x), jobs[i].runs.run, np.int64) for i, x in zip(idx, starts)])  # type: ignore[union-attr]
+            order = np.argsort(s, kind="stable")
+            rs, re, read_of_sorted = merge_runs(s[order], l[order], self.gap)
+            read_of_run = np.empty_like(read_of_sorted)
+            read_of_run[order] = read_of_sorted + len(requests)
+            requests.extend((key, int(x), int(y)) for x, y in zip(rs.tolist(), re.tolist()))
+            for k, i in enumerate(idx):
+                job_reads[i] = (read_of_run[owner == k], s[owner == k])
+        datas = self._read(requests, jobs)
+        for j, (reads, _) in zip(jobs, job_reads):
             r = j.runs
             assert r is not None
-            lo, hi = r.src_span
             base = j.locator.base
-            if r.nbytes >= DENSE * (hi - lo) or r.count == 1:
-                plans.append((j, "span", [(lo, hi)], None))
-                requests.append((j.locator.key, base + lo, base + hi))
-            else:
-                starts = r.src_starts()
-                order = np.argsort(starts, kind="stable")
-                rs, re, _ = merge_runs(starts[order], np.full(len(starts), r.run, np.int64), self.gap)
-                plans.append((j, "runs", list(zip(rs.tolist(), re.tolist())), None))
-                requests.extend((j.locator.key, base + a, base + b) for a, b in zip(rs.tolist(), re.tolist()))
-        datas = iter(self._read(requests, jobs))
-        for j, kind, spans, _ in plans:
-            if kind == "span":
-                _copy_runs_from(np.frombuffer(next(datas), np.uint8), spans[0][0], j)
+            first = int(reads[0])
+            if np.all(reads == first):
+                _copy_runs_from(np.frombuffer(datas[first], np.uint8), requests[first][1] - base, j)
                 continue
-            r = j.runs
-            assert r is not None
-            bufs = [(a, np.frombuffer(next(datas), np.uint8)) for a, _ in spans]
-            starts_read = np.array([a for a, _ in spans], np.int64)
             dst_u8 = _dest_u8(j)
-            for s, d in zip(r.src_starts().tolist(), r.dst_starts().tolist()):
-                k = int(np.searchsorted(starts_read, s, side="right")) - 1
-                a, buf = bufs[k]
-                dst_u8[d : d + r.run] = buf[s - a : s - a + r.run]
+            for k, src, dst in zip(reads.tolist(), (r.src_starts() + base).tolist(), r.dst_starts().tolist()):
+                rel = src - requests[k][1]
+                dst_u8[dst : dst + r.run] = np.frombuffer(datas[k], np.uint8)[rel : rel + r.run]
 
     # -- local files: preadv straight into piece buffers ------------------------------------------
 
