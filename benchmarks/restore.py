@@ -660,7 +660,7 @@ def print_case(res: dict[str, Any], targets: list[dict[str, Any]]) -> None:
     for t in targets:
         label = t["name"] + (" (GiB)" if t["unit"] == "GiB" else "")
         limit = "-" if t["limit"] is None else f"<= {t['limit']:.2f}"
-        print(f"{label:<42} {_fmt(t['value']):>8} {limit:>8}  {t['result']}")
+        print(f"{label:<42} {_fmt(t['value'], '.3f'):>8} {limit:>8}  {t['result']}")
 
 
 def _print_run(name: str, rep: int, repeat: int, run: dict[str, Any]) -> None:
