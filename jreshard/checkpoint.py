@@ -228,7 +228,8 @@ class Checkpoint:
         t0 = time.perf_counter()
         with ThreadPoolExecutor(executor.threads) as pool:
             for batch in _batches(work, limit):
-                bufs = [(info, piece, _place.aligned_empty(piece.shape, info.dtype)) for _, info, piece, _ in batch]
+                hosts = _place.allocate([(piece.shape, info.dtype) for _, info, piece, _ in batch])
+                bufs = [(info, piece, host) for (_, info, piece, _), host in zip(batch, hosts)]
                 self._fill(bufs, executor, pool)
                 host, devs, owners = [], [], []
                 for (i, info, piece, dtype), (_, _, buf) in zip(batch, bufs):
@@ -245,7 +246,7 @@ class Checkpoint:
                     jax.block_until_ready(placed)  # host buffers may be released after this
                 for i, dev, arr in zip(owners, devs, placed):
                     device_arrays[i][dev] = arr
-                del host, bufs
+                del host, bufs, hosts
                 done += sum(math.prod(p.shape) * info.dtype.itemsize for _, info, p, _ in batch)
                 if report:
                     report({"bytes_done": done, "bytes_total": total, "seconds": time.perf_counter() - t0,

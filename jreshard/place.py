@@ -28,6 +28,47 @@ def aligned_empty(shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
     return raw[start : start + nbytes].view(dtype).reshape(tuple(shape))
 
 
+BLOCK = 256 * 2**20  # host pieces are carved out of blocks of this size (huge pages, few page faults)
+HUGE = 2 * 2**20
+
+
+def allocate(shapes: Sequence[tuple[Sequence[int], np.dtype]], block: int = BLOCK) -> list[np.ndarray]:
+    """Uninitialised C-ordered arrays for ``(shape, dtype)`` pairs, 64-byte aligned, packed into shared blocks
+    of about ``block`` bytes.
+
+    Small separate allocations fault their memory in 4 KiB pages; one large 2 MiB-aligned block is backed by
+    transparent huge pages, which makes first touch several times cheaper. A block lives as long as any
+    array carved from it.
+
+    Example:
+        >>> a, b = allocate([((3, 5), np.dtype("float32")), ((7,), np.dtype("int8"))])
+        >>> a.shape, b.shape, a.ctypes.data % 64, b.ctypes.data % 64
+        ((3, 5), (7,), 0, 0)
+    """
+    sizes = [int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for shape, dtype in shapes]
+    out: list[np.ndarray | None] = [None] * len(shapes)
+    i = 0
+    while i < len(shapes):
+        # Gather consecutive arrays into one block.
+        j, total = i, 0
+        while j < len(shapes) and (j == i or total + _pad(sizes[j]) <= block):
+            total += _pad(sizes[j])
+            j += 1
+        raw = np.empty(total + HUGE, np.uint8)
+        start = (-raw.ctypes.data) % HUGE
+        pos = start
+        for k in range(i, j):
+            shape, dtype = shapes[k]
+            out[k] = raw[pos : pos + sizes[k]].view(np.dtype(dtype)).reshape(tuple(shape))
+            pos += _pad(sizes[k])
+        i = j
+    return out  # type: ignore[return-value]
+
+
+def _pad(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
 def put(host: Sequence[np.ndarray], devices: Sequence[Any]) -> list[Any]:
     """``jax.device_put`` of each host array onto its device, in one batched call."""
     import jax
