@@ -18,7 +18,7 @@ import numpy as np
 from . import place as _place
 from .catalog import Chunk, Locator, TensorInfo
 from .errors import JReshardError, ShardingError, TargetMismatchError
-from .plan import Piece, Plan, ProcessPlan, merge_runs, normalize_index, overlaps, runs_of
+from .plan import Piece, Plan, ProcessPlan, element_span, merge_runs, normalize_index, overlaps, runs_of
 from .read import CopyJob, Executor
 from .storage import IOStats, Store
 
@@ -165,7 +165,7 @@ class Checkpoint:
                         continue  # held in memory since its header read
                     r = runs_of(loc, chunk.sizes, ov, piece.shape, info.dtype.itemsize)
                     if r is None:
-                        lo, hi = _element_span(loc, ov, info.dtype.itemsize)
+                        lo, hi = element_span(loc, ov, info.dtype.itemsize)
                         starts, lens = np.array([loc.base + lo]), np.array([hi - lo])
                     else:
                         starts = r.src_starts() + loc.base
@@ -339,12 +339,6 @@ class Checkpoint:
                 jobs.append(CopyJob(info.name, loc, chunk.sizes, ov, dest,
                                     runs_of(loc, chunk.sizes, ov, piece.shape, info.dtype.itemsize)))
         executor.run(jobs, pool)
-
-
-def _element_span(loc: Locator, ov: Any, itemsize: int) -> tuple[int, int]:
-    first = loc.storage_offset + sum(s * st for s, st in zip(ov.chunk_start, loc.strides))
-    hi = first + sum((n - 1) * st for n, st in zip(ov.size, loc.strides)) + 1
-    return first * itemsize, hi * itemsize
 
 
 def _batches(work: list, limit: int) -> Iterable[list]:

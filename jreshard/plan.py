@@ -79,6 +79,20 @@ def overlaps(chunks: Sequence[Chunk], box: Box) -> list[Overlap]:
     return out
 
 
+def element_span(locator: Locator, overlap: Overlap, itemsize: int) -> tuple[int, int]:
+    """[lo, hi) bytes, relative to the locator base, that the elements of ``overlap`` touch (any strides).
+
+    Example:
+        >>> from jreshard.catalog import Locator
+        >>> element_span(Locator("f", 0, 0, (1, 4), 64), Overlap(0, (1, 0), (0, 0), (2, 3)), 4)
+        (4, 48)
+    """
+    first = locator.storage_offset + sum(s * st for s, st in zip(overlap.chunk_start, locator.strides))
+    lo = first + sum((n - 1) * st for n, st in zip(overlap.size, locator.strides) if st < 0)
+    hi = first + sum((n - 1) * st for n, st in zip(overlap.size, locator.strides) if st > 0) + 1
+    return lo * itemsize, hi * itemsize
+
+
 def c_strides(shape: Sequence[int]) -> tuple[int, ...]:
     """Element strides of a C-ordered array of ``shape``."""
     strides, acc = [], 1

@@ -23,7 +23,7 @@ import numpy as np
 
 from .catalog import Locator
 from .errors import JReshardError, TruncatedDataError
-from .plan import Overlap, Runs, merge_runs, runs_of
+from .plan import Overlap, Runs, element_span, merge_runs, runs_of
 from .storage import IOV_MAX, LocalStore, Store
 
 SPLIT_RUN = 8 * 2**20  # long runs are split so that several threads share them
@@ -65,12 +65,7 @@ class CopyJob:
 
     def element_span(self) -> tuple[int, int]:
         """[lo, hi) bytes, relative to the locator base, that the region's elements touch."""
-        item = self.dest.dtype.itemsize
-        loc = self.locator
-        first = loc.storage_offset + sum(s * st for s, st in zip(self.overlap.chunk_start, loc.strides))
-        lo = first + sum((n - 1) * st for n, st in zip(self.overlap.size, loc.strides) if st < 0)
-        hi = first + sum((n - 1) * st for n, st in zip(self.overlap.size, loc.strides) if st > 0) + 1
-        return lo * item, hi * item
+        return element_span(self.locator, self.overlap, self.dest.dtype.itemsize)
 
 
 def _dest_u8(job: CopyJob) -> np.ndarray:

@@ -107,10 +107,6 @@ class DCPSource:
 
     # -- chunk resolution -------------------------------------------------------------------------
 
-    def locate(self, tensor: TensorInfo, chunks: Sequence[Chunk]) -> list[Locator]:
-        """Locators of ``chunks`` of ``tensor`` (batched header reads; compressed items are read whole)."""
-        return self.locate_many([(tensor, c) for c in chunks])
-
     def locate_many(self, items: Sequence[tuple[TensorInfo, Chunk]]) -> list[Locator]:
         out: list[Locator | None] = [None] * len(items)
         ts_idx = [i for i, (_, c) in enumerate(items) if c.ref.kind == "torch_save"]
@@ -118,9 +114,9 @@ class DCPSource:
         if ts_idx:
             blobs = [items[i][1].ref.blob for i in ts_idx]
             wheres = [self._where(items[i][0], items[i][1]) for i in ts_idx]
-            for i, archive in zip(ts_idx, open_archives(self.store, blobs, wheres)):
+            for i, where, archive in zip(ts_idx, wheres, open_archives(self.store, blobs, wheres)):
                 tensor, chunk = items[i]
-                out[i] = _chunk_locator(archive.obj, archive, tensor, chunk, wheres[ts_idx.index(i)])
+                out[i] = _chunk_locator(archive.obj, archive, tensor, chunk, where)
         if st_idx:
             self._load_st_headers({items[i][1].ref.blob for i in st_idx})
             for i in st_idx:
