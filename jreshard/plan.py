@@ -85,7 +85,7 @@ def element_span(locator: Locator, overlap: Overlap, itemsize: int) -> tuple[int
     Example:
         >>> from jreshard.catalog import Locator
         >>> element_span(Locator("f", 0, 0, (1, 4), 64), Overlap(0, (1, 0), (0, 0), (2, 3)), 4)
-        (4, 48)
+        (4, 44)
     """
     first = locator.storage_offset + sum(s * st for s, st in zip(overlap.chunk_start, locator.strides))
     lo = first + sum((n - 1) * st for n, st in zip(overlap.size, locator.strides) if st < 0)
