@@ -18,7 +18,7 @@ import numpy as np
 from . import place as _place
 from .catalog import Chunk, Locator, TensorInfo
 from .errors import JReshardError, ShardingError, TargetMismatchError
-from .plan import Piece, Plan, ProcessPlan, element_span, merge_runs, normalize_index, overlaps, runs_of
+from .plan import Piece, Plan, ProcessPlan, element_span, merge_runs, normalize_index, overlaps, pieces_of, runs_of
 from .read import CopyJob, Executor
 from .storage import IOStats, Store
 
@@ -139,13 +139,7 @@ class Checkpoint:
             if spec is None:
                 continue
             info, sharding, _ = spec
-            by_box: dict[tuple[int, Any], Piece] = {}
-            for dev, idx in sharding.devices_indices_map(info.shape).items():
-                box = normalize_index(idx, info.shape)
-                key = (dev.process_index, box)
-                if key not in by_box:
-                    by_box[key] = Piece(info.name, box, dev.process_index, [dev])
-            for piece in by_box.values():
+            for piece in pieces_of(info.name, info.shape, sharding, addressable_only=False):
                 pp = processes.setdefault(piece.process, ProcessPlan(piece.process))
                 nbytes = math.prod(piece.shape) * info.dtype.itemsize
                 pp.bytes_needed += nbytes
@@ -212,14 +206,7 @@ class Checkpoint:
             if spec is None:
                 continue
             info, sharding, dtype = spec
-            by_box: dict[Any, Piece] = {}
-            for dev, idx in sharding.addressable_devices_indices_map(info.shape).items():
-                box = normalize_index(idx, info.shape)
-                if box in by_box:
-                    by_box[box].devices.append(dev)
-                else:
-                    by_box[box] = Piece(info.name, box, dev.process_index, [dev])
-            for piece in by_box.values():
+            for piece in pieces_of(info.name, info.shape, sharding):
                 work.append((i, info, piece, dtype))
         device_arrays: dict[int, dict[Any, Any]] = {i: {} for i in range(len(specs))}
         executor = Executor(self.store, self.io, coalesce_gap)

@@ -230,6 +230,28 @@ class Piece:
         return tuple(slice(a, b) for a, b in self.box)
 
 
+def pieces_of(name: str, shape: tuple[int, ...], sharding: Any, addressable_only: bool = True) -> list[Piece]:
+    """The distinct target indices of ``sharding`` over ``shape``, per process, each with the devices holding
+    it (a replicated index is one piece with several devices).
+
+    Example:
+        >>> import jax
+        >>> from jax.sharding import SingleDeviceSharding
+        >>> [p.box for p in pieces_of("w", (4, 2), SingleDeviceSharding(jax.devices()[0]))]
+        [((0, 4), (0, 2))]
+    """
+    indices = sharding.addressable_devices_indices_map(shape) if addressable_only else sharding.devices_indices_map(shape)
+    pieces: dict[tuple[int, Box], Piece] = {}
+    for dev, idx in indices.items():
+        box = normalize_index(idx, shape)
+        piece = pieces.get((dev.process_index, box))
+        if piece is None:
+            pieces[(dev.process_index, box)] = Piece(name, box, dev.process_index, [dev])
+        else:
+            piece.devices.append(dev)
+    return list(pieces.values())
+
+
 @dataclass
 class ProcessPlan:
     """What one process reads: ``bytes_needed`` (its distinct shards, saved dtype), ``bytes_to_read`` (after

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
@@ -124,3 +125,42 @@ def check_loaded_array(arr, target, ref: np.ndarray, what: str) -> None:
     assert_same(np.asarray(arr), expected, what)
     for shard in arr.addressable_shards:
         assert_same(np.asarray(shard.data), expected[shard.index], f"{what} shard on {shard.device} {shard.index}")
+
+
+# Target shardings tried on the meshes of make_mesh (only those that divide a shape are used).
+SPECS = {
+    "P()": P(),
+    "P(data)": P("data"),
+    "P(None,model)": P(None, "model"),
+    "P(data,model)": P("data", "model"),
+    "P(model,data)": P("model", "data"),
+    "P((data,model))": P(("data", "model")),
+    "P(None,data)": P(None, "data"),
+    "P(None,None,data)": P(None, None, "data"),
+}
+
+
+def random_tensor(name: str, dtype_name: str, shape):
+    """Deterministic torch tensor of random BIT PATTERNS (NaN payloads, -0.0, inf included); 0/1 for bool."""
+    import zlib
+
+    import torch
+
+    dt = getattr(torch, dtype_name)
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()) & 0x7FFFFFFF)
+    n = int(np.prod(shape, dtype=np.int64))
+    if dt == torch.bool:
+        return torch.randint(0, 2, (n,), generator=g, dtype=torch.uint8).to(torch.bool).reshape(shape)
+    itemsize = torch.empty((), dtype=dt).element_size()
+    raw = torch.randint(0, 256, (n * itemsize,), generator=g, dtype=torch.uint8)
+    return raw.view(dt).reshape(shape).clone()
+
+
+def torch_bits(t, dtype: np.dtype) -> np.ndarray:
+    """The bytes of torch tensor ``t`` (made contiguous) as a numpy array of ``dtype`` (bit-exact)."""
+    import torch
+
+    t = t.detach().cpu().contiguous()
+    raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    return np.frombuffer(raw, dtype=dtype).reshape(tuple(t.shape)).copy()
+

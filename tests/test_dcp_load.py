@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from tests import torch_writers as tw
 from tests.helpers import (
+    SPECS,
     MESH_SHAPES,
     assert_same,
     box_nbytes,
@@ -28,16 +29,6 @@ import jreshard
 
 VARIANTS = tw.VARIANTS
 IOS = ("posix", "tensorstore")
-SPECS = {
-    "P()": P(),
-    "P(data)": P("data"),
-    "P(None,model)": P(None, "model"),
-    "P(data,model)": P("data", "model"),
-    "P(model,data)": P("model", "data"),
-    "P((data,model))": P(("data", "model")),
-    "P(None,data)": P(None, "data"),
-    "P(None,None,data)": P(None, None, "data"),
-}
 VARIANT_NAMES = [(v, t.name) for v in VARIANTS for t in tw.tensors_for(v)]
 
 

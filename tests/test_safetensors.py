@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import struct
-import zlib
 
 import ml_dtypes
 import numpy as np
@@ -24,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 import jreshard
 from jreshard import errors
 
-from tests.helpers import MESH_SHAPES, assert_same, box_nbytes, check_loaded_array, make_mesh, nest, spec_fits
+from tests.helpers import MESH_SHAPES, assert_same, box_nbytes, check_loaded_array, make_mesh, nest, spec_fits, SPECS, random_tensor, torch_bits
 
 IOS = ("posix", "tensorstore")
 
@@ -54,44 +53,14 @@ DTYPES = {
 # an empty one.
 SHAPES = {"grid": (16, 8), "odd": (5, 7), "cube": (4, 8, 16), "scalar": (), "empty": (0, 4)}
 
-SPECS = {
-    "P()": P(),
-    "P(data)": P("data"),
-    "P(None,model)": P(None, "model"),
-    "P(data,model)": P("data", "model"),
-    "P(model,data)": P("model", "data"),
-    "P((data,model))": P(("data", "model")),
-    "P(None,None,data)": P(None, None, "data"),
-}
-
-
 # ---------------------------------------------------------------------------------------------
 # helpers (torch side)
 # ---------------------------------------------------------------------------------------------
 
 
 def to_numpy(t) -> np.ndarray:
-    """A torch tensor as a numpy array of the equivalent dtype, bit for bit (bf16 / fp8 included)."""
-    import torch
-
-    t = t.detach().cpu().contiguous()
-    dtype = DTYPES[str(t.dtype).removeprefix("torch.")][1]
-    raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-    return np.frombuffer(raw, dtype=dtype).reshape(tuple(t.shape)).copy()
-
-
-def random_tensor(name: str, dtype_name: str, shape):
-    """Deterministic tensor of random BIT PATTERNS (NaN payloads, -0.0, inf included) except for bool."""
-    import torch
-
-    dt = getattr(torch, dtype_name)
-    g = torch.Generator().manual_seed(zlib.crc32(name.encode()) & 0x7FFFFFFF)
-    n = int(np.prod(shape, dtype=np.int64))
-    if dt == torch.bool:
-        return torch.randint(0, 2, (n,), generator=g, dtype=torch.uint8).to(torch.bool).reshape(shape)
-    itemsize = torch.empty((), dtype=dt).element_size()
-    raw = torch.randint(0, 256, (n * itemsize,), generator=g, dtype=torch.uint8)
-    return raw.view(dt).reshape(shape).clone()
+    """Bit-exact numpy copy of a torch tensor (ml_dtypes for bf16 / float8)."""
+    return torch_bits(t, DTYPES[str(t.dtype).removeprefix("torch.")][1])
 
 
 def header_of(path) -> dict:

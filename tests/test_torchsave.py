@@ -16,7 +16,6 @@ import re
 import subprocess
 import sys
 import zipfile
-import zlib
 
 import ml_dtypes
 import numpy as np
@@ -29,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 import jreshard
 from jreshard import errors
 
-from tests.helpers import MESH_SHAPES, assert_same, box_nbytes, check_loaded_array, make_mesh, spec_fits
+from tests.helpers import MESH_SHAPES, assert_same, box_nbytes, check_loaded_array, make_mesh, spec_fits, SPECS, random_tensor, torch_bits
 
 IOS = ("posix", "tensorstore")
 
@@ -57,43 +56,14 @@ NP_DTYPES = {
     "complex128": np.dtype(np.complex128),
 }
 
-SPECS = {
-    "P()": P(),
-    "P(data)": P("data"),
-    "P(None,model)": P(None, "model"),
-    "P(data,model)": P("data", "model"),
-    "P(model,data)": P("model", "data"),
-    "P((data,model))": P(("data", "model")),
-}
-
-
 # ---------------------------------------------------------------------------------------------
 # torch-side helpers
 # ---------------------------------------------------------------------------------------------
 
 
 def to_numpy(t) -> np.ndarray:
-    """A torch tensor (any strides) as a C-ordered numpy array of the equivalent dtype, bit for bit."""
-    import torch
-
-    t = t.detach().cpu().contiguous()
-    dtype = NP_DTYPES[str(t.dtype).removeprefix("torch.")]
-    raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-    return np.frombuffer(raw, dtype=dtype).reshape(tuple(t.shape)).copy()
-
-
-def random_tensor(name: str, dtype_name: str, shape):
-    """Deterministic random BIT PATTERNS for the dtype (0/1 for bool)."""
-    import torch
-
-    dt = getattr(torch, dtype_name)
-    g = torch.Generator().manual_seed(zlib.crc32(name.encode()) & 0x7FFFFFFF)
-    n = int(np.prod(shape, dtype=np.int64))
-    if dt == torch.bool:
-        return torch.randint(0, 2, (n,), generator=g, dtype=torch.uint8).to(torch.bool).reshape(shape)
-    itemsize = torch.empty((), dtype=dt).element_size()
-    raw = torch.randint(0, 256, (n * itemsize,), generator=g, dtype=torch.uint8)
-    return raw.view(dt).reshape(shape).clone()
+    """Bit-exact numpy copy of a torch tensor (ml_dtypes for bf16 / float8)."""
+    return torch_bits(t, NP_DTYPES[str(t.dtype).removeprefix("torch.")])
 
 
 def flatten_torch(obj, prefix: str = ""):

@@ -19,6 +19,7 @@ import numpy as np
 from ..catalog import Chunk, Locator, TensorInfo, validate_chunks
 from ..dtypes import TorchDtype, safetensors_dtype
 from ..errors import CheckpointFormatError, InconsistentCheckpointError, MissingDataError, TruncatedDataError
+from ..plan import c_strides
 from ..storage import LocalStore, Store
 from ..unpickle import (BytesStorageMetadata, Metadata, StorageInfo, TensorRef, TensorStorageMetadata, safe_loads)
 from .torchsave import SMALL_BLOB, Blob, open_archives
@@ -166,7 +167,7 @@ class DCPSource:
         begin, end = entry["data_offsets"]
         if end - begin != chunk.numel * dtype.itemsize:
             raise InconsistentCheckpointError(f"{where}: entry spans {end - begin} bytes, expected {chunk.numel * dtype.itemsize}")
-        return Locator(b.key, data_start + begin, 0, _c_strides(chunk.sizes), end - begin, "little", where=where)
+        return Locator(b.key, data_start + begin, 0, c_strides(chunk.sizes), end - begin, "little", where=where)
 
     # -- objects ----------------------------------------------------------------------------------
 
@@ -204,14 +205,6 @@ def _chunk_locator(obj: Any, archive: Any, tensor: TensorInfo, chunk: Chunk, whe
     if obj.size != chunk.sizes:
         raise InconsistentCheckpointError(f"{where}: saved chunk has shape {obj.size}, the metadata says {chunk.sizes}")
     return archive.locator(obj, tensor.name)
-
-
-def _c_strides(sizes: Sequence[int]) -> tuple[int, ...]:
-    strides, acc = [], 1
-    for s in reversed(sizes):
-        strides.append(acc)
-        acc *= max(int(s), 1)
-    return tuple(reversed(strides))
 
 
 def _dtype_of(entry: TensorStorageMetadata, fqn: str, where: str) -> np.dtype:
