@@ -156,10 +156,9 @@ class Executor:
         for i, j in enumerate(jobs):
             by_key.setdefault(j.locator.key, []).append(i)
         requests: list[tuple[str, int, int]] = []
-        job_reads: list[tuple[np.ndarray, np.ndarray]] = [None] * len(jobs)  # type: ignore[list-item]
+        job_reads: list[np.ndarray] = [np.zeros(0, np.int64)] * len(jobs)  # the read of each run of each job
         for key, idx in by_key.items():
             starts = [jobs[i].runs.src_starts() + jobs[i].locator.base for i in idx]  # type: ignore[union-attr]
-            owner = np.concatenate([np.full(len(s), k, np.int64) for k, s in enumerate(starts)])
             s = np.concatenate(starts)
             l = np.concatenate([np.full(len(x), jobs[i].runs.run, np.int64) for i, x in zip(idx, starts)])  # type: ignore[union-attr]
             order = np.argsort(s, kind="stable")
@@ -167,10 +166,11 @@ class Executor:
             read_of_run = np.empty_like(read_of_sorted)
             read_of_run[order] = read_of_sorted + len(requests)
             requests.extend((key, int(x), int(y)) for x, y in zip(rs.tolist(), re.tolist()))
-            for k, i in enumerate(idx):
-                job_reads[i] = (read_of_run[owner == k], s[owner == k])
+            bounds = np.cumsum([0] + [len(x) for x in starts])
+            for k, i in enumerate(idx):  # each job's runs are one slice of the concatenation
+                job_reads[i] = read_of_run[bounds[k] : bounds[k + 1]]
         datas = self._read(requests, jobs)
-        for j, (reads, _) in zip(jobs, job_reads):
+        for j, reads in zip(jobs, job_reads):
             r = j.runs
             assert r is not None
             base = j.locator.base
