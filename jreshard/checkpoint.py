@@ -4,6 +4,7 @@ that joins catalog -> plan -> read -> place."""
 from __future__ import annotations
 
 import difflib
+import itertools
 import math
 import os
 import sys
@@ -211,6 +212,8 @@ class Checkpoint:
         device_arrays: dict[int, dict[Any, Any]] = {i: {} for i in range(len(specs))}
         executor = Executor(self.store, self.io, coalesce_gap)
         total = sum(math.prod(p.shape) * info.dtype.itemsize for _, info, p, _ in work)
+        if report:  # batches small enough for the display to move (about 20 updates)
+            limit = min(limit, max(64 * 2**20, total // 20))
         done = 0
         t0 = time.perf_counter()
         with ThreadPoolExecutor(executor.threads) as pool:
@@ -329,17 +332,34 @@ class Checkpoint:
 
 
 def _batches(work: list, limit: int) -> Iterable[list]:
-    batch, size = [], 0
-    for item in work:
-        _, info, piece, dtype = item
-        n = math.prod(piece.shape) * (info.dtype.itemsize + (dtype.itemsize if dtype != info.dtype else 0))
+    """Split the pieces into batches of at most ``limit`` host bytes (at least one unit each). A unit is a
+    whole tensor's pieces, or, for a tensor larger than the limit, the pieces sharing one band of rows, so
+    that the pieces overlapping a saved chunk are read together."""
+    units: list[list] = []
+    for _, group in itertools.groupby(work, key=lambda item: item[0]):
+        pieces = list(group)
+        if sum(_host_bytes(item) for item in pieces) <= limit:
+            units.append(pieces)
+            continue
+        pieces.sort(key=lambda item: item[2].box)
+        for _, band in itertools.groupby(pieces, key=lambda item: item[2].box[:1]):
+            units.append(list(band))
+    batch: list = []
+    size = 0
+    for unit in units:
+        n = sum(_host_bytes(item) for item in unit)
         if batch and size + n > limit:
             yield batch
             batch, size = [], 0
-        batch.append(item)
+        batch.extend(unit)
         size += n
     if batch:
         yield batch
+
+
+def _host_bytes(item: tuple) -> int:
+    _, info, piece, dtype = item
+    return math.prod(piece.shape) * (info.dtype.itemsize + (dtype.itemsize if dtype != info.dtype else 0))
 
 
 def _progress_fn(progress: Any) -> Callable[[dict[str, Any]], None] | None:

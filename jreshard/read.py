@@ -13,6 +13,7 @@ Chunks with a transposed layout (innermost stride != 1) are read as their span a
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -61,7 +62,7 @@ class CopyJob:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.overlap.size)) * self.dest.dtype.itemsize
+        return math.prod(self.overlap.size) * self.dest.dtype.itemsize
 
     def element_span(self) -> tuple[int, int]:
         """[lo, hi) bytes, relative to the locator base, that the region's elements touch."""
@@ -266,7 +267,12 @@ class Executor:
             order = np.argsort(s, kind="stable")
             s, l, a = s[order], l[order], a[order]
             tasks.extend(self._preadv_tasks(key, s, l, a))
-        for f in [pool.submit(store.preadv, key, off, iov) for key, off, iov in tasks]:
+        # Few pool tasks, each a list of preadv calls of about the same total size.
+        sizes = np.cumsum([int(iov[:, 1].sum()) for _, _, iov in tasks]) if tasks else np.zeros(0)
+        parts = max(1, min(len(tasks), 4 * self.threads))
+        cuts = np.searchsorted(sizes, np.linspace(0, sizes[-1] if len(sizes) else 0, parts + 1)[1:-1], side="right")
+        groups = [tasks[a:b] for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), len(tasks)]) if b > a]
+        for f in [pool.submit(_preadv_all, store, g) for g in groups]:
             f.result()
 
     def _preadv_tasks(self, key: str, s: np.ndarray, l: np.ndarray, a: np.ndarray) -> list[tuple[str, int, np.ndarray]]:
@@ -300,6 +306,11 @@ class Executor:
             cuts.update(range(f0, f1, IOV_MAX))
         bounds = sorted(cuts) + [len(seg)]
         return [(key, int(offs[b0]), iov[b0:b1]) for b0, b1 in zip(bounds[:-1], bounds[1:]) if b1 > b0]
+
+
+def _preadv_all(store: LocalStore, tasks: Sequence[tuple[str, int, np.ndarray]]) -> None:
+    for key, offset, iov in tasks:
+        store.preadv(key, offset, iov)
 
 
 def read_locator_whole(store: Store, locator: Locator, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
