@@ -5,7 +5,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-from .errors import CheckpointFormatError
+from .errors import CheckpointFormatError, UnsafeCheckpointError
 
 # torch dtype attribute name -> numpy dtype (None: no numpy equivalent).
 TORCH_DTYPES: dict[str, np.dtype | None] = {
@@ -96,7 +96,11 @@ class TorchDtype:
     __slots__ = ("name",)
 
     def __init__(self, name: str) -> None:
-        self.name = name
+        object.__setattr__(self, "name", name)
+
+    def __setattr__(self, key: str, value: object) -> None:
+        # Shared by every unpickler (it is on the allow-list): a pickle must not be able to change it.
+        raise UnsafeCheckpointError(f"a pickle tried to modify torch.{self.name}")
 
     def __repr__(self) -> str:
         return f"torch.{self.name}"

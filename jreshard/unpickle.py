@@ -22,7 +22,35 @@ from .errors import CheckpointFormatError, UnsafeCheckpointError
 # Stand-ins for the torch objects that appear in checkpoints.
 
 
-class Record:
+class _Frozen(type):
+    """Metaclass of the stand-in classes: they are shared by every unpickler, so a pickle (BUILD on a class
+    it got from the allow-list) must not be able to change them."""
+
+    def __setattr__(cls, key: str, value: Any) -> None:
+        raise UnsafeCheckpointError(f"a pickle tried to modify {cls.__name__}.{key}")
+
+
+class Guarded:
+    """An allow-listed callable that a pickle cannot modify (BUILD on a plain function would set its
+    attributes, e.g. its defaults, for every later load in the process)."""
+
+    __slots__ = ("_fn", "_name")
+
+    def __init__(self, fn: Callable[..., Any], name: str) -> None:
+        object.__setattr__(self, "_fn", fn)
+        object.__setattr__(self, "_name", name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._fn(*args, **kwargs)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise UnsafeCheckpointError(f"a pickle tried to modify {self._name}")
+
+    def __repr__(self) -> str:
+        return f"<allow-listed {self._name}>"
+
+
+class Record(metaclass=_Frozen):
     """A plain attribute bag that a pickle may build with NEWOBJ + BUILD (torch dataclasses)."""
 
     _fields: tuple[str, ...] = ()
@@ -192,45 +220,59 @@ def _numpy_dtype(name, align=False, copy=False):
     return np.dtype(name)
 
 
+def _pure_path(*parts: Any) -> str:
+    return str(pathlib.PurePosixPath(*parts))
+
+
+def _pure_windows_path(*parts: Any) -> str:
+    return str(pathlib.PureWindowsPath(*parts))
+
+
 def _build_allowed() -> dict[tuple[str, str], Any]:
+    import numpy as np
+
     allowed: dict[tuple[str, str], Any] = {}
     md = "torch.distributed.checkpoint.metadata"
     for cls in (Metadata, TensorStorageMetadata, BytesStorageMetadata, ChunkStorageMetadata, TensorProperties,
                 MetadataIndex, StorageMeta):
         allowed[(md, cls.__name__)] = cls
-    allowed[(md, "_MEM_FORMAT_ENCODING")] = _enum("_MEM_FORMAT_ENCODING")
     allowed[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = StorageInfo
-    allowed[("torch.distributed.checkpoint.filesystem", "SerializationFormat")] = _enum("SerializationFormat")
-    allowed[("torch", "Size")] = _torch_size
+    functions: dict[tuple[str, str], Callable[..., Any]] = {
+        (md, "_MEM_FORMAT_ENCODING"): _enum("_MEM_FORMAT_ENCODING"),
+        ("torch.distributed.checkpoint.filesystem", "SerializationFormat"): _enum("SerializationFormat"),
+        ("torch", "Size"): _torch_size,
+        ("torch.serialization", "_get_layout"): _get_layout,
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+        ("numpy", "dtype"): _numpy_dtype,
+    }
+    for path_cls in ("PosixPath", "PurePosixPath", "Path"):
+        functions[("pathlib", path_cls)] = _pure_path
+    for path_cls in ("WindowsPath", "PureWindowsPath"):
+        functions[("pathlib", path_cls)] = _pure_windows_path
+    for np_core in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        functions[(np_core, "_reconstruct")] = _numpy_reconstruct
+        functions[(np_core, "scalar")] = _numpy_scalar
+    for key, fn in functions.items():
+        allowed[key] = Guarded(fn, ".".join(key))
     for name in TORCH_DTYPES:
         allowed[("torch", name)] = TorchDtype(name)
     for cls_name, dtype_name in TORCH_STORAGES.items():
         allowed[("torch", cls_name)] = StorageType(dtype_name)
     allowed[("torch.storage", "UntypedStorage")] = StorageType(None)
-    allowed[("torch.serialization", "_get_layout")] = _get_layout
-    allowed[("torch._utils", "_rebuild_tensor_v2")] = _rebuild_tensor_v2
-    allowed[("torch._utils", "_rebuild_tensor_v3")] = _rebuild_tensor_v3
-    allowed[("torch._utils", "_rebuild_parameter")] = _rebuild_parameter
-    allowed[("torch._utils", "_rebuild_parameter_with_state")] = _rebuild_parameter
+    # Built-in (C) types: immutable, and building them runs no user code.
     allowed[("collections", "OrderedDict")] = collections.OrderedDict
-    for path_cls in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"):
-        allowed[("pathlib", path_cls)] = pathlib.PurePosixPath if "Windows" not in path_cls else pathlib.PureWindowsPath
     for builtin in (set, frozenset, complex, slice, range, bytearray):
         allowed[("builtins", builtin.__name__)] = builtin
         allowed[("__builtin__", builtin.__name__)] = builtin
-    for np_core in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(np_core, "_reconstruct")] = _numpy_reconstruct
-        allowed[(np_core, "scalar")] = _numpy_scalar
-    allowed[("numpy", "dtype")] = _numpy_dtype
-    import numpy as np
-
     allowed[("numpy", "ndarray")] = np.ndarray
     for np_type in ("float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool_"):
         allowed[("numpy", np_type)] = getattr(np, np_type)
-    for dt_mod in ("numpy.dtypes",):
-        for cls_name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType", "Int16DType",
-                         "Int8DType", "UInt8DType", "BoolDType"):
-            allowed[(dt_mod, cls_name)] = getattr(np.dtypes, cls_name)
+    for cls_name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType", "Int16DType",
+                     "Int8DType", "UInt8DType", "BoolDType"):
+        allowed[("numpy.dtypes", cls_name)] = getattr(np.dtypes, cls_name)
     return allowed
 
 
