@@ -13,6 +13,7 @@ Chunks with a transposed layout (innermost stride != 1) are read as their span a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import threading
@@ -24,11 +25,12 @@ import numpy as np
 
 from .catalog import Locator
 from .errors import JReshardError, TruncatedDataError
-from .plan import Overlap, Runs, element_span, merge_runs, runs_of
+from .plan import Overlap, Runs, element_span, merge_runs, runs_of, split_reads
 from .storage import IOV_MAX, LocalStore, Store
 
 SPLIT_RUN = 8 * 2**20  # long runs are split so that several threads share them
 BOUNCE = 4 * 2**20  # rows of a chunk read per window into a per-thread buffer (fits in cache)
+MAX_REQUEST = 32 * 2**20  # a ranged read is cut (between runs) near this size, so that requests run in parallel
 
 
 def _row_band(group: Sequence[CopyJob]) -> tuple[int, int, int, int] | None:
@@ -153,6 +155,7 @@ class Executor:
     def _ranged(self, jobs: Sequence[CopyJob]) -> None:
         """All runs of a file, sorted and merged where gaps are small, become one batch of byte-range reads;
         each job then copies from the read(s) holding its runs (one strided copy when a single read does)."""
+        jobs = [part for j in jobs for part in _split_long_run(j)]
         by_key: dict[str, list[int]] = {}
         for i, j in enumerate(jobs):
             by_key.setdefault(j.locator.key, []).append(i)
@@ -164,6 +167,7 @@ class Executor:
             l = np.concatenate([np.full(len(x), jobs[i].runs.run, np.int64) for i, x in zip(idx, starts)])  # type: ignore[union-attr]
             order = np.argsort(s, kind="stable")
             rs, re, read_of_sorted = merge_runs(s[order], l[order], self.gap)
+            rs, re, read_of_sorted = split_reads(s[order], l[order], rs, read_of_sorted, MAX_REQUEST)
             read_of_run = np.empty_like(read_of_sorted)
             read_of_run[order] = read_of_sorted + len(requests)
             requests.extend((key, int(x), int(y)) for x, y in zip(rs.tolist(), re.tolist()))
@@ -175,9 +179,15 @@ class Executor:
             r = j.runs
             assert r is not None
             base = j.locator.base
-            first = int(reads[0])
-            if np.all(reads == first):
-                _copy_runs_from(np.frombuffer(datas[first], np.uint8), requests[first][1] - base, j)
+            if len(r.outer) <= 1:
+                # Runs are in file order: each read holds a consecutive range of them, a regular block.
+                cuts = np.flatnonzero(np.diff(reads)) + 1
+                for k0, k1 in zip([0, *cuts.tolist()], [*cuts.tolist(), len(reads)]):
+                    k = int(reads[k0])
+                    part = Runs(r.src + k0 * (r.src_strides[0] if r.outer else 0), r.src_strides,
+                                r.dst + k0 * (r.dst_strides[0] if r.outer else 0), r.dst_strides,
+                                (k1 - k0,) if r.outer else (), r.run)
+                    _copy_runs_from(np.frombuffer(datas[k], np.uint8), requests[k][1] - base, j, part)
                 continue
             dst_u8 = _dest_u8(j)
             for k, src, dst in zip(reads.tolist(), (r.src_starts() + base).tolist(), r.dst_starts().tolist()):
@@ -306,6 +316,15 @@ class Executor:
             cuts.update(range(f0, f1, IOV_MAX))
         bounds = sorted(cuts) + [len(seg)]
         return [(key, int(offs[b0]), iov[b0:b1]) for b0, b1 in zip(bounds[:-1], bounds[1:]) if b1 > b0]
+
+
+def _split_long_run(job: CopyJob) -> list[CopyJob]:
+    """A job that is one long run, as several jobs of at most MAX_REQUEST bytes (parallel requests)."""
+    r = job.runs
+    if r is None or r.outer or r.run <= MAX_REQUEST:
+        return [job]
+    return [dataclasses.replace(job, runs=Runs(r.src + o, (), r.dst + o, (), (), min(MAX_REQUEST, r.run - o)))
+            for o in range(0, r.run, MAX_REQUEST)]
 
 
 def _preadv_all(store: LocalStore, tasks: Sequence[tuple[str, int, np.ndarray]]) -> None:

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from jreshard.catalog import Chunk, Locator, validate_chunks
 from jreshard.errors import InconsistentCheckpointError
-from jreshard.plan import merge_runs, normalize_index, overlaps, runs_of
+from jreshard import read as read_module
+from jreshard.plan import merge_runs, normalize_index, overlaps, runs_of, split_reads
 from jreshard.read import CopyJob, Executor
 from jreshard.storage import KvStore, LocalStore
 
@@ -102,6 +103,24 @@ def test_merge_runs_covers_and_separates(starts, lens, gap):
     assert int((re - rs).sum()) <= int(covered.sum()) + gap * len(s)
 
 
+@SETTINGS
+@given(starts=st.lists(st.integers(0, 1000), max_size=30), lens=st.lists(st.integers(1, 50), min_size=30, max_size=30),
+       gap=st.integers(0, 64), limit=st.integers(1, 200))
+def test_split_reads_cuts_between_runs(starts, lens, gap, limit):
+    s = np.sort(np.array(starts, np.int64))
+    l = np.array(lens[: len(s)], np.int64)
+    rs, re, k = merge_runs(s, l, gap)
+    ss, se, kk = split_reads(s, l, rs, k, limit)
+    for i in range(len(s)):
+        assert ss[kk[i]] <= s[i] and s[i] + l[i] <= se[kk[i]]  # every run lies inside one part
+        assert rs[k[i]] <= ss[kk[i]] and se[kk[i]] <= re[k[i]]  # and that part inside the run's merged read
+    assert set(ss.tolist()) <= set(s.tolist())  # parts start at runs (cuts fall between runs)
+    # A merged read spanning n * limit bytes is cut into at most n + 1 parts.
+    for m in range(len(rs)):
+        parts = len(set(kk[k == m].tolist()))
+        assert parts <= (re[m] - rs[m]) // limit + 1
+
+
 def _layout(data, sizes):
     """Store a chunk of ``sizes`` in a storage: C order, or a permuted (transposed) order, at an offset."""
     ndim = len(sizes)
@@ -123,8 +142,9 @@ def pool():
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(data=st.data(), backend=st.sampled_from(["memory", "posix", "tensorstore"]), gap=st.sampled_from([0, 16, 256]))
-def test_executors_copy_regions(tmp_path_factory, pool, data, backend, gap):
+@given(data=st.data(), backend=st.sampled_from(["memory", "posix", "tensorstore"]), gap=st.sampled_from([0, 16, 256]),
+       max_request=st.sampled_from([8, 64, 32 * 2**20]))
+def test_executors_copy_regions(tmp_path_factory, pool, data, backend, gap, max_request):
     shape, chunks = data.draw(chunked())
     kept = validate_chunks("t", shape, chunks, "test")
     dtype = np.dtype(data.draw(st.sampled_from(["float32", "int16", "float64", "uint8"])))
@@ -159,7 +179,10 @@ def test_executors_copy_regions(tmp_path_factory, pool, data, backend, gap):
     jobs = [CopyJob("t", locs[ov.chunk_id], kept[ov.chunk_id].sizes, ov, dest,
                     runs_of(locs[ov.chunk_id], kept[ov.chunk_id].sizes, ov, piece_shape, dtype.itemsize))
             for ov in overlaps(kept, box)]
-    Executor(store or LocalStore(os.getcwd()), "auto" if backend != "tensorstore" else "tensorstore", gap).run(jobs, pool)
+    # Small request sizes make the ranged reader cut reads and split long runs.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(read_module, "MAX_REQUEST", max_request)
+        Executor(store or LocalStore(os.getcwd()), "auto" if backend != "tensorstore" else "tensorstore", gap).run(jobs, pool)
     np.testing.assert_array_equal(dest, ref[tuple(slice(a, b) for a, b in box)])
 
 
