@@ -30,7 +30,7 @@ from .storage import IOV_MAX, LocalStore, Store
 
 SPLIT_RUN = 8 * 2**20  # long runs are split so that several threads share them
 BOUNCE = 4 * 2**20  # rows of a chunk read per window into a per-thread buffer (fits in cache)
-MAX_REQUEST = 32 * 2**20  # a ranged read is cut (between runs) near this size, so that requests run in parallel
+MAX_REQUEST = 8 * 2**20  # a ranged read is cut (between runs) near this size: parallel requests, cache-sized copies
 
 
 def _row_band(group: Sequence[CopyJob]) -> tuple[int, int, int, int] | None:
@@ -139,7 +139,7 @@ class Executor:
             if self.posix:
                 self._posix(direct, pool)
             else:
-                self._ranged(direct)
+                self._ranged(direct, pool)
         for j in jobs:
             _fix_byteorder(j)
 
@@ -147,14 +147,19 @@ class Executor:
         try:
             return self.store.read_ranges(requests)
         except JReshardError as e:
-            names = sorted({j.name for j in jobs})
-            raise type(e)(f"{e} [while reading tensor(s) {', '.join(map(repr, names[:5]))}]") from None
+            raise self._named(e, jobs) from None
+
+    @staticmethod
+    def _named(e: JReshardError, jobs: Sequence[CopyJob]) -> JReshardError:
+        """``e`` with the names of the tensors being read added to its message."""
+        names = sorted({j.name for j in jobs})
+        return type(e)(f"{e} [while reading tensor(s) {', '.join(map(repr, names[:5]))}]")
 
     # -- any KvStore -----------------------------------------------------------------------------
 
-    def _ranged(self, jobs: Sequence[CopyJob]) -> None:
-        """All runs of a file, sorted and merged where gaps are small, become one batch of byte-range reads;
-        each job then copies from the read(s) holding its runs (one strided copy when a single read does)."""
+    def _ranged(self, jobs: Sequence[CopyJob], pool: ThreadPoolExecutor) -> None:
+        """All runs of a file, sorted and merged where gaps are small (and cut near MAX_REQUEST), become one
+        batch of byte-range reads; as each read arrives, the pool copies the blocks of runs it holds."""
         jobs = [part for j in jobs for part in _split_long_run(j)]
         by_key: dict[str, list[int]] = {}
         for i, j in enumerate(jobs):
@@ -174,25 +179,37 @@ class Executor:
             bounds = np.cumsum([0] + [len(x) for x in starts])
             for k, i in enumerate(idx):  # each job's runs are one slice of the concatenation
                 job_reads[i] = read_of_run[bounds[k] : bounds[k + 1]]
-        datas = self._read(requests, jobs)
+        # What each read feeds: (job, runs) parts, each a regular block of runs inside that read.
+        feeds: list[list[tuple[CopyJob, Runs]]] = [[] for _ in requests]
         for j, reads in zip(jobs, job_reads):
             r = j.runs
             assert r is not None
-            base = j.locator.base
-            if len(r.outer) <= 1:
-                # Runs are in file order: each read holds a consecutive range of them, a regular block.
+            if len(r.outer) <= 1:  # runs in file order: each read holds a consecutive range of them
                 cuts = np.flatnonzero(np.diff(reads)) + 1
                 for k0, k1 in zip([0, *cuts.tolist()], [*cuts.tolist(), len(reads)]):
-                    k = int(reads[k0])
-                    part = Runs(r.src + k0 * (r.src_strides[0] if r.outer else 0), r.src_strides,
-                                r.dst + k0 * (r.dst_strides[0] if r.outer else 0), r.dst_strides,
-                                (k1 - k0,) if r.outer else (), r.run)
-                    _copy_runs_from(np.frombuffer(datas[k], np.uint8), requests[k][1] - base, j, part)
-                continue
-            dst_u8 = _dest_u8(j)
-            for k, src, dst in zip(reads.tolist(), (r.src_starts() + base).tolist(), r.dst_starts().tolist()):
-                rel = src - requests[k][1]
-                dst_u8[dst : dst + r.run] = np.frombuffer(datas[k], np.uint8)[rel : rel + r.run]
+                    step_src = r.src_strides[0] if r.outer else 0
+                    step_dst = r.dst_strides[0] if r.outer else 0
+                    feeds[int(reads[k0])].append((j, Runs(r.src + k0 * step_src, r.src_strides, r.dst + k0 * step_dst,
+                                                          r.dst_strides, (k1 - k0,) if r.outer else (), r.run)))
+            else:
+                for k, src, dst in zip(reads.tolist(), r.src_starts().tolist(), r.dst_starts().tolist()):
+                    feeds[k].append((j, Runs(src, (), dst, (), (), r.run)))
+        try:
+            getters = self.store.read_async(requests)
+        except JReshardError as e:
+            raise self._named(e, jobs) from None
+
+        def consume(k: int) -> None:
+            try:
+                data = np.frombuffer(getters[k](), np.uint8)
+            except JReshardError as e:
+                raise self._named(e, [j for j, _ in feeds[k]]) from None
+            for j, part in feeds[k]:
+                _copy_runs_from(data, requests[k][1] - j.locator.base, j, part)
+
+        # Reads complete in the background; copies run on the pool as each read arrives.
+        for f in [pool.submit(consume, k) for k in range(len(requests))]:
+            f.result()
 
     # -- local files: preadv straight into piece buffers ------------------------------------------
 

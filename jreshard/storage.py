@@ -18,7 +18,7 @@ import os
 import threading
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -59,6 +59,10 @@ class Store:
 
     def read(self, key: str, start: int, stop: int) -> bytes:
         return self.read_ranges([(key, start, stop)])[0]
+
+    def read_async(self, requests: Sequence[tuple[str, int, int]]) -> list[Callable[[], bytes]]:
+        """Start reading ``requests``; each returned callable waits for its bytes (exactly stop - start)."""
+        return [lambda r=r: self.read_ranges([r])[0] for r in requests]
 
     def read_all(self, key: str) -> bytes:
         """A whole file."""
@@ -232,18 +236,17 @@ class KvStore(Store):
         _check_length(self, key, start, stop, len(data))
         return data
 
-    def read_ranges(self, requests: Sequence[tuple[str, int, int]]) -> list[bytes]:
+    def read_async(self, requests: Sequence[tuple[str, int, int]]) -> list[Callable[[], bytes]]:
         ts = self._ts
         futures = []
         with ts.Batch() as batch:
             for key, start, stop in requests:
-                if stop <= start:
-                    futures.append(None)
-                    continue
-                futures.append(self.kv.read(key, byte_range=slice(start, stop), batch=batch))
-        out = [b"" if f is None else self._result(k, a, b, f) for (k, a, b), f in zip(requests, futures)]
+                futures.append(self.kv.read(key, byte_range=slice(start, stop), batch=batch) if stop > start else None)
         self.stats.add(sum(r[2] - r[1] for r in requests), sum(1 for f in futures if f is not None))
-        return out
+        return [(lambda: b"") if f is None else (lambda f=f, r=r: self._result(*r, f)) for r, f in zip(requests, futures)]
+
+    def read_ranges(self, requests: Sequence[tuple[str, int, int]]) -> list[bytes]:
+        return [get() for get in self.read_async(requests)]
 
     def read_all(self, key: str) -> bytes:
         try:
