@@ -164,3 +164,16 @@ def torch_bits(t, dtype: np.dtype) -> np.ndarray:
     raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
     return np.frombuffer(raw, dtype=dtype).reshape(tuple(t.shape)).copy()
 
+
+def normal_tensor(name: str, dtype_name: str, shape):
+    """Deterministic torch tensor of normal values (x4) for float dtypes, wide random integers otherwise."""
+    import zlib
+
+    import torch
+
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    dt = getattr(torch, dtype_name)
+    if dt.is_floating_point:
+        return (torch.randn(shape, generator=g, dtype=torch.float64) * 4).to(dt)
+    return torch.randint(-(2**40), 2**40, shape, generator=g, dtype=torch.int64).to(dt)
+

@@ -15,7 +15,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import zlib
 from pathlib import Path
 
 import ml_dtypes
@@ -30,7 +29,7 @@ import jreshard
 from jreshard import errors
 
 from tests import torch_writers as tw
-from tests.helpers import assert_same, box_nbytes, check_loaded_array, distinct_indices, make_mesh
+from tests.helpers import assert_same, box_nbytes, check_loaded_array, distinct_indices, make_mesh, normal_tensor, torch_bits
 
 BUCKET = "jreshard-test"
 REGION = "us-east-1"
@@ -143,21 +142,10 @@ NP = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
 
 
 def _to_numpy(t) -> np.ndarray:
-    import torch
-
-    t = t.detach().contiguous()
-    raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-    return np.frombuffer(raw, NP[str(t.dtype).removeprefix("torch.")]).reshape(tuple(t.shape)).copy()
+    return torch_bits(t, NP[str(t.dtype).removeprefix("torch.")])
 
 
-def _random(name, dtype, shape):
-    import torch
-
-    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-    dt = getattr(torch, dtype)
-    if dt.is_floating_point:
-        return (torch.randn(shape, generator=g, dtype=torch.float64) * 4).to(dt)
-    return torch.randint(-(2**40), 2**40, shape, generator=g, dtype=torch.int64).to(dt)
+_random = normal_tensor
 
 
 @pytest.fixture(scope="module")
