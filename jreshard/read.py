@@ -26,9 +26,8 @@ import numpy as np
 from .catalog import Locator
 from .errors import JReshardError, TruncatedDataError
 from .plan import Overlap, Runs, element_span, merge_runs, runs_of, split_reads
-from .storage import IOV_MAX, LocalStore, Store
+from .storage import LocalStore, Store
 
-SPLIT_RUN = 8 * 2**20  # long runs are split so that several threads share them
 BOUNCE = 4 * 2**20  # rows of a chunk read per window into a per-thread buffer (fits in cache)
 MAX_REQUEST = 8 * 2**20  # a ranged read is cut (between runs) near this size: parallel requests, cache-sized copies
 
@@ -258,81 +257,27 @@ class Executor:
             _copy_runs_from(buf[:n], lo, j, runs)
 
     def _scatter(self, jobs: Sequence[CopyJob], pool: ThreadPoolExecutor) -> None:
+        """Jobs that read only part of their chunk's rows: one strided copy each, out of the memory-mapped
+        file (only the needed bytes are touched; a syscall per run would cost far more)."""
         store = self.store
         assert isinstance(store, LocalStore)
         by_key: dict[str, list[CopyJob]] = {}
         for j in jobs:
             by_key.setdefault(j.locator.key, []).append(j)
-        tasks = []
+        futures = []
         for key, kjobs in by_key.items():
-            starts, lens, addrs = [], [], []
-            for j in kjobs:
-                r = j.runs
-                assert r is not None
-                s = r.src_starts() + j.locator.base
-                starts.append(s)
-                lens.append(np.full(len(s), r.run, np.int64))
-                addrs.append(r.dst_starts() + j.dest.ctypes.data)
-            s = np.concatenate(starts)
-            l = np.concatenate(lens)
-            a = np.concatenate(addrs)
             size = store.size(key)
-            if len(s) and int((s + l).max()) > size:
-                bad = sorted({j.name for j in kjobs if int(j.runs.src_starts().max()) + j.locator.base + j.runs.run > size})
+            bad = sorted({j.name for j in kjobs if j.locator.base + j.runs.src_span[1] > size})  # type: ignore[union-attr]
+            if bad:
                 raise TruncatedDataError(
                     f"{store.where(key)}: file has {size} bytes, fewer than the metadata says "
                     f"(tensor(s) {', '.join(map(repr, bad[:5]))}); truncated file?"
                 )
-            # Split long runs so that the thread pool can share them.
-            if len(l) and l.max() > SPLIT_RUN:
-                pieces = (l + SPLIT_RUN - 1) // SPLIT_RUN
-                idx = np.repeat(np.arange(len(l)), pieces)
-                within = np.arange(len(idx)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
-                s = s[idx] + within * SPLIT_RUN
-                a = a[idx] + within * SPLIT_RUN
-                l = np.minimum(l[idx] - within * SPLIT_RUN, SPLIT_RUN)
-            order = np.argsort(s, kind="stable")
-            s, l, a = s[order], l[order], a[order]
-            tasks.extend(self._preadv_tasks(key, s, l, a))
-        # Few pool tasks, each a list of preadv calls of about the same total size.
-        sizes = np.cumsum([int(iov[:, 1].sum()) for _, _, iov in tasks]) if tasks else np.zeros(0)
-        parts = max(1, min(len(tasks), 4 * self.threads))
-        cuts = np.searchsorted(sizes, np.linspace(0, sizes[-1] if len(sizes) else 0, parts + 1)[1:-1], side="right")
-        groups = [tasks[a:b] for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), len(tasks)]) if b > a]
-        for f in [pool.submit(_preadv_all, store, g) for g in groups]:
+            view = store.mapped(key)
+            futures.extend(pool.submit(_copy_runs_from, view, -j.locator.base, j) for j in kjobs)
+            store.stats.add(sum(j.runs.nbytes for j in kjobs), len(kjobs))  # type: ignore[union-attr]
+        for f in futures:
             f.result()
-
-    def _preadv_tasks(self, key: str, s: np.ndarray, l: np.ndarray, a: np.ndarray) -> list[tuple[str, int, np.ndarray]]:
-        """preadv calls for runs sorted by file offset: a call per group of runs whose gaps are at most
-        ``self.gap`` (gaps read into the scratch buffer), at most IOV_MAX buffers each."""
-        n = len(s)
-        gaps = np.zeros(n, np.int64)
-        gaps[1:] = s[1:] - (s[:-1] + l[:-1])
-        first = np.ones(n, bool)
-        first[1:] = (gaps[1:] > self.gap) | (gaps[1:] < 0)  # overlapping runs (never planned) get their own call
-        gaps[first] = 0
-        read_of_run = np.cumsum(first) - 1
-        read_starts = s[first]
-        # Interleave (gap -> scratch, run -> destination) and drop empty gap entries.
-        iov = np.empty((2 * n, 2), np.uint64)
-        iov[0::2, 0] = self._scratch.ctypes.data
-        iov[0::2, 1] = gaps
-        iov[1::2, 0] = a
-        iov[1::2, 1] = l
-        seg = np.repeat(read_of_run, 2)
-        keep = iov[:, 1] > 0
-        iov, seg = iov[keep], seg[keep]
-        # File offset of every entry: its read's start plus the bytes before it in that read.
-        lens = iov[:, 1].astype(np.int64)
-        cum = np.cumsum(lens) - lens
-        seg_first = np.flatnonzero(np.r_[True, seg[1:] != seg[:-1]])
-        offs = read_starts[seg] + cum - np.repeat(cum[seg_first], np.diff(np.r_[seg_first, len(seg)]))
-        # Cut into preadv calls: at read boundaries and every IOV_MAX entries.
-        cuts = set(seg_first.tolist())
-        for f0, f1 in zip(seg_first.tolist(), np.r_[seg_first[1:], len(seg)].tolist()):
-            cuts.update(range(f0, f1, IOV_MAX))
-        bounds = sorted(cuts) + [len(seg)]
-        return [(key, int(offs[b0]), iov[b0:b1]) for b0, b1 in zip(bounds[:-1], bounds[1:]) if b1 > b0]
 
 
 def _split_long_run(job: CopyJob) -> list[CopyJob]:
@@ -342,11 +287,6 @@ def _split_long_run(job: CopyJob) -> list[CopyJob]:
         return [job]
     return [dataclasses.replace(job, runs=Runs(r.src + o, (), r.dst + o, (), (), min(MAX_REQUEST, r.run - o)))
             for o in range(0, r.run, MAX_REQUEST)]
-
-
-def _preadv_all(store: LocalStore, tasks: Sequence[tuple[str, int, np.ndarray]]) -> None:
-    for key, offset, iov in tasks:
-        store.preadv(key, offset, iov)
 
 
 def read_locator_whole(store: Store, locator: Locator, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

@@ -14,6 +14,7 @@ Two back-ends share one interface (:class:`Store`):
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import threading
 import urllib.parse
@@ -100,6 +101,18 @@ if _preadv is not None:
 IOV_MAX = 1024
 
 
+def _pread_into(fd: int, iov: np.ndarray, offset: int) -> int:
+    """preadv for platforms whose C library lacks it: one pread per buffer."""
+    got = 0
+    for addr, length in iov.tolist():
+        data = os.pread(fd, int(length), offset + got)
+        ctypes.memmove(int(addr), data, len(data))
+        got += len(data)
+        if len(data) < length:
+            break
+    return got
+
+
 class LocalStore(Store):
     """Files under a local directory, read with ``os.pread`` / ``preadv``."""
 
@@ -109,6 +122,7 @@ class LocalStore(Store):
         self.local_root = self.root
         self.description = self.root
         self._fds: dict[str, int] = {}
+        self._maps: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
 
     def path(self, key: str) -> str:
@@ -131,6 +145,21 @@ class LocalStore(Store):
 
     def size(self, key: str) -> int:
         return os.fstat(self.fd(key)).st_size
+
+    def mapped(self, key: str) -> np.ndarray:
+        """The whole file as a read-only uint8 array over a shared memory map (pages are read on touch)."""
+        view = self._maps.get(key)
+        if view is None:
+            with self._lock:
+                view = self._maps.get(key)
+                if view is None:
+                    size = self.size(key)
+                    if size == 0:
+                        view = np.zeros(0, np.uint8)
+                    else:
+                        view = np.frombuffer(mmap.mmap(self.fd(key), size, access=mmap.ACCESS_READ), np.uint8)
+                    self._maps[key] = view
+        return view
 
     def exists(self, key: str) -> bool:
         return os.path.exists(self.path(key))
@@ -162,7 +191,7 @@ class LocalStore(Store):
         while pos < n:
             end = min(pos + IOV_MAX, n)
             want = int(iov[pos:end, 1].sum())
-            got = _preadv(fd, iov[pos:end].ctypes.data, end - pos, file_pos)
+            got = _preadv(fd, iov[pos:end].ctypes.data, end - pos, file_pos) if _preadv else _pread_into(fd, iov[pos:end], file_pos)
             calls += 1
             if got < 0:
                 raise StorageError(f"{self.where(key)}: preadv failed: {os.strerror(ctypes.get_errno())}")
@@ -185,6 +214,7 @@ class LocalStore(Store):
 
     def close(self) -> None:
         with self._lock:
+            self._maps.clear()  # the maps close when no array uses them any more
             for fd in self._fds.values():
                 try:
                     os.close(fd)
