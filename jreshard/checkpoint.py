@@ -43,6 +43,7 @@ class Checkpoint:
         self.io = io
         self._objects: dict[str, Any] | None = None
         self._locators: dict[tuple[str, int], Locator] = {}
+        self._pool: ThreadPoolExecutor | None = None  # for read(); load() makes its own
 
     # -- inspection -------------------------------------------------------------------------------
 
@@ -70,7 +71,10 @@ class Checkpoint:
                 f"{total / 2**30:.3f} GiB, {len(getattr(self.format, 'object_refs', {}))} objects>")
 
     def close(self) -> None:
-        """Release open files."""
+        """Release open files and threads."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         close = getattr(self.store, "close", None)
         if close:
             close()
@@ -106,8 +110,10 @@ class Checkpoint:
             raise TargetMismatchError(f"{self.source}: tensor {name!r}: bad index {index!r}: {e}") from None
         piece = Piece(name, box, 0, [])
         dest = _place.aligned_empty(piece.shape, info.dtype)
-        with ThreadPoolExecutor(4) as pool:
-            self._fill([(info, piece, dest)], Executor(self.store, self.io), pool)
+        executor = Executor(self.store, self.io)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(executor.threads, thread_name_prefix="jreshard")
+        self._fill([(info, piece, dest)], executor, self._pool)
         if index is not None and not isinstance(index, tuple):
             index = (index,)
         dropped = {d for d, s in enumerate(index or ()) if isinstance(s, (int, np.integer))}

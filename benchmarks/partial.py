@@ -1,0 +1,95 @@
+"""Partial reads: what one process of a multi-host load reads, jreshard against a raw copy of the same bytes.
+
+A process holding 2 of 8 devices of a (2, 4) ('data', 'model') mesh with ``P('data', 'model')`` needs, of every
+matrix, half its rows and a quarter or half of its columns: in each saved ``Shard(0)`` chunk, a part of every
+row. This script times, on the DCP checkpoint that ``benchmarks/restore.py`` writes (run that first):
+
+  jreshard  ``Checkpoint.read(name, box)`` for every matrix (the same path ``load`` takes for such pieces);
+  raw       the same boxes copied out of ``numpy.memmap`` views of the saved chunks (offsets found with
+            jreshard's own header parsing, so only the copy is timed): the floor for reading those bytes.
+
+Both run on a warm page cache, in one process, alternating, ``--repeat`` times (median reported); every
+jreshard result is compared with the raw copy.
+
+    python benchmarks/partial.py [--workdir /tmp/jreshard-bench] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jreshard  # noqa: E402
+from jreshard.plan import overlaps  # noqa: E402
+
+
+def boxes(ckpt: jreshard.Checkpoint, col_parts: int) -> dict[str, tuple[slice, slice]]:
+    out = {}
+    for name, info in ckpt.tensors.items():
+        if len(info.shape) == 2:
+            rows, cols = info.shape
+            out[name] = (slice(0, rows // 2), slice(0, cols // col_parts))
+    return out
+
+
+def raw_copy(ckpt: jreshard.Checkpoint, want: dict[str, tuple[slice, slice]], maps: dict) -> dict[str, np.ndarray]:
+    out = {}
+    for name, (rs, cs) in want.items():
+        info = ckpt.tensors[name]
+        dest = np.empty((rs.stop - rs.start, cs.stop - cs.start), info.dtype)
+        box = ((rs.start, rs.stop), (cs.start, cs.stop))
+        for ov in overlaps(info.chunks, box):
+            loc = ckpt._locators[(name, ov.chunk_id)]
+            chunk = info.chunks[ov.chunk_id]
+            src = np.ndarray(chunk.sizes, info.dtype, buffer=maps[loc.key], offset=loc.base,
+                             strides=tuple(s * info.dtype.itemsize for s in loc.strides))
+            (r0, c0), (n0, n1) = ov.chunk_start, ov.size
+            (p0, p1) = ov.piece_start
+            dest[p0 : p0 + n0, p1 : p1 + n1] = src[r0 : r0 + n0, c0 : c0 + n1]
+        out[name] = dest
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default="/tmp/jreshard-bench")
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    dirs = sorted(glob.glob(os.path.join(args.workdir, "*", "dcp")), key=os.path.getmtime)
+    if not dirs:
+        print(f"no DCP checkpoint under {args.workdir}: run benchmarks/restore.py first", file=sys.stderr)
+        return 2
+    ckpt = jreshard.open(dirs[-1])
+    maps = {os.path.basename(f): np.memmap(f, np.uint8, "r") for f in glob.glob(os.path.join(dirs[-1], "*.distcp"))}
+    for f in maps.values():
+        np.add.reduce(f[::4096])  # warm the page cache
+    print(f"checkpoint {dirs[-1]}: {sum(t.nbytes for t in ckpt.tensors.values()) / 2**30:.3f} GiB")
+    print(f"{'piece':<22} {'GiB':>7} {'jreshard s':>11} {'raw s':>8} {'x raw':>6}")
+    for parts in (2, 4):
+        want = boxes(ckpt, parts)
+        for name, box in want.items():  # locate chunks once (headers), outside the timing
+            ckpt.read(name, (slice(0, 1), slice(0, 1)))
+        t_j, t_r = [], []
+        for _ in range(args.repeat):
+            t = time.perf_counter()
+            got = {name: ckpt.read(name, box) for name, box in want.items()}
+            t_j.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            ref = raw_copy(ckpt, want, maps)
+            t_r.append(time.perf_counter() - t)
+            assert all(np.array_equal(got[n].view(np.uint8), ref[n].view(np.uint8)) for n in want), "mismatch"
+        nbytes = sum(a.nbytes for a in got.values())
+        mj, mr = statistics.median(t_j), statistics.median(t_r)
+        print(f"{f'rows/2 x cols/{parts}':<22} {nbytes / 2**30:>7.3f} {mj:>11.3f} {mr:>8.3f} {mj / mr:>6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
