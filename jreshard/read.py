@@ -3,10 +3,11 @@
 A :class:`CopyJob` copies one overlap region. Jobs whose bytes are already in memory (small archives read
 whole, decompressed zstd items) are plain strided copies. The others read from the store:
 
-* ``posix`` (local files): all runs of a file, sorted and merged where gaps are small, become ``preadv`` calls
-  whose buffers point straight into the piece buffers (gaps land in a scratch buffer), run on a thread pool;
-* ``tensorstore`` (any KvStore): the same sorted, merged runs become one batch of byte-range reads, and each
-  job copies from them (one strided copy when a single read holds all its runs).
+* ``posix`` (local files): when the jobs of a chunk tile a band of its rows, the band is read in cache-sized
+  windows (``preadv`` into a per-thread buffer) and scattered into the pieces; other jobs are one strided
+  copy each out of a memory map of the file. Both run on a thread pool.
+* ``tensorstore`` (any KvStore): the runs of a file, sorted, merged where gaps are small and cut near
+  MAX_REQUEST, become one batch of byte-range reads; each read is copied out on the pool as it arrives.
 
 Chunks with a transposed layout (innermost stride != 1) are read as their span and copied element-wise.
 """

@@ -4,10 +4,10 @@ Two back-ends share one interface (:class:`Store`):
 
 * :class:`KvStore` reads through a tensorstore KvStore (``file``, ``gcs``, ``s3``, ``http``, ``memory``),
   with byte-range reads grouped in a ``ts.Batch``;
-* :class:`LocalStore` reads local files with ``pread``/``preadv`` straight into destination buffers (the fast
-  path for local disks, chosen by ``io="auto"``).
+* :class:`LocalStore` reads local files with ``pread``/``preadv`` into caller buffers, or exposes them as
+  read-only memory maps (the fast path for local disks, chosen by ``io="auto"``).
 
-:func:`open_store` maps a path or URL to a store and a key. Each store counts the bytes and reads it issued
+:func:`store_for_directory` maps a path or URL to a store. Each store counts the bytes and reads it issued
 (:class:`IOStats`).
 """
 
