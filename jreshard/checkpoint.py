@@ -21,6 +21,7 @@ from .catalog import Chunk, Locator, TensorInfo
 from .errors import JReshardError, ShardingError, TargetMismatchError
 from .plan import Piece, Plan, ProcessPlan, element_span, merge_runs, normalize_index, overlaps, pieces_of, runs_of
 from .read import CopyJob, Executor
+from .spec import matches_saved
 from .storage import IOStats, Store
 
 DEFAULT_INFLIGHT = 2 * 2**30
@@ -121,6 +122,25 @@ class Checkpoint:
             return dest.reshape(tuple(n for d, n in enumerate(dest.shape) if d not in dropped))
         return dest
 
+    def saved_sharding(self, name: str, mesh: Any) -> Any | None:
+        """A ``NamedSharding`` over ``mesh`` whose shards are exactly the saved chunks of ``name`` (each device
+        then reads one whole chunk), or None when no NamedSharding has those shards (e.g. torch's uneven
+        splits) or ``mesh`` has no axes of the right sizes.
+
+        Example:
+            >>> import jax, numpy as np, jreshard
+            >>> from jax.sharding import Mesh
+            >>> ckpt = jreshard.open(jreshard.sample_path())
+            >>> ckpt.saved_sharding("model.layers.0.b1", Mesh(np.array(jax.devices()[:1]), ("x",))).spec
+            P(None,)
+        """
+        from jax.sharding import NamedSharding
+
+        from .spec import saved_partition_spec
+
+        spec = saved_partition_spec(self.tensor(name), mesh)
+        return None if spec is None else NamedSharding(mesh, spec)
+
     # -- planning ---------------------------------------------------------------------------------
 
     def plan(self, target: Any, *, coalesce_gap: int = 256) -> Plan:
@@ -142,10 +162,12 @@ class Checkpoint:
         processes: dict[int, ProcessPlan] = {}
         runs_by: dict[int, dict[str, list[tuple[np.ndarray, np.ndarray]]]] = {}
         whole: dict[int, set[tuple[str, int]]] = {}
+        as_saved: dict[str, bool] = {}
         for spec in specs:
             if spec is None:
                 continue
             info, sharding, _ = spec
+            as_saved[info.name] = matches_saved(info, sharding)
             for piece in pieces_of(info.name, info.shape, sharding, addressable_only=False):
                 pp = processes.setdefault(piece.process, ProcessPlan(piece.process))
                 nbytes = math.prod(piece.shape) * info.dtype.itemsize
@@ -183,7 +205,7 @@ class Checkpoint:
             for name, cid in whole.get(pid, ()):
                 pp.bytes_to_read += int(self.format.tensors[name].chunks[cid].whole_read_nbytes)
                 pp.num_reads += 1
-        return Plan(processes, jax.process_index(), self.source)
+        return Plan(processes, jax.process_index(), self.source, as_saved)
 
     # -- loading ----------------------------------------------------------------------------------
 

@@ -72,9 +72,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     ckpt = jreshard.open(args.source)
     print(ckpt)
     width = max((len(n) for n in ckpt.tensors), default=10)
+    from .spec import saved_grid
+
     for name, info in ckpt.tensors.items():
+        grid = saved_grid(info)
+        layout = "x".join(str(len(c) - 1) for c in grid) + " grid" if grid and info.shape else ""
         print(f"  {name:<{width}}  {str(info.dtype):<14} {str(info.shape):<18} {_human(info.nbytes):>10}  "
-              f"{len(info.chunks)} chunk(s)")
+              f"{len(info.chunks)} chunk(s) {layout}")
     for name, value in ckpt.objects.items():
         print(f"  {name:<{width}}  = {value!r:.80}")
     return 0

@@ -302,6 +302,8 @@ class Plan:
     processes: dict[int, ProcessPlan]
     this_process: int
     source: str = ""
+    # Per tensor: whether the target's shards are exactly the saved chunks (one whole chunk per device).
+    as_saved: dict[str, bool] = field(default_factory=dict)
 
     @property
     def local(self) -> ProcessPlan:
@@ -327,6 +329,9 @@ class Plan:
             mark = "*" if pid == self.this_process else " "
             lines.append(f"{pid:>7}{mark} {p.pieces:>7} {_human(p.bytes_needed):>12} {_human(p.bytes_to_read):>12} "
                          f"{p.num_reads:>8} {p.amplification:>6.2f}")
+        if self.as_saved:
+            same = sum(self.as_saved.values())
+            lines.append(f"{same} of {len(self.as_saved)} tensors have target shards equal to their saved chunks")
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
