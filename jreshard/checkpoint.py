@@ -6,7 +6,6 @@ from __future__ import annotations
 import difflib
 import itertools
 import math
-import os
 import sys
 import time
 from collections.abc import Mapping

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .catalog import Chunk, Locator, TensorInfo
+from .catalog import Chunk, Locator
 
 Box = tuple[tuple[int, int], ...]  # per dim (start, stop)
 

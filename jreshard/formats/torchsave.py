@@ -201,7 +201,6 @@ def open_archives(store: Store, blobs: Sequence[Blob], wheres: Sequence[str]) ->
         idx.append(i)
     datas = store.read_ranges(reqs)
     pending_cd: list[tuple[int, int, int, int]] = []
-    tails: dict[int, tuple[bytes, int]] = {}
     for i, data in zip(idx, datas):
         b = blobs[i]
         if b.transforms or b.length <= SMALL_BLOB:
