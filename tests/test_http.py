@@ -9,7 +9,6 @@ bytes travel.
 from __future__ import annotations
 
 import email.utils
-import os
 import re
 import threading
 import urllib.parse
