@@ -120,7 +120,6 @@ class Executor:
         self.posix = isinstance(store, LocalStore) and io in ("auto", "posix")
         self.gap = max(0, int(coalesce_gap))
         self.threads = threads or min(8, max(2, 2 * (os.cpu_count() or 1)))
-        self._scratch = np.empty(max(self.gap, 1), np.uint8)
         self._local = threading.local()
 
     def run(self, jobs: Sequence[CopyJob], pool: ThreadPoolExecutor) -> None:
@@ -211,14 +210,14 @@ class Executor:
         for f in [pool.submit(consume, k) for k in range(len(requests))]:
             f.result()
 
-    # -- local files: preadv straight into piece buffers ------------------------------------------
+    # -- local files ---------------------------------------------------------------------------------
 
     def _posix(self, jobs: Sequence[CopyJob], pool: ThreadPoolExecutor) -> None:
         store = self.store
         assert isinstance(store, LocalStore)
-        # Chunks whose overlapping jobs tile a band of its rows are read window by window through a small
-        # per-thread buffer and scattered from there (faster than many small preadv buffers: the second copy
-        # runs from cache); the rest are scattered by preadv straight into the piece buffers.
+        # Chunks whose overlapping jobs tile a band of their rows are read window by window into a small
+        # per-thread buffer and scattered from there (the second copy runs from cache); the other jobs copy
+        # their region out of a memory map of the file.
         by_chunk: dict[tuple[str, int], list[CopyJob]] = {}
         for j in jobs:
             by_chunk.setdefault((j.locator.key, j.locator.base), []).append(j)
@@ -245,7 +244,7 @@ class Executor:
         buf = getattr(self._local, "buf", None)
         if buf is None or len(buf) < n:
             buf = self._local.buf = np.empty(max(n, BOUNCE), np.uint8)
-        self.store.preadv(loc.key, loc.base + lo, np.array([[buf.ctypes.data, n]], np.uint64))
+        self.store.read_into(loc.key, loc.base + lo, buf[:n])
         for j in group:
             ov = j.overlap
             c0 = max(ov.chunk_start[0], r0)

@@ -13,7 +13,6 @@ Two back-ends share one interface (:class:`Store`):
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import threading
@@ -49,7 +48,6 @@ class Store:
     """A flat namespace of files (keys) with ranged reads."""
 
     description: str = "store"
-    local_root: str | None = None  # set when keys are local files (enables the preadv fast path)
 
     def __init__(self) -> None:
         self.stats = IOStats()
@@ -93,33 +91,12 @@ def _check_length(store: Store, key: str, start: int, stop: int, got: int) -> No
 # Local files
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_preadv = getattr(_libc, "preadv", None)
-if _preadv is not None:
-    _preadv.restype = ctypes.c_ssize_t
-    _preadv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_long]
-IOV_MAX = 1024
-
-
-def _pread_into(fd: int, iov: np.ndarray, offset: int) -> int:
-    """preadv for platforms whose C library lacks it: one pread per buffer."""
-    got = 0
-    for addr, length in iov.tolist():
-        data = os.pread(fd, int(length), offset + got)
-        ctypes.memmove(int(addr), data, len(data))
-        got += len(data)
-        if len(data) < length:
-            break
-    return got
-
-
 class LocalStore(Store):
-    """Files under a local directory, read with ``os.pread`` / ``preadv``."""
+    """Files under a local directory, read with ``pread``/``preadv`` or through read-only memory maps."""
 
     def __init__(self, root: str) -> None:
         super().__init__()
         self.root = os.path.abspath(root)
-        self.local_root = self.root
         self.description = self.root
         self._fds: dict[str, int] = {}
         self._maps: dict[str, np.ndarray] = {}
@@ -180,37 +157,24 @@ class LocalStore(Store):
         size = self.size(key)
         return self.read(key, max(0, size - n), size)
 
-    def preadv(self, key: str, offset: int, iov: np.ndarray) -> None:
-        """Scatter the file bytes from ``offset`` on into the buffers of ``iov`` (an (n, 2) uint64 array of
-        address, length), with ``preadv`` calls of at most IOV_MAX buffers; a file that ends early raises
-        TruncatedDataError."""
-        fd = self.fd(key)
-        iov = np.array(iov, dtype=np.uint64)  # a copy: partial reads adjust it
-        total = int(iov[:, 1].sum())
-        n, pos, file_pos, calls = len(iov), 0, offset, 0
-        while pos < n:
-            end = min(pos + IOV_MAX, n)
-            want = int(iov[pos:end, 1].sum())
-            got = _preadv(fd, iov[pos:end].ctypes.data, end - pos, file_pos) if _preadv else _pread_into(fd, iov[pos:end], file_pos)
-            calls += 1
-            if got < 0:
-                raise StorageError(f"{self.where(key)}: preadv failed: {os.strerror(ctypes.get_errno())}")
-            if got == 0 and want > 0:
+    def read_into(self, key: str, offset: int, buf: np.ndarray) -> None:
+        """Fill ``buf`` (a writable uint8 array) with the file's bytes from ``offset``; a file that ends early
+        raises TruncatedDataError."""
+        fd, view, done = self.fd(key), memoryview(buf), 0
+        while done < len(view):
+            if hasattr(os, "preadv"):
+                got = os.preadv(fd, [view[done:]], offset + done)
+            else:  # platforms without preadv
+                data = os.pread(fd, len(view) - done, offset + done)
+                got = len(data)
+                view[done : done + got] = data
+            if got == 0:
                 raise TruncatedDataError(
-                    f"{self.where(key)}: expected {total} bytes from offset {offset} but the file ends at "
-                    f"{file_pos} (truncated file?)"
+                    f"{self.where(key)}: expected {len(view)} bytes from offset {offset} but the file ends at "
+                    f"{offset + done} (truncated file?)"
                 )
-            file_pos += got
-            if got == want:
-                pos = end
-                continue
-            cum = np.cumsum(iov[pos:end, 1])
-            k = int(np.searchsorted(cum, got, side="right"))
-            part = got - (int(cum[k - 1]) if k else 0)
-            pos += k
-            iov[pos, 0] += part
-            iov[pos, 1] -= part
-        self.stats.add(total, calls)
+            done += got
+        self.stats.add(len(view))
 
     def close(self) -> None:
         with self._lock:
