@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from . import place as _place
-from .catalog import Chunk, Locator, TensorInfo
+from .catalog import Locator, TensorInfo
 from .errors import JReshardError, ShardingError, TargetMismatchError
 from .plan import Piece, Plan, ProcessPlan, element_span, merge_runs, normalize_index, overlaps, pieces_of, runs_of
 from .read import CopyJob, Executor
@@ -162,37 +162,41 @@ class Checkpoint:
         runs_by: dict[int, dict[str, list[tuple[np.ndarray, np.ndarray]]]] = {}
         whole: dict[int, set[tuple[str, int]]] = {}
         as_saved: dict[str, bool] = {}
+        pieces: list[tuple[TensorInfo, Piece, list]] = []
         for spec in specs:
             if spec is None:
                 continue
             info, sharding, _ = spec
             as_saved[info.name] = matches_saved(info, sharding)
             for piece in pieces_of(info.name, info.shape, sharding, addressable_only=False):
-                pp = processes.setdefault(piece.process, ProcessPlan(piece.process))
-                nbytes = math.prod(piece.shape) * info.dtype.itemsize
-                pp.bytes_needed += nbytes
-                pp.pieces += 1
-                t = pp.tensors.setdefault(info.name, {"bytes_needed": 0, "pieces": 0})
-                t["bytes_needed"] += nbytes
-                t["pieces"] += 1
-                ovs = overlaps(info.chunks, piece.box)
-                locs = self._locate(info, [o.chunk_id for o in ovs if info.chunks[o.chunk_id].whole_read_nbytes is None])
-                for ov in ovs:
-                    chunk = info.chunks[ov.chunk_id]
-                    if chunk.whole_read_nbytes is not None:
-                        whole.setdefault(piece.process, set()).add((info.name, ov.chunk_id))
-                        continue
-                    loc = locs[ov.chunk_id]
-                    if loc.data is not None:
-                        continue  # held in memory since its header read
-                    r = runs_of(loc, chunk.sizes, ov, piece.shape, info.dtype.itemsize)
-                    if r is None:
-                        lo, hi = element_span(loc, ov, info.dtype.itemsize)
-                        starts, lens = np.array([loc.base + lo]), np.array([hi - lo])
-                    else:
-                        starts = r.src_starts() + loc.base
-                        lens = np.full(len(starts), r.run, np.int64)
-                    runs_by.setdefault(piece.process, {}).setdefault(loc.key, []).append((starts, lens))
+                pieces.append((info, piece, overlaps(info.chunks, piece.box)))
+        # Header reads for every chunk any process reads by ranges, in one batch (whole-read items need none).
+        located = self._locate((info, ov.chunk_id) for info, _, ovs in pieces for ov in ovs
+                               if info.chunks[ov.chunk_id].whole_read_nbytes is None)
+        for info, piece, ovs in pieces:
+            pp = processes.setdefault(piece.process, ProcessPlan(piece.process))
+            nbytes = math.prod(piece.shape) * info.dtype.itemsize
+            pp.bytes_needed += nbytes
+            pp.pieces += 1
+            t = pp.tensors.setdefault(info.name, {"bytes_needed": 0, "pieces": 0})
+            t["bytes_needed"] += nbytes
+            t["pieces"] += 1
+            for ov in ovs:
+                chunk = info.chunks[ov.chunk_id]
+                if chunk.whole_read_nbytes is not None:
+                    whole.setdefault(piece.process, set()).add((info.name, ov.chunk_id))
+                    continue
+                loc = located[(info.name, ov.chunk_id)]
+                if loc.data is not None:
+                    continue  # held in memory since its header read
+                r = runs_of(loc, chunk.sizes, ov, piece.shape, info.dtype.itemsize)
+                if r is None:
+                    lo, hi = element_span(loc, ov, info.dtype.itemsize)
+                    starts, lens = np.array([loc.base + lo]), np.array([hi - lo])
+                else:
+                    starts = r.src_starts() + loc.base
+                    lens = np.full(len(starts), r.run, np.int64)
+                runs_by.setdefault(piece.process, {}).setdefault(loc.key, []).append((starts, lens))
         for pid, pp in processes.items():
             for parts in runs_by.get(pid, {}).values():
                 s = np.concatenate([p[0] for p in parts])
@@ -311,47 +315,38 @@ class Checkpoint:
             raise TargetMismatchError(f"tensor {name!r}: cannot cast saved {info.dtype} to {dtype} (drops the imaginary part)")
         return info, sharding, dtype
 
-    def _locate(self, info: TensorInfo, chunk_ids: Iterable[int]) -> dict[int, Locator]:
-        out: dict[int, Locator] = {}
-        todo = []
-        for cid in sorted(set(chunk_ids)):
-            loc = self._locators.get((info.name, cid))
-            if loc is None:
-                todo.append(cid)
-            else:
-                out[cid] = loc
+    def _locate(self, wanted: Iterable[tuple[TensorInfo, int]]) -> dict[tuple[str, int], Locator]:
+        """Locators of the (tensor, chunk id) pairs, keyed by (name, chunk id): one batched locate for those
+        not cached yet. Locators holding bytes in memory (small or compressed items) are not cached."""
+        out: dict[tuple[str, int], Locator | None] = {}
+        todo: list[tuple[TensorInfo, int]] = []
+        for info, cid in wanted:
+            key = (info.name, cid)
+            if key not in out:
+                out[key] = self._locators.get(key)
+                if out[key] is None:
+                    todo.append((info, cid))
         if todo:
-            for cid, loc in zip(todo, self.format.locate_many([(info, info.chunks[c]) for c in todo])):
-                out[cid] = loc
+            for (info, cid), loc in zip(todo, self.format.locate_many([(info, info.chunks[cid]) for info, cid in todo])):
+                out[(info.name, cid)] = loc
                 if loc.data is None:
                     self._locators[(info.name, cid)] = loc
-        return out
+        return out  # type: ignore[return-value]  # every entry is filled now
 
     def _fill(self, bufs: list[tuple[TensorInfo, Piece, np.ndarray]], executor: Executor, pool: ThreadPoolExecutor) -> None:
         """Fill the host buffers of pieces from the saved chunks (one batched locate, then the reads)."""
         plans = []
-        wanted: list[tuple[TensorInfo, Chunk]] = []
-        ids: dict[tuple[str, int], int] = {}
         for info, piece, dest in bufs:
             ovs = overlaps(info.chunks, piece.box)
             covered = sum(math.prod(o.size) for o in ovs)
             if covered != math.prod(piece.shape):
                 raise JReshardError(f"internal: tensor {info.name!r} box {piece.box} covered {covered} elements")
-            for ov in ovs:
-                key = (info.name, ov.chunk_id)
-                if key not in self._locators and key not in ids:
-                    ids[key] = len(wanted)
-                    wanted.append((info, info.chunks[ov.chunk_id]))
             plans.append((info, piece, dest, ovs))
-        located = self.format.locate_many(wanted) if wanted else []
-        for key, k in ids.items():
-            if located[k].data is None:
-                self._locators[key] = located[k]
+        located = self._locate((info, ov.chunk_id) for info, _, _, ovs in plans for ov in ovs)
         jobs = []
         for info, piece, dest, ovs in plans:
             for ov in ovs:
-                key = (info.name, ov.chunk_id)
-                loc = self._locators.get(key) or located[ids[key]]
+                loc = located[(info.name, ov.chunk_id)]
                 chunk = info.chunks[ov.chunk_id]
                 jobs.append(CopyJob(info.name, loc, chunk.sizes, ov, dest,
                                     runs_of(loc, chunk.sizes, ov, piece.shape, info.dtype.itemsize)))
