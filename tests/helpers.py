@@ -177,3 +177,14 @@ def normal_tensor(name: str, dtype_name: str, shape):
         return (torch.randn(shape, generator=g, dtype=torch.float64) * 4).to(dt)
     return torch.randint(-(2**40), 2**40, shape, generator=g, dtype=torch.int64).to(dt)
 
+
+def check_catalog(ck, expected: dict) -> None:
+    """The checkpoint lists exactly the ``expected`` tensors ({name: numpy reference}), with their shapes
+    and dtypes."""
+    assert set(ck.tensors) == set(expected)
+    for name, ref in expected.items():
+        info = ck.tensors[name]
+        assert info.name == name
+        assert tuple(info.shape) == ref.shape, name
+        assert np.dtype(info.dtype) == ref.dtype, name
+

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 import jreshard
 from jreshard import errors
 
-from tests.helpers import MESH_SHAPES, assert_same, box_nbytes, check_loaded_array, make_mesh, nest, spec_fits, SPECS, random_tensor, torch_bits
+from tests.helpers import MESH_SHAPES, check_catalog, assert_same, box_nbytes, check_loaded_array, make_mesh, nest, spec_fits, SPECS, random_tensor, torch_bits
 
 IOS = ("posix", "tensorstore")
 
@@ -196,12 +196,7 @@ def meshes():
 def test_all_dtypes_catalog(all_dtypes_file, io):
     path, expected = all_dtypes_file
     with jreshard.open(path, io=io) as ck:
-        assert set(ck.tensors) == set(expected)
-        for name, ref in expected.items():
-            info = ck.tensors[name]
-            assert info.name == name
-            assert tuple(info.shape) == ref.shape, name
-            assert np.dtype(info.dtype) == ref.dtype, name
+        check_catalog(ck, expected)
         assert dict(ck.objects) == {}
 
 

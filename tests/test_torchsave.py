@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 import jreshard
 from jreshard import errors
 
-from tests.helpers import MESH_SHAPES, assert_same, box_nbytes, check_loaded_array, make_mesh, spec_fits, SPECS, random_tensor, torch_bits
+from tests.helpers import MESH_SHAPES, check_catalog, assert_same, box_nbytes, check_loaded_array, make_mesh, spec_fits, SPECS, random_tensor, torch_bits
 
 IOS = ("posix", "tensorstore")
 
@@ -96,12 +96,8 @@ def torch_reference(*paths):
 
 
 def check_catalog_and_data(ck, tensors: dict, objects: dict) -> None:
-    assert set(ck.tensors) == set(tensors)
+    check_catalog(ck, tensors)
     for name, ref in tensors.items():
-        info = ck.tensors[name]
-        assert info.name == name
-        assert tuple(info.shape) == ref.shape, name
-        assert np.dtype(info.dtype) == ref.dtype, name
         assert_same(ck.read(name), ref, name)
     assert dict(ck.objects) == objects
 
