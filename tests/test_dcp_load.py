@@ -357,15 +357,16 @@ def test_plan_single_process(checkpoints, meshes):
     assert isinstance(text, str) and text.strip()
 
 
-def test_plan_replicated_counts_each_box_once_at_least(checkpoints, meshes):
+def test_plan_replicated_counts_each_box_once(checkpoints, meshes):
+    """A box held by several devices of one process (here: replicated over 'data') is read once."""
     refs = checkpoints.reference("plain")
     mesh = meshes["2x4"]
     t = {"mp.a": jax.ShapeDtypeStruct((512, 512), np.float32, sharding=NamedSharding(mesh, P(None, "model")))}
     plan = jreshard.plan(checkpoints.dirs["plain"], t)
     distinct = sum(box_nbytes(i, (512, 512), 4) for i in distinct_indices(t["mp.a"].sharding, (512, 512)))
     assert distinct == refs["mp.a"].nbytes
-    assert distinct <= plan.bytes_needed <= 2 * distinct
-    assert plan.bytes_to_read >= distinct
+    assert plan.bytes_needed == distinct  # not once per device: that would be 2x here
+    assert distinct <= plan.bytes_to_read <= 1.1 * distinct
 
 
 # ---------------------------------------------------------------------------------------------

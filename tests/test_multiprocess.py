@@ -79,4 +79,4 @@ def test_four_jax_processes_load_plain_checkpoint(checkpoints):
         assert r["num_reads"] >= 1
         assert r["plan_processes"] == list(range(NPROC))
         assert r["plan_self_matches"] is True
-        assert r["needed"] <= r["plan_bytes_needed"] <= 2 * r["needed"], r
+        assert r["plan_bytes_needed"] == r["needed"], r  # distinct boxes of this process, each once
