@@ -12,8 +12,9 @@ from typing import Any, Callable
 from . import errors
 from .catalog import Chunk, Locator, TensorInfo
 from .checkpoint import Checkpoint
-from .errors import (CheckpointFormatError, InconsistentCheckpointError, JReshardError, MissingDataError,
-                     ShardingError, StorageError, TargetMismatchError, TruncatedDataError, UnsafeCheckpointError)
+from .errors import (CheckpointClosedError, CheckpointFormatError, InconsistentCheckpointError, InvalidArgumentError,
+                     JReshardError, MissingDataError, ShardingError, StorageError, TargetMismatchError,
+                     TruncatedDataError, UnsafeCheckpointError)
 from .plan import Plan, ProcessPlan
 from .sources import open_source
 from .storage import IOStats
@@ -118,4 +119,5 @@ __all__ = [
     "open", "load", "plan", "sample_path", "Checkpoint", "Plan", "ProcessPlan", "TensorInfo", "Chunk", "Locator",
     "IOStats", "errors", "JReshardError", "UnsafeCheckpointError", "CheckpointFormatError", "MissingDataError",
     "TruncatedDataError", "InconsistentCheckpointError", "TargetMismatchError", "ShardingError", "StorageError",
+    "CheckpointClosedError", "InvalidArgumentError",
 ]

@@ -52,6 +52,14 @@ class StorageError(JReshardError):
     """The storage layer (tensorstore KvStore or the local file system) failed to read."""
 
 
+class CheckpointClosedError(StorageError):
+    """The checkpoint was closed (:meth:`jreshard.Checkpoint.close`) before or during this use of it."""
+
+
+class InvalidArgumentError(JReshardError, ValueError):
+    """An argument of a jreshard call is out of range (e.g. ``max_inflight_bytes`` below one element)."""
+
+
 __all__ = [
     "JReshardError",
     "UnsafeCheckpointError",
@@ -62,4 +70,6 @@ __all__ = [
     "TargetMismatchError",
     "ShardingError",
     "StorageError",
+    "CheckpointClosedError",
+    "InvalidArgumentError",
 ]

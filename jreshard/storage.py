@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import threading
 import urllib.parse
 from dataclasses import dataclass, field
@@ -22,7 +23,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import MissingDataError, StorageError, TruncatedDataError
+from .errors import MissingDataError, StorageError, TruncatedDataError, UnsafeCheckpointError
+from .gate import checked_name
 
 
 @dataclass
@@ -79,6 +81,21 @@ class Store:
         return f"{self.description.rstrip('/')}/{key}"
 
 
+def _open_regular(path: str, where: str) -> int:
+    """A read-only descriptor of the regular file at ``path`` (symlinks followed). Anything else — a FIFO, a
+    device, a directory — is refused without blocking (O_NONBLOCK: opening a FIFO would wait for a writer)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise MissingDataError(f"{where}: file not found") from None
+    except OSError as e:
+        raise StorageError(f"{where}: cannot open: {e}") from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafeCheckpointError(f"{where}: not a regular file (a FIFO, device or directory); refused")
+    return fd
+
+
 def _check_length(store: Store, key: str, start: int, stop: int, got: int) -> None:
     if got != stop - start:
         raise TruncatedDataError(
@@ -103,7 +120,7 @@ class LocalStore(Store):
         self._lock = threading.Lock()
 
     def path(self, key: str) -> str:
-        return os.path.join(self.root, key)
+        return os.path.join(self.root, checked_name(key, self.root))
 
     def fd(self, key: str) -> int:
         fd = self._fds.get(key)
@@ -111,13 +128,7 @@ class LocalStore(Store):
             with self._lock:
                 fd = self._fds.get(key)
                 if fd is None:
-                    try:
-                        fd = os.open(self.path(key), os.O_RDONLY)
-                    except FileNotFoundError:
-                        raise MissingDataError(f"{self.where(key)}: file not found") from None
-                    except OSError as e:
-                        raise StorageError(f"{self.where(key)}: cannot open: {e}") from e
-                    self._fds[key] = fd
+                    fd = self._fds[key] = _open_regular(self.path(key), self.where(key))
         return fd
 
     def size(self, key: str) -> int:
@@ -139,7 +150,7 @@ class LocalStore(Store):
         return view
 
     def exists(self, key: str) -> bool:
-        return os.path.exists(self.path(key))
+        return os.path.isfile(self.path(key))
 
     def read_ranges(self, requests: Sequence[tuple[str, int, int]]) -> list[bytes]:
         out = []
