@@ -13,7 +13,7 @@ from . import errors
 from .catalog import Chunk, Locator, TensorInfo
 from .checkpoint import Checkpoint
 from .errors import (CheckpointClosedError, CheckpointFormatError, InconsistentCheckpointError, InvalidArgumentError,
-                     JReshardError, MissingDataError, ShardingError, StorageError, TargetMismatchError,
+                     JReshardError, MissingDataError, OutOfMemoryError, ShardingError, StorageError, TargetMismatchError,
                      TruncatedDataError, UnsafeCheckpointError)
 from .plan import Plan, ProcessPlan
 from .sources import open_source
@@ -119,5 +119,5 @@ __all__ = [
     "open", "load", "plan", "sample_path", "Checkpoint", "Plan", "ProcessPlan", "TensorInfo", "Chunk", "Locator",
     "IOStats", "errors", "JReshardError", "UnsafeCheckpointError", "CheckpointFormatError", "MissingDataError",
     "TruncatedDataError", "InconsistentCheckpointError", "TargetMismatchError", "ShardingError", "StorageError",
-    "CheckpointClosedError", "InvalidArgumentError",
+    "CheckpointClosedError", "InvalidArgumentError", "OutOfMemoryError",
 ]

@@ -102,6 +102,9 @@ class TorchDtype:
         # Shared by every unpickler (it is on the allow-list): a pickle must not be able to change it.
         raise UnsafeCheckpointError(f"a pickle tried to modify torch.{self.name}")
 
+    def __setstate__(self, state: object) -> None:
+        raise UnsafeCheckpointError(f"a pickle tried to set the state of torch.{self.name} (BUILD); refused")
+
     def __repr__(self) -> str:
         return f"torch.{self.name}"
 

@@ -56,6 +56,11 @@ class CheckpointClosedError(StorageError):
     """The checkpoint was closed (:meth:`jreshard.Checkpoint.close`) before or during this use of it."""
 
 
+class OutOfMemoryError(JReshardError, MemoryError):
+    """A read or load would need more host memory at once than this machine has (e.g. a tensor a file
+    declares as a broadcast view of a few bytes, but whose dense size is terabytes)."""
+
+
 class InvalidArgumentError(JReshardError, ValueError):
     """An argument of a jreshard call is out of range (e.g. ``max_inflight_bytes`` below one element)."""
 
@@ -72,4 +77,5 @@ __all__ = [
     "StorageError",
     "CheckpointClosedError",
     "InvalidArgumentError",
+    "OutOfMemoryError",
 ]

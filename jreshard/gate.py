@@ -16,11 +16,14 @@ into ``../../blobs/``) and are followed; what a name opens must still be a regul
 
 from __future__ import annotations
 
+import contextlib
 import math
 import posixpath
-from typing import Any, Sequence
+import struct
+from typing import Any, Iterator, Sequence
 
-from .errors import CheckpointFormatError, InconsistentCheckpointError, UnsafeCheckpointError
+from .errors import (CheckpointFormatError, InconsistentCheckpointError, JReshardError, StorageError,
+                     UnsafeCheckpointError)
 
 MAX_NDIM = 64  # torch's own limit on tensor dimensions
 MAX_INT = 2**62  # offsets, sizes and byte counts above this are not real files or tensors
@@ -74,6 +77,11 @@ def checked_shape(values: Any, what: str, where: str, itemsize: int = 1) -> tupl
         >>> checked_shape([2, 3], "shape", "f", 4)
         (2, 3)
     """
+    kind = type(values)
+    if (kind is tuple or kind is list) and len(values) <= MAX_NDIM and all(type(v) is int for v in values):
+        out = tuple(values)  # the common case, checked in C-speed builtins
+        if not out or (min(out) >= 0 and max(out) <= MAX_INT and math.prod(out) * max(1, itemsize) <= MAX_INT):
+            return out
     if not isinstance(values, (tuple, list)) or len(values) > MAX_NDIM:
         raise CheckpointFormatError(f"{where}: {what} is {_short(values)}, not a list of at most {MAX_NDIM} integers")
     out = tuple(checked_int(v, what, where) for v in values)
@@ -107,6 +115,34 @@ def check_view(size: Sequence[int], stride: Sequence[int], storage_offset: int, 
             f"{what}: size {size}, stride {stride}, storage offset {offset} reaches byte {end} of a storage of "
             f"{storage_nbytes} bytes"
         )
+
+
+@contextlib.contextmanager
+def decoding(where: str) -> Iterator[None]:
+    """Decode untrusted bytes inside this block: an error that is not a jreshard error (a ``struct.error`` on
+    a short record, a ``KeyError`` on a missing field ...) becomes a CheckpointFormatError naming ``where``.
+
+    The checks that stop hostile inputs are explicit (the functions above); this is the net under them, so
+    that no input surfaces as anything but a JReshardError.
+
+    Example:
+        >>> with decoding("f.bin"):
+        ...     {}["missing"]
+        Traceback (most recent call last):
+        ...
+        jreshard.errors.CheckpointFormatError: f.bin: malformed checkpoint data (KeyError: "'missing'")
+    """
+    try:
+        yield
+    except JReshardError:
+        raise
+    except MemoryError:
+        raise CheckpointFormatError(f"{where}: the checkpoint asks for more memory than there is") from None
+    except OSError as e:
+        raise StorageError(f"{where}: {e}") from None
+    except (struct.error, TypeError, KeyError, IndexError, ValueError, OverflowError, AttributeError,
+            RecursionError, UnicodeError) as e:
+        raise CheckpointFormatError(f"{where}: malformed checkpoint data ({type(e).__name__}: {_short(str(e))})") from None
 
 
 def _short(value: Any) -> str:

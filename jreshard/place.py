@@ -6,11 +6,36 @@ allocated aligned and written once.
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Any, Sequence
 
 import numpy as np
 
+from .errors import OutOfMemoryError
+
 ALIGN = 64
+
+
+def host_memory() -> int:
+    """Bytes of physical memory of this machine (0 when unknown)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_fits(nbytes: int, what: str = "host buffers") -> None:
+    """Refuse (OutOfMemoryError) an allocation larger than this machine's memory before it is made: with
+    overcommit, a huge ``numpy.empty`` succeeds and the process is killed when the pages are touched.
+
+    Example:
+        >>> check_fits(1024)
+    """
+    total = host_memory()
+    if total and nbytes > total:
+        raise OutOfMemoryError(f"{what} need {nbytes / 2**30:.1f} GiB at once, more than this machine's "
+                               f"{total / 2**30:.1f} GiB of memory; read a smaller box or shard the target further")
 
 
 def aligned_empty(shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
@@ -22,7 +47,8 @@ def aligned_empty(shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
         ((3, 5), 0)
     """
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(int(s) for s in shape) * dtype.itemsize
+    check_fits(nbytes)
     raw = np.empty(nbytes + ALIGN, np.uint8)
     start = (-raw.ctypes.data) % ALIGN
     return raw[start : start + nbytes].view(dtype).reshape(tuple(shape))
@@ -45,7 +71,8 @@ def allocate(shapes: Sequence[tuple[Sequence[int], np.dtype]], block: int = BLOC
         >>> a.shape, b.shape, a.ctypes.data % 64, b.ctypes.data % 64
         ((3, 5), (7,), 0, 0)
     """
-    sizes = [int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for shape, dtype in shapes]
+    sizes = [math.prod(int(s) for s in shape) * np.dtype(dtype).itemsize for shape, dtype in shapes]
+    check_fits(sum(sizes))
     out: list[np.ndarray | None] = [None] * len(shapes)
     i = 0
     while i < len(shapes):

@@ -7,14 +7,20 @@ from typing import Any
 
 from .errors import CheckpointFormatError, MissingDataError
 from .formats import dcp
-from .storage import Store, is_local, parent_and_name, store_for_directory
+from .gate import decoding
+from .storage import Store, is_local, local_path, parent_and_name, store_for_directory
 
 
 def open_source(source: str, io: str = "auto", storage_options: dict[str, Any] | None = None) -> tuple[Any, Store]:
     """(format object, store) for a path or URL. The format object has ``tensors``, ``object_refs``,
     ``locate_many`` and ``read_objects``."""
+    with decoding(source):
+        return _open_source(source, io, storage_options)
+
+
+def _open_source(source: str, io: str, storage_options: dict[str, Any] | None) -> tuple[Any, Store]:
     if is_local(source):
-        path = source[len("file://"):] if source.startswith("file://") else source
+        path = local_path(source)
         if not os.path.exists(path):
             raise MissingDataError(f"{path}: no such file or directory")
         if os.path.isdir(path):
@@ -58,10 +64,7 @@ def _file_format(store: Store, name: str, where: str) -> Any:
     from .formats import safetensors, torchfile
 
     if name.endswith(".index.json"):
-        import json
-
-        index = json.loads(store.read_all(name))
-        files = sorted(set((index.get("weight_map") or {}).values()))
+        files = sorted(set(safetensors.read_index(store, name).values()))
         if files and all(f.endswith(".safetensors") for f in files):
             return safetensors.SafetensorsSource(store, index=name)
         return torchfile.TorchSaveSource(store, index=name)

@@ -13,6 +13,7 @@ Two back-ends share one interface (:class:`Store`):
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import stat
@@ -23,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import MissingDataError, StorageError, TruncatedDataError, UnsafeCheckpointError
+from .errors import CheckpointClosedError, MissingDataError, StorageError, TruncatedDataError, UnsafeCheckpointError
 from .gate import checked_name
 
 
@@ -109,7 +110,24 @@ def _check_length(store: Store, key: str, start: int, stop: int, got: int) -> No
 
 
 class LocalStore(Store):
-    """Files under a local directory, read with ``pread``/``preadv`` or through read-only memory maps."""
+    """Files under a local directory, read with ``pread``/``preadv`` or through read-only memory maps.
+
+    Every read holds a *use* of the store (:meth:`_use`) while it runs. :meth:`close` refuses new uses and
+    closes the descriptors only once no use is left (the last reader closes them), so a descriptor is never
+    closed, and its number reused by another ``open``, under a running read.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = tempfile.mkdtemp(); _ = pathlib.Path(d, "a.bin").write_bytes(b"hello")
+        >>> s = LocalStore(d); s.read("a.bin", 0, 2)
+        b'he'
+        >>> s.close(); s.close()  # idempotent
+        >>> try:
+        ...     s.read("a.bin", 0, 2)
+        ... except CheckpointClosedError as e:
+        ...     print(type(e).__name__)
+        CheckpointClosedError
+    """
 
     def __init__(self, root: str) -> None:
         super().__init__()
@@ -117,22 +135,52 @@ class LocalStore(Store):
         self.description = self.root
         self._fds: dict[str, int] = {}
         self._maps: dict[str, np.ndarray] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: mapped() calls size() and fd() while holding it
+        self._closed = False
+        self._uses = 0  # reads in flight (each holds a use)
 
     def path(self, key: str) -> str:
         return os.path.join(self.root, checked_name(key, self.root))
 
     def fd(self, key: str) -> int:
+        """The descriptor of file ``key`` (opened on first use), valid until :meth:`close`; reads of this store
+        use :meth:`_use` instead, which keeps it open while they run. CheckpointClosedError once closed."""
+        with self._lock:
+            self._refuse_closed()
+            return self._fd(key)
+
+    def _fd(self, key: str) -> int:
         fd = self._fds.get(key)
         if fd is None:
             with self._lock:
                 fd = self._fds.get(key)
                 if fd is None:
+                    self._refuse_closed()  # a reader still running after close() opens no new file
                     fd = self._fds[key] = _open_regular(self.path(key), self.where(key))
         return fd
 
+    def _refuse_closed(self) -> None:
+        if self._closed:
+            raise CheckpointClosedError(f"{self.root}: the checkpoint was closed")
+
+    @contextlib.contextmanager
+    def _use(self, key: str) -> Any:
+        """Hold a use of the store while reading file ``key``; yields its descriptor, which stays open (and
+        keeps its number) until the use ends. Refused with CheckpointClosedError once the store is closed."""
+        with self._lock:
+            self._refuse_closed()
+            self._uses += 1
+        try:
+            yield self._fd(key)
+        finally:
+            with self._lock:
+                self._uses -= 1
+                if self._closed and not self._uses:
+                    self._close_fds()  # close() came during this read: the last reader closes
+
     def size(self, key: str) -> int:
-        return os.fstat(self.fd(key)).st_size
+        with self._use(key) as fd:
+            return os.fstat(fd).st_size
 
     def mapped(self, key: str) -> np.ndarray:
         """The whole file as a read-only uint8 array over a shared memory map (pages are read on touch)."""
@@ -153,9 +201,14 @@ class LocalStore(Store):
         return os.path.isfile(self.path(key))
 
     def read_ranges(self, requests: Sequence[tuple[str, int, int]]) -> list[bytes]:
+        self._refuse_closed()
         out = []
         for key, start, stop in requests:
-            data = os.pread(self.fd(key), stop - start, start) if stop > start else b""
+            if stop > start:
+                with self._use(key) as fd:
+                    data = os.pread(fd, stop - start, start)
+            else:
+                data = b""
             _check_length(self, key, start, stop, len(data))
             out.append(data)
         self.stats.add(sum(r[2] - r[1] for r in requests), len(requests))
@@ -170,32 +223,42 @@ class LocalStore(Store):
 
     def read_into(self, key: str, offset: int, buf: np.ndarray) -> None:
         """Fill ``buf`` (a writable uint8 array) with the file's bytes from ``offset``; a file that ends early
-        raises TruncatedDataError."""
-        fd, view, done = self.fd(key), memoryview(buf), 0
-        while done < len(view):
-            if hasattr(os, "preadv"):
-                got = os.preadv(fd, [view[done:]], offset + done)
-            else:  # platforms without preadv
-                data = os.pread(fd, len(view) - done, offset + done)
-                got = len(data)
-                view[done : done + got] = data
-            if got == 0:
-                raise TruncatedDataError(
-                    f"{self.where(key)}: expected {len(view)} bytes from offset {offset} but the file ends at "
-                    f"{offset + done} (truncated file?)"
-                )
-            done += got
+        raises TruncatedDataError; a closed store raises CheckpointClosedError."""
+        view, done = memoryview(buf), 0
+        with self._use(key) as fd:
+            while done < len(view):
+                if hasattr(os, "preadv"):
+                    got = os.preadv(fd, [view[done:]], offset + done)
+                else:  # platforms without preadv
+                    data = os.pread(fd, len(view) - done, offset + done)
+                    got = len(data)
+                    view[done : done + got] = data
+                if got == 0:
+                    raise TruncatedDataError(
+                        f"{self.where(key)}: expected {len(view)} bytes from offset {offset} but the file ends at "
+                        f"{offset + done} (truncated file?)"
+                    )
+                done += got
         self.stats.add(len(view))
 
     def close(self) -> None:
+        """Refuse every later read (CheckpointClosedError) and close the files: now when no read is running,
+        else when the last running read ends. Idempotent; safe from any thread."""
         with self._lock:
+            self._closed = True
             self._maps.clear()  # the maps close when no array uses them any more
-            for fd in self._fds.values():
+            if not self._uses:
+                self._close_fds()
+
+    def _close_fds(self) -> None:
+        with self._lock:
+            fds = list(self._fds.values())
+            self._fds.clear()
+            for fd in fds:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
-            self._fds.clear()
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         try:
@@ -222,6 +285,27 @@ class KvStore(Store):
         except Exception as e:
             raise StorageError(f"cannot open storage {spec!r}: {e}") from e
         self.description = _describe(spec)
+        self._closed = False
+
+    def _open_kv(self) -> Any:
+        """The KvStore, or CheckpointClosedError once :meth:`close` was called."""
+        if self._closed:
+            raise CheckpointClosedError(f"{self.description}: the checkpoint was closed")
+        return self.kv
+
+    def close(self) -> None:
+        """Refuse every later read (CheckpointClosedError). Reads already issued complete (tensorstore holds
+        no descriptor that a later open could reuse). Idempotent; safe from any thread.
+
+        Example:
+            >>> s = KvStore({"driver": "memory"}); s.close(); s.close()
+            >>> try:
+            ...     s.read_all("a")
+            ... except CheckpointClosedError as e:
+            ...     print(type(e).__name__)
+            CheckpointClosedError
+        """
+        self._closed = True
 
     def _result(self, key: str, start: int, stop: int, fut: Any) -> bytes:
         try:
@@ -243,10 +327,11 @@ class KvStore(Store):
 
     def read_async(self, requests: Sequence[tuple[str, int, int]]) -> list[Callable[[], bytes]]:
         ts = self._ts
+        kv = self._open_kv()
         futures = []
         with ts.Batch() as batch:
             for key, start, stop in requests:
-                futures.append(self.kv.read(key, byte_range=slice(start, stop), batch=batch) if stop > start else None)
+                futures.append(kv.read(key, byte_range=slice(start, stop), batch=batch) if stop > start else None)
         self.stats.add(sum(r[2] - r[1] for r in requests), sum(1 for f in futures if f is not None))
         return [(lambda: b"") if f is None else (lambda f=f, r=r: self._result(*r, f)) for r, f in zip(requests, futures)]
 
@@ -254,8 +339,9 @@ class KvStore(Store):
         return [get() for get in self.read_async(requests)]
 
     def read_all(self, key: str) -> bytes:
+        kv = self._open_kv()
         try:
-            res = self.kv.read(key).result()
+            res = kv.read(key).result()
         except Exception as e:
             raise StorageError(f"{self.where(key)}: read failed: {e}") from e
         if res.state == "missing":
@@ -265,8 +351,9 @@ class KvStore(Store):
         return data
 
     def tail(self, key: str, n: int) -> bytes:
+        kv = self._open_kv()
         try:
-            res = self.kv.read(key, byte_range=slice(-n, None)).result()
+            res = kv.read(key, byte_range=slice(-n, None)).result()
         except Exception:
             return self.read_all(key)  # shorter than n
         if res.state == "missing":
@@ -309,8 +396,7 @@ def store_for_directory(location: str, io: str = "auto", storage_options: dict[s
     parsed = urllib.parse.urlparse(location)
     scheme = parsed.scheme
     if scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt"):
-        path = parsed.path if scheme == "file" else location
-        path = os.path.abspath(path)
+        path = os.path.abspath(local_path(location))
         if not os.path.isdir(path):
             raise MissingDataError(f"{path}: directory not found")
         if io in ("auto", "posix"):
@@ -342,12 +428,28 @@ def store_for_directory(location: str, io: str = "auto", storage_options: dict[s
     return KvStore(spec)
 
 
+def local_path(source: str) -> str:
+    """The path of a local source: a plain path, or a ``file://`` URL without a host (``file:///dir``). A
+    ``file://host/...`` URL is refused rather than read from this machine's ``/...``.
+
+    Example:
+        >>> local_path("file:///tmp/ckpt"), local_path("/tmp/ckpt")
+        ('/tmp/ckpt', '/tmp/ckpt')
+    """
+    if not source.startswith("file:"):
+        return source
+    parsed = urllib.parse.urlparse(source)
+    if parsed.netloc:
+        raise StorageError(f"{source}: a file:// URL with a host ({parsed.netloc!r}) is not a local file; "
+                           "use file:///path or a plain path")
+    return urllib.parse.unquote(parsed.path)
+
+
 def parent_and_name(source: str) -> tuple[str, str]:
     """Split a file path or URL into its directory and its last component."""
     parsed = urllib.parse.urlparse(source)
     if parsed.scheme in ("", "file"):
-        path = parsed.path if parsed.scheme == "file" else source
-        path = os.path.abspath(path)
+        path = os.path.abspath(local_path(source))
         return os.path.dirname(path), os.path.basename(path)
     head, _, name = source.rstrip("/").rpartition("/")
     return head, name

@@ -8,21 +8,22 @@ the item's offset (``SerializationFormat.SAFETENSORS``, where offsets/lengths do
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
 from ..catalog import Chunk, Locator, TensorInfo, validate_chunks
-from ..dtypes import TorchDtype, safetensors_dtype
+from ..dtypes import TorchDtype
 from ..errors import CheckpointFormatError, InconsistentCheckpointError, MissingDataError, TruncatedDataError
 from ..plan import c_strides
 from ..storage import LocalStore, Store
-from ..unpickle import (BytesStorageMetadata, Metadata, StorageInfo, TensorRef, TensorStorageMetadata, safe_loads)
-from .torchsave import SMALL_BLOB, Blob, open_archives
+from ..gate import _short, checked_int, checked_name, checked_shape, decoding
+from ..unpickle import (MAX_DEPTH, MAX_ENTRIES, BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex,
+                        StorageInfo, TensorRef, TensorStorageMetadata, safe_loads)
+from .safetensors import load_json, read_headers
+from .torchsave import MAX_INFLATED, SMALL_BLOB, Blob, open_archives
 
 METADATA = ".metadata"
 
@@ -34,6 +35,17 @@ class ItemRef:
     fqn: str
     blob: Blob
     kind: str  # "torch_save" | "safetensors"
+
+
+def _blob(info: StorageInfo, where: str, what: str, limit: int = MAX_INFLATED) -> Blob:
+    """The item a _StorageInfo points at: a file name inside the checkpoint and a byte range, checked."""
+    key = checked_name(info.relative_path, f"{where}: {what}")
+    offset = checked_int(info.offset, f"{what}: item offset", where)
+    length = checked_int(info.length, f"{what}: item length", where)
+    transforms = info.transform_descriptors or ()
+    if not isinstance(transforms, (list, tuple)) or not all(isinstance(t, str) for t in transforms):
+        raise CheckpointFormatError(f"{where}: {what}: transform descriptors {_short(transforms)} are not strings")
+    return Blob(key, offset, length, tuple(transforms), limit)
 
 
 def detect(store: Store) -> bool:
@@ -48,26 +60,43 @@ class DCPSource:
     def __init__(self, store: Store) -> None:
         self.store = store
         where = store.where(METADATA)
+        with decoding(where):
+            self._read_metadata(store, where)
+        self._st_headers: dict[tuple[str, int], tuple[int, dict[str, Any]]] = {}
+
+    def _read_metadata(self, store: Store, where: str) -> None:
         raw = store.read_all(METADATA)
         md = safe_loads(raw, where)
-        if not isinstance(md, Metadata) or not isinstance(getattr(md, "state_dict_metadata", None), dict):
+        if not isinstance(md, Metadata) or type(md.state_dict_metadata) is not dict:
             raise CheckpointFormatError(f"{where}: not a torch.distributed.checkpoint Metadata pickle")
         self.metadata = md
-        storage = md.storage_data or {}
+        storage = md.storage_data if md.storage_data is not None else {}
+        if not isinstance(storage, dict):
+            raise CheckpointFormatError(f"{where}: storage_data is not a dict")
         by_index: dict[tuple[str, Any], StorageInfo] = {}
         for mi, info in storage.items():
-            offset = tuple(mi.offset) if mi.offset is not None else None
+            if not isinstance(mi, MetadataIndex) or not isinstance(mi.fqn, str) or not isinstance(info, StorageInfo):
+                raise CheckpointFormatError(f"{where}: storage_data entry {_short(mi)} is not a MetadataIndex -> _StorageInfo")
+            offset = None if mi.offset is None else checked_shape(mi.offset, f"offsets of {mi.fqn!r}", where)
             by_index[(mi.fqn, offset)] = info
         self.tensors: dict[str, TensorInfo] = {}
         self.object_refs: dict[str, ItemRef] = {}
         file_extent: dict[str, int] = {}
         for fqn, entry in md.state_dict_metadata.items():
+            if not isinstance(fqn, str):
+                raise CheckpointFormatError(f"{where}: entry name {_short(fqn)} is not a string")
             if isinstance(entry, TensorStorageMetadata):
                 dtype = _dtype_of(entry, fqn, where)
-                shape = tuple(int(s) for s in entry.size)
+                what = f"tensor {fqn!r}"
+                shape = checked_shape(entry.size, f"{what}: shape", where, dtype.itemsize)
+                if not isinstance(entry.chunks, (list, tuple)):
+                    raise CheckpointFormatError(f"{where}: {what}: chunks are not a list")
                 chunks = []
                 for c in entry.chunks:
-                    offsets, sizes = tuple(int(x) for x in c.offsets), tuple(int(x) for x in c.sizes)
+                    if not isinstance(c, ChunkStorageMetadata):
+                        raise CheckpointFormatError(f"{where}: {what}: a chunk is a {type(c).__name__}")
+                    offsets = checked_shape(c.offsets, f"{what}: chunk offsets", where)
+                    sizes = checked_shape(c.sizes, f"{what}: chunk sizes", where, dtype.itemsize)
                     info = by_index.get((fqn, offsets))
                     numel = math.prod(sizes)
                     if info is None:
@@ -76,13 +105,12 @@ class DCPSource:
                         raise MissingDataError(
                             f"{where}: tensor {fqn!r}: the chunk at offsets {offsets} has no storage entry"
                         )
-                    transforms = tuple(info.transform_descriptors or ())
-                    blob = Blob(info.relative_path, int(info.offset), int(info.length), transforms)
-                    kind = "safetensors" if (not transforms and blob.length == numel * dtype.itemsize) else "torch_save"
-                    if kind == "torch_save":
-                        file_extent[blob.key] = max(file_extent.get(blob.key, 0), blob.offset + blob.length)
+                    blob = _blob(info, where, f"{what}, chunk at offsets {offsets}",
+                                 limit=2 * numel * dtype.itemsize + 64 * 2**20)
+                    kind = "safetensors" if (not blob.transforms and blob.length == numel * dtype.itemsize) else "torch_save"
+                    file_extent[blob.key] = max(file_extent.get(blob.key, 0), blob.offset + blob.length)
                     # Compressed items and small archives are read whole (see torchsave.open_archives).
-                    whole = transforms or (kind == "torch_save" and blob.length <= SMALL_BLOB)
+                    whole = blob.transforms or (kind == "torch_save" and blob.length <= SMALL_BLOB)
                     chunks.append(Chunk(offsets, sizes, ItemRef(fqn, blob, kind),
                                         whole_read_nbytes=blob.length if whole else None))
                 self.tensors[fqn] = TensorInfo(fqn, shape, dtype, validate_chunks(fqn, shape, chunks, where))
@@ -90,8 +118,7 @@ class DCPSource:
                 info = by_index.get((fqn, None))
                 if info is None:
                     raise MissingDataError(f"{where}: object {fqn!r} has no storage entry")
-                blob = Blob(info.relative_path, int(info.offset), int(info.length),
-                            tuple(info.transform_descriptors or ()))
+                blob = _blob(info, where, f"object {fqn!r}")
                 file_extent[blob.key] = max(file_extent.get(blob.key, 0), blob.offset + blob.length)
                 self.object_refs[fqn] = ItemRef(fqn, blob, "torch_save")
             else:
@@ -104,11 +131,14 @@ class DCPSource:
                         f"{store.where(key)}: the metadata places items up to byte {extent} but the file has {size} bytes "
                         "(truncated file?)"
                     )
-        self._st_headers: dict[tuple[str, int], tuple[int, dict[str, Any]]] = {}
 
     # -- chunk resolution -------------------------------------------------------------------------
 
     def locate_many(self, items: Sequence[tuple[TensorInfo, Chunk]]) -> list[Locator]:
+        with decoding(self.store.description):
+            return self._locate_many(items)
+
+    def _locate_many(self, items: Sequence[tuple[TensorInfo, Chunk]]) -> list[Locator]:
         out: list[Locator | None] = [None] * len(items)
         ts_idx = [i for i, (_, c) in enumerate(items) if c.ref.kind == "torch_save"]
         st_idx = [i for i, (_, c) in enumerate(items) if c.ref.kind == "safetensors"]
@@ -119,7 +149,9 @@ class DCPSource:
                 tensor, chunk = items[i]
                 out[i] = _chunk_locator(archive.obj, archive, tensor, chunk, where)
         if st_idx:
-            self._load_st_headers({items[i][1].ref.blob for i in st_idx})
+            todo = sorted({(b.key, b.offset) for b in (items[i][1].ref.blob for i in st_idx)} - set(self._st_headers))
+            if todo:
+                self._st_headers.update(read_headers(self.store, todo))
             for i in st_idx:
                 out[i] = self._st_locator(*items[i])
         return out  # type: ignore[return-value]
@@ -128,46 +160,27 @@ class DCPSource:
         b = chunk.ref.blob
         return f"{self.store.where(b.key)} (tensor {tensor.name!r}, chunk at offsets {chunk.offsets}, bytes [{b.offset}, {b.offset + b.length}))"
 
-    def _load_st_headers(self, blobs: set[Blob]) -> None:
-        todo = sorted({(b.key, b.offset) for b in blobs} - set(self._st_headers))
-        if not todo:
-            return
-        lens = self.store.read_ranges([(k, o, o + 8) for k, o in todo])
-        sizes = [struct.unpack("<Q", x)[0] for x in lens]
-        for (k, o), n in zip(todo, sizes):
-            if n > 100 * 2**20:
-                raise CheckpointFormatError(f"{self.store.where(k)}: safetensors header at byte {o} claims {n} bytes")
-        heads = self.store.read_ranges([(k, o + 8, o + 8 + n) for (k, o), n in zip(todo, sizes)])
-        for (k, o), n, h in zip(todo, sizes, heads):
-            try:
-                header = json.loads(h)
-            except ValueError as e:
-                raise CheckpointFormatError(f"{self.store.where(k)}: bad safetensors header at byte {o}: {e}") from e
-            self._st_headers[(k, o)] = (o + 8 + n, header)
-
     def _st_locator(self, tensor: TensorInfo, chunk: Chunk) -> Locator:
         b = chunk.ref.blob
         where = self._where(tensor, chunk)
-        data_start, header = self._st_headers[(b.key, b.offset)]
-        entry = header.get(tensor.name)
+        header = self._st_headers[(b.key, b.offset)]
+        entry = header.entries.get(tensor.name)
         if entry is None:
             raise MissingDataError(f"{where}: the safetensors section has no entry {tensor.name!r}")
-        sharding = json.loads((header.get("__metadata__") or {}).get("DCP_SHARDING_INFO", "{}") or "{}")
-        saved = sharding.get(tensor.name, {}).get("saved_offsets")
-        if saved is not None and tuple(saved) != chunk.offsets:
+        info = header.metadata.get("DCP_SHARDING_INFO")
+        sharding = load_json(info.encode() if isinstance(info, str) else b"{}", where)
+        saved = (sharding.get(tensor.name) or {}).get("saved_offsets") if isinstance(sharding, dict) else None
+        if saved is not None and checked_shape(saved, "saved_offsets", where) != chunk.offsets:
             raise InconsistentCheckpointError(
-                f"{where}: the file holds offsets {tuple(saved)} of {tensor.name!r}, the metadata says {chunk.offsets}"
+                f"{where}: the file holds offsets {_short(saved)} of {tensor.name!r}, the metadata says {chunk.offsets}"
             )
-        dtype = safetensors_dtype(entry["dtype"], where)
-        if dtype != tensor.dtype or tuple(entry["shape"]) != chunk.sizes:
+        if entry.dtype != tensor.dtype or entry.shape != chunk.sizes:
             raise InconsistentCheckpointError(
-                f"{where}: saved entry is {entry['dtype']} {tuple(entry['shape'])}, the metadata says "
+                f"{where}: saved entry is {entry.dtype_name} {entry.shape}, the metadata says "
                 f"{tensor.dtype} {chunk.sizes}"
             )
-        begin, end = entry["data_offsets"]
-        if end - begin != chunk.numel * dtype.itemsize:
-            raise InconsistentCheckpointError(f"{where}: entry spans {end - begin} bytes, expected {chunk.numel * dtype.itemsize}")
-        return Locator(b.key, data_start + begin, 0, c_strides(chunk.sizes), end - begin, "little", where=where)
+        return Locator(b.key, header.data_start + entry.begin, 0, c_strides(chunk.sizes), entry.end - entry.begin,
+                       "little", where=where)
 
     # -- objects ----------------------------------------------------------------------------------
 
@@ -175,24 +188,41 @@ class DCPSource:
         refs = [self.object_refs[n] for n in names]
         wheres = [f"{self.store.where(r.blob.key)} (object {r.fqn!r})" for r in refs]
         out = {}
-        for name, archive, where in zip(names, open_archives(self.store, [r.blob for r in refs], wheres), wheres):
-            out[name] = materialize(archive.obj, archive, self.store, where)
+        with decoding(self.store.description):
+            for name, archive, where in zip(names, open_archives(self.store, [r.blob for r in refs], wheres), wheres):
+                out[name] = materialize(archive.obj, archive, self.store, where)
         return out
 
 
-def materialize(obj: Any, archive: Any, store: Store, where: str) -> Any:
-    """Replace TensorRefs inside a decoded object by numpy arrays read from its archive."""
+MAX_OBJECT_TENSOR = 64 * 2**20  # a tensor inside a saved object is made dense only up to this (or its storage's size)
+
+
+def materialize(obj: Any, archive: Any, store: Store, where: str, depth: int = 0,
+                count: list[int] | None = None) -> Any:
+    """Replace TensorRefs inside a decoded object by numpy arrays read from its archive. Nesting deeper than
+    MAX_DEPTH, more than MAX_ENTRIES entries, or a tensor whose dense size exceeds both its storage and
+    MAX_OBJECT_TENSOR (a zero-stride view of one element claiming gigabytes) are refused."""
     from ..read import read_locator_whole
 
+    count = count if count is not None else [0]
+    count[0] += 1
+    if depth > MAX_DEPTH or count[0] > MAX_ENTRIES:
+        raise CheckpointFormatError(f"{where}: the saved object nests deeper than {MAX_DEPTH} levels or has more "
+                                    f"than {MAX_ENTRIES} entries")
     if isinstance(obj, TensorRef):
         dtype = obj.dtype.numpy(where)
-        return read_locator_whole(store, archive.locator(obj, where), obj.size, dtype)
+        loc = archive.locator(obj, where)
+        dense = math.prod(obj.size) * dtype.itemsize
+        if dense > max(loc.storage_nbytes, MAX_OBJECT_TENSOR):
+            raise CheckpointFormatError(f"{where}: a tensor in the object would take {dense} bytes from a storage of "
+                                        f"{loc.storage_nbytes}; refused")
+        return read_locator_whole(store, loc, obj.size, dtype)
     if isinstance(obj, dict):
-        return type(obj)((k, materialize(v, archive, store, where)) for k, v in obj.items())
+        return type(obj)((k, materialize(v, archive, store, where, depth + 1, count)) for k, v in obj.items())
     if isinstance(obj, list):
-        return [materialize(v, archive, store, where) for v in obj]
+        return [materialize(v, archive, store, where, depth + 1, count) for v in obj]
     if isinstance(obj, tuple):
-        return tuple(materialize(v, archive, store, where) for v in obj)
+        return tuple(materialize(v, archive, store, where, depth + 1, count) for v in obj)
     return obj
 
 

@@ -8,13 +8,14 @@ becomes an object.
 
 from __future__ import annotations
 
-import json
 import struct
 from typing import Any, Sequence
 
 from ..catalog import Chunk, Locator, TensorInfo
 from ..errors import CheckpointFormatError, InconsistentCheckpointError, MissingDataError
+from ..gate import checked_name, decoding
 from ..storage import LocalStore, Store
+from .safetensors import read_index
 from ..unpickle import TensorRef
 from .torchsave import TAIL, Archive, Blob, iter_tensors, open_archives
 
@@ -27,7 +28,7 @@ def _size(store: Store, key: str) -> int:
         return store.size(key)
     tail = store.tail(key, TAIL)
     pos = tail.rfind(b"PK\x05\x06")
-    if pos < 0:
+    if pos < 0 or pos + 22 > len(tail):
         raise _not_zip(store, key, tail)
     (_, _, _, _, count, cd_size, cd_off, comment) = struct.unpack_from("<IHHHHIIH", tail, pos)
     if pos >= 20 and tail[pos - 20 : pos - 16] == b"PK\x06\x07":
@@ -52,15 +53,16 @@ class TorchSaveSource:
 
     def __init__(self, store: Store, files: Sequence[str] | None = None, index: str | None = None) -> None:
         self.store = store
+        with decoding(store.where(index or (files or [""])[0])):
+            self._read(store, files, index)
+
+    def _read(self, store: Store, files: Sequence[str] | None, index: str | None) -> None:
         expected: dict[str, str] = {}
         if index is not None:
-            try:
-                expected = dict(json.loads(store.read_all(index))["weight_map"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise CheckpointFormatError(f"{store.where(index)}: not a checkpoint index (no weight_map): {e}") from e
+            expected = read_index(store, index)
             files = sorted(set(expected.values()))
         assert files is not None
-        files = list(files)
+        files = [checked_name(f, store.description) for f in files]
         heads = store.read_ranges([(f, 0, min(4, _size(store, f))) for f in files])
         for f, head in zip(files, heads):
             if head != b"PK\x03\x04":
@@ -90,7 +92,8 @@ class TorchSaveSource:
         self.object_refs = {name: name for name in self.objects_}
 
     def locate_many(self, items: Sequence[tuple[TensorInfo, Chunk]]) -> list[Locator]:
-        return [self._refs[info.name][0].locator(self._refs[info.name][1], info.name) for info, _ in items]
+        with decoding(self.store.description):
+            return [self._refs[info.name][0].locator(self._refs[info.name][1], info.name) for info, _ in items]
 
     def read_objects(self, names: Sequence[str]) -> dict[str, Any]:
         return {n: self.objects_[n] for n in names}

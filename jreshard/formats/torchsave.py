@@ -16,10 +16,13 @@ from typing import Any, Iterator, Sequence
 import zstandard
 
 from ..catalog import Locator
+from ..dtypes import TorchDtype
 from ..errors import CheckpointFormatError, InconsistentCheckpointError, TruncatedDataError
+from ..gate import check_view
 from ..storage import Store
-from ..unpickle import StorageRef, TensorRef, safe_loads
+from ..unpickle import MAX_DEPTH, MAX_ENTRIES, StorageRef, TensorRef, safe_loads
 
+MAX_INFLATED = 2**30  # a compressed item with no declared size (a saved object) inflates to at most this
 SMALL_BLOB = 64 * 1024  # archives up to this size are read whole in one request
 TAIL = 8 * 1024  # first guess of the central directory's size
 LOCAL_SLACK = 256  # local headers carry alignment padding in their extra field; read this much beyond
@@ -33,6 +36,7 @@ class Blob:
     offset: int
     length: int
     transforms: tuple[str, ...] = ()
+    limit: int = MAX_INFLATED  # the most bytes a compressed item may inflate to
 
 
 @dataclass
@@ -42,6 +46,7 @@ class ZipEntry:
     size: int
     method: int
     data_offset: int | None = None  # relative to the archive start, once the local header was read
+    raw_name: bytes = b""
 
 
 @dataclass
@@ -56,6 +61,7 @@ class Archive:
     obj: Any = None
     byteorder: str = "little"
     data: bytes | None = None  # the whole archive, when it is held in memory
+    cd_off: int = 0  # where the central directory starts (relative to the archive)
     _tails: dict[str, bytes] = field(default_factory=dict, repr=False)
 
     def storage_entry(self, ref: StorageRef) -> ZipEntry:
@@ -68,32 +74,24 @@ class Archive:
     def locator(self, tensor: TensorRef, name: str) -> Locator:
         """The Locator of ``tensor`` (a TensorRef from this archive's data.pkl)."""
         entry = self.storage_entry(tensor.storage)
-        itemsize = tensor.dtype.numpy(f"{self.where}: tensor {name!r}").itemsize
-        # UntypedStorage counts bytes; typed storages count elements.
-        numel_bytes = tensor.storage.numel * (1 if tensor.storage.dtype is None else itemsize)
+        where = f"{self.where}: tensor {name!r}"
+        itemsize = tensor.dtype.numpy(where).itemsize
+        # UntypedStorage counts bytes; typed storages count elements of the storage's dtype.
+        storage_item = 1 if tensor.storage.dtype is None else TorchDtype(tensor.storage.dtype).numpy(where).itemsize
+        numel_bytes = tensor.storage.numel * storage_item
         if entry.size < numel_bytes:
             raise InconsistentCheckpointError(
-                f"{self.where}: tensor {name!r}: storage entry holds {entry.size} bytes, its header says {numel_bytes}"
+                f"{where}: storage entry holds {entry.size} bytes, its header says {numel_bytes}"
             )
-        needed = _max_extent(tensor.size, tensor.stride, tensor.storage_offset)
-        if needed * itemsize > entry.size:
-            raise InconsistentCheckpointError(
-                f"{self.where}: tensor {name!r} (size {tensor.size}, stride {tensor.stride}, storage offset "
-                f"{tensor.storage_offset}) reaches past its storage of {entry.size} bytes"
-            )
-        assert entry.data_offset is not None
+        check_view(tensor.size, tensor.stride, tensor.storage_offset, itemsize, entry.size, where)
+        if entry.data_offset is None:
+            raise CheckpointFormatError(f"{where}: storage entry {entry.name!r} was not located")
         base = entry.data_offset
         if self.data is not None:
             return Locator(self.blob.key, base, tensor.storage_offset, tensor.stride, entry.size, self.byteorder,
                            data=memoryview(self.data), where=self.where)
         return Locator(self.blob.key, self.blob.offset + base, tensor.storage_offset, tensor.stride, entry.size,
                        self.byteorder, where=self.where)
-
-
-def _max_extent(size: Sequence[int], stride: Sequence[int], offset: int) -> int:
-    if any(s == 0 for s in size):
-        return 0
-    return offset + sum((s - 1) * st for s, st in zip(size, stride)) + 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -109,35 +107,55 @@ _LFH = b"PK\x03\x04"
 def _find_cd(tail: bytes, tail_start: int, where: str) -> tuple[int, int, int]:
     """(central directory offset, size, entry count), offsets relative to the archive start."""
     pos = tail.rfind(_EOCD)
-    if pos < 0:
+    if pos < 0 or pos + 22 > len(tail):
         raise CheckpointFormatError(f"{where}: not a zip archive (no end-of-central-directory record)")
-    (_, _, _, _, count, cd_size, cd_off, _) = struct.unpack_from("<IHHHHIIH", tail, pos)
+    (_, disk, cd_disk, _, count, cd_size, cd_off, _) = struct.unpack_from("<IHHHHIIH", tail, pos)
     if count == 0xFFFF or cd_size == 0xFFFFFFFF or cd_off == 0xFFFFFFFF:
         loc = pos - 20
         if loc < 0 or tail[loc : loc + 4] != _EOCD64_LOC:
             raise CheckpointFormatError(f"{where}: zip64 archive without its locator")
         (_, _, eocd64_off, _) = struct.unpack_from("<IIQI", tail, loc)
         rel = eocd64_off - tail_start
-        if rel < 0 or tail[rel : rel + 4] != _EOCD64:
+        if rel < 0 or rel + 56 > len(tail) or tail[rel : rel + 4] != _EOCD64:
             raise CheckpointFormatError(f"{where}: zip64 end record not where its locator says")
         (_, _, _, _, _, _, _, count, cd_size, cd_off) = struct.unpack_from("<IQHHIIQQQQ", tail, rel)
+    elif disk or cd_disk:
+        raise CheckpointFormatError(f"{where}: multi-disk zip archives are not torch.save archives")
+    if cd_size < 46 * count or cd_off > tail_start + pos:
+        raise CheckpointFormatError(f"{where}: zip central directory of {count} entries in {cd_size} bytes at "
+                                    f"{cd_off} does not fit the archive")
     return cd_off, cd_size, count
 
 
-def _parse_cd(cd: bytes, count: int, where: str) -> dict[str, ZipEntry]:
+def _parse_cd(cd: bytes, count: int, cd_off: int, where: str) -> dict[str, ZipEntry]:
+    """The entries of a central directory; every field is checked to lie inside the archive before the
+    directory, and a name may appear once (a zip with two ``data/0`` entries means two different models to two
+    readers)."""
     entries: dict[str, ZipEntry] = {}
     pos = 0
     for _ in range(count):
-        if cd[pos : pos + 4] != _CDH:
+        if pos + 46 > len(cd) or cd[pos : pos + 4] != _CDH:
             raise CheckpointFormatError(f"{where}: corrupt zip central directory")
         (_, _, _, flags, method, _, _, _, csize, usize, nlen, elen, clen, _, _, _, lh_off) = struct.unpack_from(
             "<IHHHHHHIIIHHHHHII", cd, pos
         )
-        name = cd[pos + 46 : pos + 46 + nlen].decode("utf-8", "replace")
+        if pos + 46 + nlen + elen + clen > len(cd):
+            raise CheckpointFormatError(f"{where}: zip central directory entry runs past the directory")
+        raw_name = cd[pos + 46 : pos + 46 + nlen]
+        name = raw_name.decode("utf-8", "replace")
         extra = cd[pos + 46 + nlen : pos + 46 + nlen + elen]
         if 0xFFFFFFFF in (csize, usize, lh_off):
             csize, usize, lh_off = _zip64_extra(extra, csize, usize, lh_off, where)
-        entries[name] = ZipEntry(name, lh_off, usize, method)
+        if name in entries:
+            raise InconsistentCheckpointError(f"{where}: zip entry {name!r} appears twice; refused (ambiguous)")
+        if method == 0 and csize != usize:
+            raise CheckpointFormatError(f"{where}: stored zip entry {name!r} has sizes {csize} and {usize}")
+        if flags & 0x1:
+            raise CheckpointFormatError(f"{where}: zip entry {name!r} is encrypted")
+        if lh_off + 30 + nlen + usize > cd_off:
+            raise CheckpointFormatError(f"{where}: zip entry {name!r} (at {lh_off}, {usize} bytes) runs into the "
+                                        "central directory")
+        entries[name] = ZipEntry(name, lh_off, usize, method, raw_name=raw_name)
         pos += 46 + nlen + elen + clen
     return entries
 
@@ -147,12 +165,17 @@ def _zip64_extra(extra: bytes, csize: int, usize: int, lh_off: int, where: str) 
     while pos + 4 <= len(extra):
         tag, size = struct.unpack_from("<HH", extra, pos)
         if tag == 1:
+            if pos + 4 + size > len(extra):
+                break
             vals = list(struct.unpack_from(f"<{size // 8}Q", extra, pos + 4))
-            if usize == 0xFFFFFFFF:
+            needed = [usize == 0xFFFFFFFF, csize == 0xFFFFFFFF, lh_off == 0xFFFFFFFF]
+            if sum(needed) > len(vals):
+                break
+            if needed[0]:
                 usize = vals.pop(0)
-            if csize == 0xFFFFFFFF:
+            if needed[1]:
                 csize = vals.pop(0)
-            if lh_off == 0xFFFFFFFF:
+            if needed[2]:
                 lh_off = vals.pop(0)
             return csize, usize, lh_off
         pos += 4 + size
@@ -160,30 +183,62 @@ def _zip64_extra(extra: bytes, csize: int, usize: int, lh_off: int, where: str) 
 
 
 def _local_data_offset(header: bytes, entry: ZipEntry, where: str) -> int:
-    if header[:4] != _LFH:
+    """Where ``entry``'s bytes start (relative to the archive), from its local header, which must name the
+    same file as the central directory."""
+    if len(header) < 30 or header[:4] != _LFH:
         raise CheckpointFormatError(f"{where}: corrupt zip local header for {entry.name!r}")
     nlen, elen = struct.unpack_from("<HH", header, 26)
+    local_name = header[30 : 30 + nlen]
+    if len(local_name) == nlen and local_name != entry.raw_name:
+        raise InconsistentCheckpointError(
+            f"{where}: zip local header names {local_name[:100]!r}, the central directory {entry.name!r}"
+        )
     return entry.header_offset + 30 + nlen + elen
+
+
+def _check_layout(entries: Sequence[ZipEntry], cd_off: int, where: str) -> None:
+    """Entries whose data offsets are known lie before the central directory and do not overlap."""
+    spans = sorted((e.header_offset, e.data_offset + e.size, e.name) for e in entries if e.data_offset is not None)
+    end, last = 0, ""
+    for start, stop, name in spans:
+        if start < end:
+            raise InconsistentCheckpointError(f"{where}: zip entries {last!r} and {name!r} overlap")
+        if stop > cd_off:
+            raise CheckpointFormatError(f"{where}: zip entry {name!r} runs into the central directory")
+        end, last = stop, name
 
 
 # ------------------------------------------------------------------------------------------------
 # Opening many archives with batched reads
 
 
-def _decompress(data: bytes, where: str) -> bytes:
+def _decompress(data: bytes, limit: int, where: str) -> bytes:
+    """A zstd stream, decompressed to at most ``limit`` bytes (a bigger one is refused, not inflated)."""
     try:
-        return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+        with zstandard.ZstdDecompressor().stream_reader(data) as reader:
+            out = reader.read(limit + 1)
+            while len(out) <= limit:
+                more = reader.read(limit + 1 - len(out))
+                if not more:
+                    break
+                out += more
     except zstandard.ZstdError as e:
         raise InconsistentCheckpointError(f"{where}: zstd stream does not decompress: {e}") from e
+    if len(out) > limit:
+        raise InconsistentCheckpointError(
+            f"{where}: zstd stream inflates beyond {limit} bytes, more than the item can hold; refused"
+        )
+    return out
 
 
-def apply_transforms(data: bytes, transforms: Sequence[str], where: str) -> bytes:
-    """Undo DCP's transform descriptors (``stream.zstd/1``) on an item's bytes."""
+def apply_transforms(data: bytes, transforms: Sequence[str], where: str, limit: int = MAX_INFLATED) -> bytes:
+    """Undo DCP's transform descriptors (``stream.zstd/1``) on an item's bytes, inflating to at most
+    ``limit`` bytes."""
     for t in reversed(transforms):
-        if t.startswith("stream.zstd"):
-            data = _decompress(data, where)
+        if isinstance(t, str) and t.startswith("stream.zstd"):
+            data = _decompress(data, limit, where)
         else:
-            raise CheckpointFormatError(f"{where}: unsupported transform descriptor {t!r}")
+            raise CheckpointFormatError(f"{where}: unsupported transform descriptor {str(t)[:100]!r}")
     return data
 
 
@@ -204,7 +259,7 @@ def open_archives(store: Store, blobs: Sequence[Blob], wheres: Sequence[str]) ->
     for i, data in zip(idx, datas):
         b = blobs[i]
         if b.transforms or b.length <= SMALL_BLOB:
-            whole = apply_transforms(data, b.transforms, wheres[i]) if b.transforms else data
+            whole = apply_transforms(data, b.transforms, wheres[i], b.limit) if b.transforms else data
             archives[i] = _archive_in_memory(b, whole, wheres[i])
         else:
             tail_start = b.length - TAIL
@@ -212,14 +267,14 @@ def open_archives(store: Store, blobs: Sequence[Blob], wheres: Sequence[str]) ->
             if cd_off + cd_size > b.length:
                 raise TruncatedDataError(f"{wheres[i]}: zip central directory runs past the end of the archive")
             if cd_off >= tail_start:
-                entries = _parse_cd(data[cd_off - tail_start : cd_off - tail_start + cd_size], count, wheres[i])
-                archives[i] = Archive(b, wheres[i], entries)
+                entries = _parse_cd(data[cd_off - tail_start : cd_off - tail_start + cd_size], count, cd_off, wheres[i])
+                archives[i] = Archive(b, wheres[i], entries, cd_off=cd_off)
             else:
                 pending_cd.append((i, cd_off, cd_size, count))
     if pending_cd:
         cds = store.read_ranges([(blobs[i].key, blobs[i].offset + o, blobs[i].offset + o + s) for i, o, s, _ in pending_cd])
-        for (i, _, _, count), cd in zip(pending_cd, cds):
-            archives[i] = Archive(blobs[i], wheres[i], _parse_cd(cd, count, wheres[i]))
+        for (i, cd_off, _, count), cd in zip(pending_cd, cds):
+            archives[i] = Archive(blobs[i], wheres[i], _parse_cd(cd, count, cd_off, wheres[i]), cd_off=cd_off)
     # Phase 2: data.pkl, byteorder and the local headers of storages, for archives not held in memory.
     reqs2: list[tuple[str, int, int]] = []
     owners: list[tuple[Archive, ZipEntry, str]] = []
@@ -252,6 +307,7 @@ def open_archives(store: Store, blobs: Sequence[Blob], wheres: Sequence[str]) ->
                 a._tails[kind] = content
         for a in archives:
             if a is not None and a.data is None:
+                _check_layout(list(a.entries.values()), a.cd_off, a.where)
                 _finish(a)
     return [a for a in archives if a is not None]
 
@@ -267,23 +323,26 @@ def _archive_in_memory(b: Blob, data: bytes, where: str) -> Archive:
     cd_off, cd_size, count = _find_cd(data, 0, where)
     if cd_off + cd_size > len(data):
         raise TruncatedDataError(f"{where}: zip central directory runs past the end of the archive")
-    entries = _parse_cd(data[cd_off : cd_off + cd_size], count, where)
-    a = Archive(b, where, entries, data=data)
+    entries = _parse_cd(data[cd_off : cd_off + cd_size], count, cd_off, where)
+    a = Archive(b, where, entries, data=data, cd_off=cd_off)
     a.prefix = _prefix(a)
     for entry in entries.values():
-        entry.data_offset = _local_data_offset(data[entry.header_offset : entry.header_offset + 30], entry, where)
+        entry.data_offset = _local_data_offset(
+            data[entry.header_offset : entry.header_offset + 30 + len(entry.raw_name)], entry, where)
         if entry.data_offset + entry.size > len(data):
             raise TruncatedDataError(f"{where}: zip entry {entry.name!r} runs past the end of the archive")
         rel = entry.name[len(a.prefix):]
         if rel in ("data.pkl", "byteorder"):
             a._tails[rel] = data[entry.data_offset : entry.data_offset + entry.size]
+    _check_layout(list(entries.values()), cd_off, where)
     _finish(a)
     return a
 
 
 def _finish(a: Archive) -> None:
     for entry in a.entries.values():
-        if entry.method != 0 and entry.name[len(a.prefix):].startswith("data"):
+        if entry.method != 0 and entry.name[len(a.prefix):] in ("data.pkl", "byteorder") or (
+                entry.method != 0 and entry.name[len(a.prefix):].startswith("data/")):
             raise CheckpointFormatError(f"{a.where}: zip entry {entry.name!r} is compressed; torch.save writes STORED entries")
     if "data.pkl" not in a._tails:
         raise CheckpointFormatError(f"{a.where}: torch.save archive without data.pkl")
@@ -295,13 +354,21 @@ def _finish(a: Archive) -> None:
     a._tails.clear()
 
 
-def iter_tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """Flatten nested dicts/lists/tuples the way DCP flattens state dicts: ``a.b.0.c``; yields (name, leaf)."""
+def iter_tensors(obj: Any, prefix: str = "", depth: int = 0, count: list[int] | None = None) -> Iterator[tuple[str, Any]]:
+    """Flatten nested dicts/lists/tuples the way DCP flattens state dicts: ``a.b.0.c``; yields (name, leaf).
+    Nesting deeper than MAX_DEPTH or more than MAX_ENTRIES leaves (a pickle can share one container many
+    times) is refused."""
+    count = count if count is not None else [0]
+    if depth > MAX_DEPTH:
+        raise CheckpointFormatError(f"state dict nests deeper than {MAX_DEPTH} levels at {prefix[:200]!r}")
     if isinstance(obj, dict):
         for k, v in obj.items():
-            yield from iter_tensors(v, f"{prefix}{k}." )
+            yield from iter_tensors(v, f"{prefix}{k}.", depth + 1, count)
     elif isinstance(obj, (list, tuple)) and any(isinstance(v, (TensorRef, dict, list, tuple)) for v in obj):
         for i, v in enumerate(obj):
-            yield from iter_tensors(v, f"{prefix}{i}.")
+            yield from iter_tensors(v, f"{prefix}{i}.", depth + 1, count)
     else:
+        count[0] += 1
+        if count[0] > MAX_ENTRIES:
+            raise CheckpointFormatError(f"state dict has more than {MAX_ENTRIES} entries")
         yield prefix[:-1], obj
