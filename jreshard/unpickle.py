@@ -34,6 +34,7 @@ import numpy as np
 from .dtypes import TORCH_DTYPES, TORCH_STORAGES, TorchDtype
 from .errors import CheckpointFormatError, JReshardError, UnsafeCheckpointError
 from .gate import MAX_INT, _short, check_view, checked_int, checked_shape
+from .pickle_scan import check_opcodes
 
 MAX_DEPTH = 100  # nesting of containers in a decoded object that jreshard walks or returns
 MAX_ENTRIES = 1_000_000  # entries (paths) of one decoded object that jreshard walks
@@ -608,8 +609,12 @@ class SafeUnpickler(pickle.Unpickler):
         return StorageRef(key, storage_type.dtype, checked_int(numel, "storage size", self.where))
 
 
-def safe_loads(data: bytes, where: str, allow_storages: bool = False) -> Any:
+def safe_loads(data: bytes, where: str, allow_storages: bool = False, bounded: bool = True) -> Any:
     """Decode ``data`` with the allow-listed unpickler.
+
+    With ``bounded`` (the default) the result nests at most MAX_DEPTH containers deep (deeper is a
+    CheckpointFormatError), so that walking or printing it is safe; a caller that reads a known structure
+    field by field (DCP's ``.metadata``) may skip that walk.
 
     Example:
         >>> import pickle
@@ -617,9 +622,10 @@ def safe_loads(data: bytes, where: str, allow_storages: bool = False) -> Any:
         {'step': 7, 'lr': 0.1}
     """
     data = bytes(data)
+    check_opcodes(data, where)
     levels = sum(data.count(op) for op in _TUPLE_OPS)
     if levels <= _SAFE_LEVELS:
-        return _decode(data, where, allow_storages)
+        return _decode(data, where, allow_storages, bounded)
     # Tuples may nest deeper than a normal stack holds while they are hashed (dict keys, set members):
     # decode on a thread whose stack holds the deepest nesting this pickle's size allows.
     stack = max(8 * 2**20, levels * _STACK_PER_LEVEL + 4 * 2**20)
@@ -629,7 +635,7 @@ def safe_loads(data: bytes, where: str, allow_storages: bool = False) -> Any:
 
     def run() -> None:
         try:
-            out.append((True, _decode(data, where, allow_storages)))
+            out.append((True, _decode(data, where, allow_storages, bounded)))
         except BaseException as e:  # handed to the caller's thread
             out.append((False, e))
 
@@ -652,13 +658,13 @@ def safe_loads(data: bytes, where: str, allow_storages: bool = False) -> Any:
 _STACK_LOCK = threading.Lock()
 
 
-def _decode(data: bytes, where: str, allow_storages: bool) -> Any:
+def _decode(data: bytes, where: str, allow_storages: bool, bounded: bool = True) -> Any:
     decode = _Decode(where, 64 * 2**20 + 8 * len(data))
     previous = getattr(_state, "decode", None)
     _state.decode = decode
     try:
         obj = SafeUnpickler(data, where, allow_storages).load()
-        if decode.stubs:
+        if decode.stubs or bounded:
             obj = _resolve(obj, 0, {})
         return obj
     except JReshardError:
@@ -683,7 +689,7 @@ def _resolve(obj: Any, depth: int, memo: dict[int, Any]) -> Any:
         return obj.dtype
     if kind is _Token:
         return obj.value
-    if kind not in (list, dict, tuple, PickledOrderedDict) and not isinstance(obj, Record):
+    if kind not in (list, dict, tuple, PickledOrderedDict, set, frozenset) and not isinstance(obj, Record):
         return obj
     key = id(obj)
     if key in memo:
@@ -697,6 +703,9 @@ def _resolve(obj: Any, depth: int, memo: dict[int, Any]) -> Any:
     elif kind is dict or kind is PickledOrderedDict:
         for k, v in obj.items():
             obj[k] = _resolve(v, depth + 1, memo)
+    elif kind is set or kind is frozenset:
+        for v in obj:  # members are hashable, so never stand-ins: only their depth is checked
+            _resolve(v, depth + 1, memo)
     elif kind is tuple:
         items = tuple(_resolve(v, depth + 1, memo) for v in obj)
         if any(a is not b for a, b in zip(items, obj)):

@@ -177,6 +177,11 @@ def test_build_on_shared_standins_is_refused(module, name, state, tmp_path):
     b"\x80\x02" + _glob("builtins", "set") + _glob("builtins", "range") + b"J\x00\xca\x9a\x3b\x85R\x85R.",
     b"\x80\x02" + _glob("builtins", "frozenset") + _glob("builtins", "range") + b"J\x00\xca\x9a\x3b\x85R\x85R.",
     b"\x80\x02" + _glob("torch", "Size") + _glob("builtins", "range") + b"J\x00\xca\x9a\x3b\x85R\x85R.",
+    # a memo index of 2**31 - 1: the C unpickler grows (and zero-fills) its memo array to twice the index
+    b"\x80\x02Nr\xff\xff\xff\x7f.",
+    b"\x80\x02Np4294967295\n.",
+    # BYTEARRAY8 allocates the length it reads before reading the bytes
+    b"\x80\x05\x96" + (2**34).to_bytes(8, "little") + b".",
     # one 1 MiB bytes object turned into a bytearray 1000 times (repetition through the memo)
     b"\x80\x02(" + b"B" + struct.pack("<I", 2**20) + b"\x00" * 2**20 + b"q\x000"
     + (_glob("builtins", "bytearray") + b"h\x00\x85R") * 1000 + b"l.",
@@ -213,6 +218,17 @@ def test_deep_tuples_never_crash(kind):
     """
     p = _run_child(code)
     assert p.returncode == 0 and ("DECODED" in p.stdout or "REFUSED" in p.stdout), (p.returncode, p.stderr[-2000:])
+
+
+def test_deep_lists_are_refused_not_returned():
+    """Lists nested 200,000 deep through the memo (constant stack depth): walking or printing them would
+    raise RecursionError in the caller's code."""
+    n = 200_000
+    data = b"\x80\x02" + b"]\x94" * n + b"0" * n
+    data += b"".join(b"j" + struct.pack("<I", i) + b"j" + struct.pack("<I", i + 1) + b"a0" for i in range(n - 1))
+    data += b"j" + struct.pack("<I", 0) + b"."
+    with pytest.raises(errors.CheckpointFormatError, match="deeper"):
+        safe_loads(data, "deep lists")
 
 
 # Hypothesis: random programs over the allow-list: decode to a value or a jreshard error, never anything else.

@@ -66,7 +66,7 @@ class DCPSource:
 
     def _read_metadata(self, store: Store, where: str) -> None:
         raw = store.read_all(METADATA)
-        md = safe_loads(raw, where)
+        md = safe_loads(raw, where, bounded=False)  # read field by field below, every field checked
         if not isinstance(md, Metadata) or type(md.state_dict_metadata) is not dict:
             raise CheckpointFormatError(f"{where}: not a torch.distributed.checkpoint Metadata pickle")
         self.metadata = md
