@@ -4,8 +4,9 @@ Two back-ends share one interface (:class:`Store`):
 
 * :class:`KvStore` reads through a tensorstore KvStore (``file``, ``gcs``, ``s3``, ``http``, ``memory``),
   with byte-range reads grouped in a ``ts.Batch``;
-* :class:`LocalStore` reads local files with ``pread``/``preadv`` into caller buffers, or exposes them as
-  read-only memory maps (the fast path for local disks, chosen by ``io="auto"``).
+* :class:`LocalStore` reads local files with ``pread``/``preadv`` into caller buffers (the fast path for
+  local disks, chosen by ``io="auto"``). Never memory maps: a file truncated under a map kills the reader
+  with SIGBUS, a short ``pread`` is an error.
 
 :func:`store_for_directory` maps a path or URL to a store. Each store counts the bytes and reads it issued
 (:class:`IOStats`).
@@ -14,7 +15,6 @@ Two back-ends share one interface (:class:`Store`):
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import stat
 import threading
@@ -110,7 +110,7 @@ def _check_length(store: Store, key: str, start: int, stop: int, got: int) -> No
 
 
 class LocalStore(Store):
-    """Files under a local directory, read with ``pread``/``preadv`` or through read-only memory maps.
+    """Files under a local directory, read with ``pread``/``preadv``.
 
     Every read holds a *use* of the store (:meth:`_use`) while it runs. :meth:`close` refuses new uses and
     closes the descriptors only once no use is left (the last reader closes them), so a descriptor is never
@@ -134,8 +134,7 @@ class LocalStore(Store):
         self.root = os.path.abspath(root)
         self.description = self.root
         self._fds: dict[str, int] = {}
-        self._maps: dict[str, np.ndarray] = {}
-        self._lock = threading.RLock()  # re-entrant: mapped() calls size() and fd() while holding it
+        self._lock = threading.RLock()  # re-entrant: _fd() takes it again under fd()
         self._closed = False
         self._uses = 0  # reads in flight (each holds a use)
 
@@ -181,21 +180,6 @@ class LocalStore(Store):
     def size(self, key: str) -> int:
         with self._use(key) as fd:
             return os.fstat(fd).st_size
-
-    def mapped(self, key: str) -> np.ndarray:
-        """The whole file as a read-only uint8 array over a shared memory map (pages are read on touch)."""
-        view = self._maps.get(key)
-        if view is None:
-            with self._lock:
-                view = self._maps.get(key)
-                if view is None:
-                    size = self.size(key)
-                    if size == 0:
-                        view = np.zeros(0, np.uint8)
-                    else:
-                        view = np.frombuffer(mmap.mmap(self.fd(key), size, access=mmap.ACCESS_READ), np.uint8)
-                    self._maps[key] = view
-        return view
 
     def exists(self, key: str) -> bool:
         return os.path.isfile(self.path(key))
@@ -246,7 +230,6 @@ class LocalStore(Store):
         else when the last running read ends. Idempotent; safe from any thread."""
         with self._lock:
             self._closed = True
-            self._maps.clear()  # the maps close when no array uses them any more
             if not self._uses:
                 self._close_fds()
 
