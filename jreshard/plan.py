@@ -61,13 +61,22 @@ class Overlap:
 
 
 def overlaps(chunks: Sequence[Chunk], box: Box) -> list[Overlap]:
-    """Every saved chunk's overlap with ``box`` (empty overlaps omitted).
+    """Every saved chunk's overlap with ``box`` (empty overlaps omitted), in chunk order.
+
+    For many chunks as :func:`jreshard.catalog.validate_chunks` returns them (``TensorInfo.chunks``), only the
+    chunks that meet ``box`` are visited, found by an index built once for them
+    (:func:`jreshard.catalog.chunk_overlaps`): O(log n + candidates) per box instead of O(n).
 
     Example:
         >>> from jreshard.catalog import Chunk
         >>> [o.size for o in overlaps([Chunk((0,), (4,)), Chunk((4,), (4,))], ((2, 6),))]
         [(2,), (2,)]
     """
+    from .catalog import chunk_overlaps  # (imported here: only this function of the module needs it)
+
+    found = chunk_overlaps(chunks, box)
+    if found is not None:
+        return list(map(Overlap, *found))
     out = []
     for i, c in enumerate(chunks):
         lo = [max(o, b0) for o, (b0, _) in zip(c.offsets, box)]
