@@ -137,6 +137,7 @@ class Checkpoint:
         except (IndexError, TypeError, ValueError) as e:
             raise TargetMismatchError(f"{self.source}: tensor {name!r}: bad index {index!r}: {e}") from None
         piece = Piece(name, box, 0, [])
+        prepared = self._prepare([(info, piece)])  # chunks located and checked before the buffer exists
         dest = _place.aligned_empty(piece.shape, info.dtype)
         executor = Executor(self.store, self.io)
         with self._lock:
@@ -145,7 +146,7 @@ class Checkpoint:
                 self._pool = ThreadPoolExecutor(executor.threads, thread_name_prefix="jreshard")
             pool = self._pool
         try:
-            self._fill([(info, piece, dest)], executor, pool)
+            self._run(prepared, [dest], executor, pool)
         except RuntimeError:
             self._check_open()  # close() shut the pool down: "cannot schedule new futures after shutdown"
             raise
@@ -313,9 +314,10 @@ class Checkpoint:
                     for i, dev, arr in self._load_in_parts(batch, limit, executor, pool, advance):
                         device_arrays[i][dev] = arr
                     continue
+                prepared = self._prepare([(info, piece) for _, info, piece, _ in batch])
                 hosts = _place.allocate([(piece.shape, info.dtype) for _, info, piece, _ in batch])
                 bufs = [(info, piece, host) for (_, info, piece, _), host in zip(batch, hosts)]
-                self._fill(bufs, executor, pool)
+                self._run(prepared, hosts, executor, pool)
                 host, devs, owners = [], [], []
                 for (i, info, piece, dtype), (_, _, buf) in zip(batch, bufs):
                     buf = _cast(buf, dtype)
@@ -369,12 +371,11 @@ class Checkpoint:
             update = _update_fn(sharding.mesh)
             for rel in _parts(tuple((0, n) for n in shape), elem, limit // len(group)):
                 part_shape = tuple(b - a for a, b in rel)
+                prepared = self._prepare([
+                    (info, Piece(piece.name, tuple((a0 + a, a0 + b) for (a0, _), (a, b) in zip(piece.box, rel)),
+                                 piece.process, piece.devices)) for _, _, piece, _ in group])
                 hosts = _place.allocate([(part_shape, info.dtype)] * len(group))
-                fills = []
-                for (_, _, piece, _), host in zip(group, hosts):
-                    box = tuple((a0 + a, a0 + b) for (a0, _), (a, b) in zip(piece.box, rel))
-                    fills.append((info, Piece(piece.name, box, piece.process, piece.devices), host))
-                self._fill(fills, executor, pool)
+                self._run(prepared, hosts, executor, pool)
                 hosts = [_cast(host, dtype) for host in hosts]
                 placed = _place.put([host for (_, _, piece, _), host in zip(group, hosts) for _ in piece.devices],
                                     devices)
@@ -382,7 +383,7 @@ class Checkpoint:
                                                                 sharding, placed)
                 buf = update(buf, part, np.array([a for a, _ in rel], index_dtype))
                 jax.block_until_ready(buf)  # the host parts may be released after this (one part in flight)
-                del hosts, fills, placed, part
+                del hosts, prepared, placed, part
                 advance(len(group) * math.prod(part_shape) * info.dtype.itemsize)
             out.extend((i, shard.device, shard.data) for shard in buf.addressable_shards)
         return out
@@ -449,16 +450,28 @@ class Checkpoint:
 
     def _fill(self, bufs: list[tuple[TensorInfo, Piece, np.ndarray]], executor: Executor, pool: ThreadPoolExecutor) -> None:
         """Fill the host buffers of pieces from the saved chunks (one batched locate, then the reads)."""
+        prepared = self._prepare([(info, piece) for info, piece, _ in bufs])
+        self._run(prepared, [dest for _, _, dest in bufs], executor, pool)
+
+    def _prepare(self, pieces: list[tuple[TensorInfo, Piece]]) -> list[tuple[TensorInfo, Piece, list, dict]]:
+        """The overlaps of each piece with the saved chunks, and their located chunks (one batched locate of
+        the headers). Run before the pieces' buffers are allocated: a chunk whose item does not hold what the
+        metadata claims is refused before memory is spent on the claim."""
         plans = []
-        for info, piece, dest in bufs:
+        for info, piece in pieces:
             ovs = overlaps(info.chunks, piece.box)
             covered = sum(math.prod(o.size) for o in ovs)
             if covered != math.prod(piece.shape):
                 raise JReshardError(f"internal: tensor {info.name!r} box {piece.box} covered {covered} elements")
-            plans.append((info, piece, dest, ovs))
-        located = self._locate((info, ov.chunk_id) for info, _, _, ovs in plans for ov in ovs)
+            plans.append((info, piece, ovs))
+        located = self._locate((info, ov.chunk_id) for info, _, ovs in plans for ov in ovs)
+        return [(info, piece, ovs, located) for info, piece, ovs in plans]
+
+    @staticmethod
+    def _run(prepared: list[tuple[TensorInfo, Piece, list, dict]], dests: list[np.ndarray], executor: Executor,
+             pool: ThreadPoolExecutor) -> None:
         jobs = []
-        for info, piece, dest, ovs in plans:
+        for (info, piece, ovs, located), dest in zip(prepared, dests):
             for ov in ovs:
                 loc = located[(info.name, ov.chunk_id)]
                 chunk = info.chunks[ov.chunk_id]

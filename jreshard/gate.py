@@ -103,7 +103,9 @@ def check_view(size: Sequence[int], stride: Sequence[int], storage_offset: int, 
         jreshard.errors.InconsistentCheckpointError: t: size (2, 3), stride (3, 1), storage offset 1 reaches byte 28 of a storage of 24 bytes
     """
     size = checked_shape(size, "size", what, itemsize)
-    stride = checked_shape(stride, "stride", what)
+    if not isinstance(stride, (tuple, list)) or len(stride) > MAX_NDIM:
+        raise CheckpointFormatError(f"{what}: stride {_short(stride)} is not a list of integers")
+    stride = tuple(checked_int(s, "stride", what) for s in stride)
     offset = checked_int(storage_offset, "storage offset", what)
     if len(stride) != len(size):
         raise InconsistentCheckpointError(f"{what}: size {size} and stride {stride} differ in rank")

@@ -49,7 +49,7 @@ def aligned_empty(shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
     nbytes = math.prod(int(s) for s in shape) * dtype.itemsize
     check_fits(nbytes)
-    raw = np.empty(nbytes + ALIGN, np.uint8)
+    raw = _empty(nbytes + ALIGN)
     start = (-raw.ctypes.data) % ALIGN
     return raw[start : start + nbytes].view(dtype).reshape(tuple(shape))
 
@@ -81,7 +81,7 @@ def allocate(shapes: Sequence[tuple[Sequence[int], np.dtype]], block: int = BLOC
         while j < len(shapes) and (j == i or total + _pad(sizes[j]) <= block):
             total += _pad(sizes[j])
             j += 1
-        raw = np.empty(total + HUGE, np.uint8)
+        raw = _empty(total + HUGE)
         start = (-raw.ctypes.data) % HUGE
         pos = start
         for k in range(i, j):
@@ -90,6 +90,18 @@ def allocate(shapes: Sequence[tuple[Sequence[int], np.dtype]], block: int = BLOC
             pos += _pad(sizes[k])
         i = j
     return out  # type: ignore[return-value]
+
+
+def _empty(nbytes: int) -> np.ndarray:
+    """``numpy.empty(nbytes, uint8)``; a failed allocation (an address-space limit, strict overcommit) is an
+    OutOfMemoryError."""
+    try:
+        return np.empty(nbytes, np.uint8)
+    except MemoryError:
+        failed = True
+    if failed:  # raised here, not in the except block, so that no MemoryError rides along as its context
+        raise OutOfMemoryError(f"cannot allocate {nbytes / 2**30:.2f} GiB of host memory")
+    raise AssertionError  # unreachable
 
 
 def _pad(n: int) -> int:

@@ -123,6 +123,12 @@ def read_headers(store: Store, locations: Sequence[tuple[str, int]]) -> dict[tup
         data_start = o + 8 + n
         data_nbytes = store.size(f) - data_start if isinstance(store, LocalStore) else None
         out[(f, o)] = parse_header(raw, data_start, store.where(f), data_nbytes)
+    if not isinstance(store, LocalStore):
+        # No file size from a remote store: read the last byte the header claims (one small request per
+        # section), so that a header claiming more than the file holds fails here, before any allocation.
+        ends = [(f, h.data_start + max((e.end for e in h.entries.values()), default=0))
+                for (f, _), h in out.items()]
+        store.read_ranges([(f, end - 1, end) for f, end in ends if end > 0])
     return out
 
 

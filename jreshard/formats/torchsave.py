@@ -23,6 +23,7 @@ from ..storage import Store
 from ..unpickle import MAX_DEPTH, MAX_ENTRIES, StorageRef, TensorRef, safe_loads
 
 MAX_INFLATED = 2**30  # a compressed item with no declared size (a saved object) inflates to at most this
+INFLATE_STEP = 16 * 2**20
 SMALL_BLOB = 64 * 1024  # archives up to this size are read whole in one request
 TAIL = 8 * 1024  # first guess of the central directory's size
 LOCAL_SLACK = 256  # local headers carry alignment padding in their extra field; read this much beyond
@@ -214,21 +215,22 @@ def _check_layout(entries: Sequence[ZipEntry], cd_off: int, where: str) -> None:
 
 def _decompress(data: bytes, limit: int, where: str) -> bytes:
     """A zstd stream, decompressed to at most ``limit`` bytes (a bigger one is refused, not inflated)."""
+    parts, size = [], 0
     try:
         with zstandard.ZstdDecompressor().stream_reader(data) as reader:
-            out = reader.read(limit + 1)
-            while len(out) <= limit:
-                more = reader.read(limit + 1 - len(out))
+            while size <= limit:  # in steps: memory grows with what the stream really holds, not the claim
+                more = reader.read(min(INFLATE_STEP, limit + 1 - size))
                 if not more:
                     break
-                out += more
+                parts.append(more)
+                size += len(more)
     except zstandard.ZstdError as e:
-        raise InconsistentCheckpointError(f"{where}: zstd stream does not decompress: {e}") from e
-    if len(out) > limit:
+        raise InconsistentCheckpointError(f"{where}: zstd stream does not decompress: {e}") from None
+    if size > limit:
         raise InconsistentCheckpointError(
             f"{where}: zstd stream inflates beyond {limit} bytes, more than the item can hold; refused"
         )
-    return out
+    return b"".join(parts)
 
 
 def apply_transforms(data: bytes, transforms: Sequence[str], where: str, limit: int = MAX_INFLATED) -> bytes:
