@@ -106,3 +106,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     t = getattr(config, "_jreshard_write_seconds", None)
     if t:
         terminalreporter.write_line(f"jreshard tests: DCP checkpoints written by torch in {t:.1f}s")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-long", action="store_true", default=False,
+                     help="run tests/test_fuzz.py with 50x the cases (minutes to hours)")
+
+
+@pytest.fixture(scope="session")
+def fuzz_long(pytestconfig) -> bool:
+    """Whether --fuzz-long was given (tests/test_fuzz.py multiplies its case counts)."""
+    return bool(pytestconfig.getoption("--fuzz-long"))
