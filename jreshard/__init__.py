@@ -42,7 +42,7 @@ def open(source: str | os.PathLike, *, io: str = "auto", storage_options: dict[s
         100
     """
     if io not in ("auto", "posix", "tensorstore"):
-        raise ValueError(f"io must be 'auto', 'posix' or 'tensorstore', not {io!r}")
+        raise InvalidArgumentError(f"io must be 'auto', 'posix' or 'tensorstore', not {io!r}")
     fmt, store = open_source(os.fspath(source), io=io, storage_options=storage_options)
     return Checkpoint(source, fmt, store, io)
 
