@@ -841,6 +841,17 @@ def st_join(header_text: bytes, data: bytes, hlen: int | None = None) -> bytes:
     return struct.pack("<Q", len(header_text) if hlen is None else hlen) + header_text + data
 
 
+def _mutate_st_header_times(draw, buf: bytes) -> tuple[bytes, list]:
+    """One or two header mutations in a row (stopping if the file became shorter than its length field)."""
+    descs = []
+    for _ in range(draw(st.integers(1, 2))):
+        buf, desc = mutate_st_header(draw, buf)
+        descs.append(desc)
+        if len(buf) < 8:
+            break
+    return buf, descs
+
+
 def mutate_st_header(draw: Callable, buf: bytes) -> tuple[bytes, str]:
     """One structural mutation of a safetensors file (header JSON, raw header text, length field, truncation)."""
     try:
@@ -2127,12 +2138,7 @@ class Families:
             buf = (d / f).read_bytes()
             if buf[:4] == b"PK\x03\x04":
                 reject()
-            descs = []
-            for _ in range(draw(st.integers(1, 2))):
-                buf, desc = mutate_st_header(draw, buf)
-                descs.append(desc)
-                if len(buf) < 8:
-                    break
+            buf, descs = _mutate_st_header_times(draw, buf)
             (d / f).write_bytes(buf)
             self.r.run({"mode": "open", "path": str(d), "io": self._io(draw), "expect": "dcp:safetensors",
                         "rng": draw(st.integers(0, 2**32)), "label": f"dcp/safetensors {f}"}, descs)
@@ -2159,12 +2165,7 @@ class Families:
             path = d / "model.safetensors"
             save_file(tensors, str(path), metadata={"format": "np"})
             buf = path.read_bytes()
-            descs = []
-            for _ in range(draw(st.integers(1, 2))):
-                buf, desc = mutate_st_header(draw, buf)
-                descs.append(desc)
-                if len(buf) < 8:
-                    break
+            buf, descs = _mutate_st_header_times(draw, buf)
             path.write_bytes(buf)
             target = str(path) if draw(st.booleans()) else str(d)
             self.r.run({"mode": "open", "path": target, "io": self._io(draw), "expect": "generated",

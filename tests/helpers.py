@@ -188,3 +188,16 @@ def check_catalog(ck, expected: dict) -> None:
         assert tuple(info.shape) == ref.shape, name
         assert np.dtype(info.dtype) == ref.dtype, name
 
+
+def flatten_torch(obj, prefix: str = ""):
+    """(name, leaf) pairs of a torch.load result, flattened the DCP way."""
+    import torch
+
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from flatten_torch(v, f"{prefix}{k}.")
+    elif isinstance(obj, (list, tuple)) and any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in obj):
+        for i, v in enumerate(obj):
+            yield from flatten_torch(v, f"{prefix}{i}.")
+    else:
+        yield prefix[:-1], obj

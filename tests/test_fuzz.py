@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests import torch_writers as tw
-from tests.helpers import child_env
+from tests.helpers import child_env, flatten_torch
 
 TESTS_DIR = Path(__file__).resolve().parent
 WORKER = TESTS_DIR / "fuzz_worker.py"
@@ -44,20 +44,6 @@ DCP_VARIANTS = ("zstd", "threads", "safetensors", "plain")
 # ---------------------------------------------------------------------------------------------
 # the torch-written originals
 # ---------------------------------------------------------------------------------------------
-
-
-def _flatten(obj, prefix=""):
-    """(name, leaf) pairs, flattened the DCP way (as jreshard names torch.save entries)."""
-    import torch
-
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _flatten(v, f"{prefix}{k}.")
-    elif isinstance(obj, (list, tuple)) and any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in obj):
-        for i, v in enumerate(obj):
-            yield from _flatten(v, f"{prefix}{i}.")
-    else:
-        yield prefix[:-1], obj
 
 
 def _torch_states():
@@ -101,7 +87,7 @@ def _save_reference(state, ref_dir: Path) -> tuple[list[str], dict]:
     import torch
 
     arrays, objects = {}, {}
-    for name, leaf in _flatten(state):
+    for name, leaf in flatten_torch(state):
         if isinstance(leaf, torch.Tensor):
             dtname = str(leaf.dtype).removeprefix("torch.")
             arrays[name] = (dtname, tw.to_numpy(leaf))

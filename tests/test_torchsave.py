@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 import jreshard
 from jreshard import errors
 
-from tests.helpers import MESH_SHAPES, check_catalog, assert_same, box_nbytes, check_loaded_array, make_mesh, spec_fits, SPECS, random_tensor, torch_bits
+from tests.helpers import MESH_SHAPES, check_catalog, flatten_torch, assert_same, box_nbytes, check_loaded_array, make_mesh, spec_fits, SPECS, random_tensor, torch_bits
 
 IOS = ("posix", "tensorstore")
 
@@ -64,20 +64,6 @@ NP_DTYPES = {
 def to_numpy(t) -> np.ndarray:
     """Bit-exact numpy copy of a torch tensor (ml_dtypes for bf16 / float8)."""
     return torch_bits(t, NP_DTYPES[str(t.dtype).removeprefix("torch.")])
-
-
-def flatten_torch(obj, prefix: str = ""):
-    """(name, leaf) pairs of a torch.load result, flattened the DCP way."""
-    import torch
-
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from flatten_torch(v, f"{prefix}{k}.")
-    elif isinstance(obj, (list, tuple)) and any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in obj):
-        for i, v in enumerate(obj):
-            yield from flatten_torch(v, f"{prefix}{i}.")
-    else:
-        yield prefix[:-1], obj
 
 
 def torch_reference(*paths):
