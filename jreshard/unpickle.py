@@ -33,7 +33,7 @@ import numpy as np
 
 from .dtypes import TORCH_DTYPES, TORCH_STORAGES, TorchDtype
 from .errors import CheckpointFormatError, JReshardError, UnsafeCheckpointError
-from .gate import MAX_INT, _short, check_view, checked_int, checked_shape
+from .gate import _short, check_view, checked_int, checked_shape
 from .pickle_scan import check_opcodes
 
 MAX_DEPTH = 100  # nesting of containers in a decoded object that jreshard walks or returns

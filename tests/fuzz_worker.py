@@ -788,7 +788,7 @@ def mutate_zip_rebuild(draw: Callable, entries: list[dict[str, Any]]) -> tuple[l
         return entries, opts, f"content of {nm!r} ({len(old)} bytes) -> {new[:12]!r} ({len(new)} bytes)"
     if kind == "zip64":
         e = entries[i]
-        u, c, l = len(e["data"]), len(e["data"]), 0
+        u, c = len(e["data"]), len(e["data"])
         which = draw(st.sampled_from(["ok", "usize", "csize", "lh_off"]))
         v = draw(st.sampled_from([0, 2**63, 2**64 - 1, 2**32, 1]))
         e["cd_zip64"] = True

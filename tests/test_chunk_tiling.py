@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from jreshard import catalog
 from jreshard.catalog import Chunk, validate_chunks
-from jreshard.errors import CheckpointFormatError, InconsistentCheckpointError, JReshardError
+from jreshard.errors import CheckpointFormatError, InconsistentCheckpointError
 from jreshard.plan import overlaps
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
