@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import CheckpointFormatError, InconsistentCheckpointError
-from .gate import MAX_INT, checked_int, checked_shape
+from .gate import MAX_INT, Shape, checked_int, checked_shape
 
 
 @dataclass(frozen=True)
@@ -197,7 +197,7 @@ def _chunk_arrays(name: str, shape: tuple[int, ...], chunks: Any, where: str) ->
     offsets = [c.offsets for c in chunks]
     sizes = [c.sizes for c in chunks]
     containers = set(map(type, offsets)) | set(map(type, sizes))
-    if not containers <= {tuple, list}:
+    if not containers <= {tuple, list, Shape}:
         _checked_ints_slow(name, chunks, where)  # raises on the first that is not a list of ints
     same_rank = set(map(len, offsets)) | set(map(len, sizes)) <= {ndim}
     arrays = None
@@ -208,7 +208,7 @@ def _chunk_arrays(name: str, shape: tuple[int, ...], chunks: Any, where: str) ->
                            for x in (offsets, sizes))
         except OverflowError:
             arrays = None
-    plain = arrays is not None and containers <= {tuple}  # tuples of exact ints, as the index wants them
+    plain = arrays is not None and containers <= {tuple, Shape}  # tuples of exact ints, as the index wants them
     if arrays is None or any(len(a) and (a.min() < 0 or a.max() > MAX_INT) for a in arrays):
         flat_o, flat_s = _checked_ints_slow(name, chunks, where)  # raises on the first bad value
         arrays = np.array(flat_o, dtype=np.int64), np.array(flat_s, dtype=np.int64)

@@ -69,6 +69,13 @@ def checked_int(value: Any, what: str, where: str, lo: int = 0, hi: int = MAX_IN
     return int(value)
 
 
+class Shape(tuple):
+    """A tuple of at most MAX_NDIM ints in [0, MAX_INT], as :func:`checked_shape` made it (checking it again
+    is free). Equal to, and hashed like, the plain tuple."""
+
+    __slots__ = ()
+
+
 def checked_shape(values: Any, what: str, where: str, itemsize: int = 1) -> tuple[int, ...]:
     """A shape (or offsets) of at most MAX_NDIM non-negative ints whose element count times ``itemsize``
     stays below MAX_INT bytes.
@@ -78,13 +85,16 @@ def checked_shape(values: Any, what: str, where: str, itemsize: int = 1) -> tupl
         (2, 3)
     """
     kind = type(values)
-    if (kind is tuple or kind is list) and len(values) <= MAX_NDIM and all(type(v) is int for v in values):
-        out = tuple(values)  # the common case, checked in C-speed builtins
+    if kind is Shape:  # checked already: only the byte size depends on the itemsize
+        if math.prod(values) * max(1, itemsize) <= MAX_INT:
+            return values
+    elif (kind is tuple or kind is list) and len(values) <= MAX_NDIM and all(type(v) is int for v in values):
+        out = Shape(values)  # the common case, checked in C-speed builtins
         if not out or (min(out) >= 0 and max(out) <= MAX_INT and math.prod(out) * max(1, itemsize) <= MAX_INT):
             return out
     if not isinstance(values, (tuple, list)) or len(values) > MAX_NDIM:
         raise CheckpointFormatError(f"{where}: {what} is {_short(values)}, not a list of at most {MAX_NDIM} integers")
-    out = tuple(checked_int(v, what, where) for v in values)
+    out = Shape(checked_int(v, what, where) for v in values)
     if math.prod(out) * max(1, itemsize) > MAX_INT:
         raise CheckpointFormatError(f"{where}: {what} {out} is too large")
     return out
