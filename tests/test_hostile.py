@@ -660,3 +660,17 @@ def test_zstd_bomb_is_capped(checkpoints, tmp_path):
     p = _run_child(code, mem_gib=3)
     assert p.returncode == 0 and "REFUSED" in p.stdout, (p.stdout, p.stderr[-2000:])
     assert "inflates" in p.stdout
+
+
+def test_index_json_has_a_size_cap(tmp_path):
+    from safetensors.numpy import save_file
+
+    d = tmp_path / "model"
+    d.mkdir()
+    save_file({"a": np.ones(3, np.float32)}, str(d / "x.safetensors"))
+    filler = " " * (65 * 2**20)  # valid JSON whitespace, larger than any real index
+    (d / "model.safetensors.index.json").write_text('{"weight_map": {"a": "x.safetensors"}' + filler + "}")
+    with pytest.raises(errors.CheckpointFormatError, match="larger than"):
+        jreshard.open(d)
+    (d / "model.safetensors.index.json").write_text('{"weight_map": {"a": "x.safetensors"}}')
+    np.testing.assert_array_equal(jreshard.open(d).read("a"), np.ones(3, np.float32))
