@@ -217,28 +217,6 @@ def merge_runs(starts: np.ndarray, lengths: np.ndarray, gap: int) -> tuple[np.nd
     return read_starts, read_stops, read_of_run
 
 
-def split_reads(starts: np.ndarray, lengths: np.ndarray, read_starts: np.ndarray, read_of_run: np.ndarray,
-                limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cut the reads of :func:`merge_runs` between runs, about every ``limit`` bytes, so that large reads
-    become several requests. Returns (read_starts, read_stops, read_of_run) like :func:`merge_runs`.
-
-    Example:
-        >>> import numpy as np
-        >>> s, l = np.array([0, 10, 20, 30]), np.array([10, 10, 10, 10])
-        >>> rs, re, k = merge_runs(s, l, 0)
-        >>> [a.tolist() for a in split_reads(s, l, rs, k, 20)]
-        [[0, 20], [20, 40], [0, 0, 1, 1]]
-    """
-    if len(starts) == 0:
-        return merge_runs(starts, lengths, 0)
-    part = (starts - read_starts[read_of_run]) // max(1, limit)
-    new = np.ones(len(starts), dtype=bool)
-    new[1:] = (read_of_run[1:] != read_of_run[:-1]) | (part[1:] != part[:-1])
-    read_of_run = np.cumsum(new) - 1
-    first = np.flatnonzero(new)
-    return starts[first], np.maximum.reduceat(starts + lengths, first), read_of_run
-
-
 # --------------------------------------------------------------------------------------------------
 # Plan reporting
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from jreshard.catalog import Chunk, Locator, validate_chunks
 from jreshard.errors import InconsistentCheckpointError
 from jreshard import read as read_module
-from jreshard.plan import merge_runs, normalize_index, overlaps, runs_of, split_reads
+from jreshard.plan import normalize_index, overlaps, runs_of
 from jreshard.read import CopyJob, Executor
 from jreshard.storage import KvStore, LocalStore
 
@@ -84,41 +84,6 @@ def test_validate_detects_holes_and_overlaps(data):
             with pytest.raises(InconsistentCheckpointError):
                 validate_chunks("t", shape, nonempty[:i] + [grown] + nonempty[i + 1 :], "test")
             break
-
-
-@SETTINGS
-@given(starts=st.lists(st.integers(0, 1000), max_size=30), lens=st.lists(st.integers(1, 50), min_size=30, max_size=30),
-       gap=st.integers(0, 64))
-def test_merge_runs_covers_and_separates(starts, lens, gap):
-    s = np.sort(np.array(starts, np.int64))
-    l = np.array(lens[: len(s)], np.int64)
-    rs, re, k = merge_runs(s, l, gap)
-    for i in range(len(s)):
-        assert rs[k[i]] <= s[i] and s[i] + l[i] <= re[k[i]]
-    assert np.all(rs[1:] - re[:-1] > gap)  # reads are disjoint and separated by more than the gap
-    covered = np.zeros(1200, bool)
-    for a, n in zip(s.tolist(), l.tolist()):
-        covered[a : a + n] = True
-    # A read holds only run bytes and gaps of at most ``gap`` between them.
-    assert int((re - rs).sum()) <= int(covered.sum()) + gap * len(s)
-
-
-@SETTINGS
-@given(starts=st.lists(st.integers(0, 1000), max_size=30), lens=st.lists(st.integers(1, 50), min_size=30, max_size=30),
-       gap=st.integers(0, 64), limit=st.integers(1, 200))
-def test_split_reads_cuts_between_runs(starts, lens, gap, limit):
-    s = np.sort(np.array(starts, np.int64))
-    l = np.array(lens[: len(s)], np.int64)
-    rs, re, k = merge_runs(s, l, gap)
-    ss, se, kk = split_reads(s, l, rs, k, limit)
-    for i in range(len(s)):
-        assert ss[kk[i]] <= s[i] and s[i] + l[i] <= se[kk[i]]  # every run lies inside one part
-        assert rs[k[i]] <= ss[kk[i]] and se[kk[i]] <= re[k[i]]  # and that part inside the run's merged read
-    assert set(ss.tolist()) <= set(s.tolist())  # parts start at runs (cuts fall between runs)
-    # A merged read spanning n * limit bytes is cut into at most n + 1 parts.
-    for m in range(len(rs)):
-        parts = len(set(kk[k == m].tolist()))
-        assert parts <= (re[m] - rs[m]) // limit + 1
 
 
 def _layout(data, sizes):
