@@ -98,10 +98,8 @@ def _empty(nbytes: int) -> np.ndarray:
     try:
         return np.empty(nbytes, np.uint8)
     except MemoryError:
-        failed = True
-    if failed:  # raised here, not in the except block, so that no MemoryError rides along as its context
-        raise OutOfMemoryError(f"cannot allocate {nbytes / 2**30:.2f} GiB of host memory")
-    raise AssertionError  # unreachable
+        pass  # raised below, outside the except block, so that no MemoryError rides along as its context
+    raise OutOfMemoryError(f"cannot allocate {nbytes / 2**30:.2f} GiB of host memory")
 
 
 def _pad(n: int) -> int:

@@ -64,10 +64,11 @@ def _file_format(store: Store, name: str, where: str) -> Any:
     from .formats import safetensors, torchfile
 
     if name.endswith(".index.json"):
-        files = sorted(set(safetensors.read_index(store, name).values()))
+        weight_map = safetensors.read_index(store, name)  # read once, handed to the format
+        files = sorted(set(weight_map.values()))
         if files and all(f.endswith(".safetensors") for f in files):
-            return safetensors.SafetensorsSource(store, index=name)
-        return torchfile.TorchSaveSource(store, index=name)
+            return safetensors.SafetensorsSource(store, index=name, weight_map=weight_map)
+        return torchfile.TorchSaveSource(store, index=name, weight_map=weight_map)
     if name.endswith(".safetensors"):
         return safetensors.SafetensorsSource(store, files=[name])
     return torchfile.TorchSaveSource(store, files=[name])

@@ -264,9 +264,9 @@ def _programs(draw):
 def test_random_programs_over_the_allow_list(data):
     try:
         value = safe_loads(data, "random program")
-    except errors.JReshardError:
-        return
-    repr(value)
+    except errors.JReshardError as e:  # refused: the only other outcome allowed
+        value = e
+    assert isinstance(repr(value), str)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,11 +506,15 @@ def _safetensors_bytes(header: dict | str, data: bytes) -> bytes:
     return struct.pack("<Q", len(h)) + h + data
 
 
+_BEGINS = st.one_of(st.integers(-8, 40), st.sampled_from([2**31, 2**63, 2**64]))
+_LENGTHS = st.sampled_from([8, 8, 8, 4, 0, -8, 2**40])  # 8: the length two float32s need
+
+
 @SETTINGS
-@given(offsets=st.lists(st.tuples(_INTS, _INTS), min_size=2, max_size=2))
-def test_safetensors_offsets_inside_the_data_and_disjoint(tmp_path, offsets):
+@given(starts=st.lists(st.tuples(_BEGINS, _LENGTHS), min_size=2, max_size=2))
+def test_safetensors_offsets_inside_the_data_and_disjoint(tmp_path, starts):
     data = np.arange(8, dtype=np.float32).tobytes()
-    (b0, e0), (b1, e1) = offsets
+    (b0, e0), (b1, e1) = offsets = [(b, b + n) for b, n in starts]
     header = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [b0, e0]},
               "b": {"dtype": "F32", "shape": [2], "data_offsets": [b1, e1]}}
     path = tmp_path / "x.safetensors"
@@ -518,9 +522,7 @@ def test_safetensors_offsets_inside_the_data_and_disjoint(tmp_path, offsets):
     ok = all(0 <= b and e - b == 8 and e <= len(data) for b, e in offsets) and (e0 <= b1 or e1 <= b0)
     if ok:
         ck = jreshard.open(path)
-        whole = np.frombuffer(data, np.float32)
-        np.testing.assert_array_equal(ck.read("a"), whole[b0 // 4 : e0 // 4] if b0 % 4 == 0 else
-                                      np.frombuffer(data[b0:e0], np.float32))
+        np.testing.assert_array_equal(ck.read("a"), np.frombuffer(data[b0:e0], np.float32))
         np.testing.assert_array_equal(ck.read("b"), np.frombuffer(data[b1:e1], np.float32))
     else:
         with pytest.raises(errors.JReshardError):
@@ -534,6 +536,7 @@ def test_safetensors_offsets_inside_the_data_and_disjoint(tmp_path, offsets):
     {"a": {"dtype": "F32", "shape": [2.5], "data_offsets": [0, 8]}},
     {"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}},
     {"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}},
+    {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
     {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0.0, 8.0]}},
     {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0]}},
     {"a": {"dtype": "X9", "shape": [2], "data_offsets": [0, 8]}},
@@ -623,10 +626,9 @@ def test_zip_directory_fields_mutated(tmp_path, data):
     bad.write_bytes(bytes(raw))
     try:
         ck = jreshard.open(bad)
-        out = ck.read("w")
-        objects = dict(ck.objects)
+        out, objects = ck.read("w"), dict(ck.objects)
     except errors.JReshardError:
-        return
+        out, objects = ref, {"step": 3}  # refused: the only other outcome allowed
     np.testing.assert_array_equal(out, ref)
     assert objects == {"step": 3}
 

@@ -24,7 +24,7 @@ from ..storage import LocalStore, Store
 from ..gate import _short, checked_int, checked_name, checked_shape, decoding
 from ..unpickle import (MAX_DEPTH, MAX_ENTRIES, BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex,
                         StorageInfo, TensorRef, TensorStorageMetadata, safe_loads)
-from .safetensors import load_json, read_headers
+from .safetensors import Header, load_json, read_headers
 from .torchsave import MAX_INFLATED, SMALL_BLOB, Blob, open_archives
 
 METADATA = ".metadata"
@@ -92,7 +92,7 @@ class DCPSource:
         where = store.where(METADATA)
         with decoding(where), _gc_paused():
             self._read_metadata(store, where)
-        self._st_headers: dict[tuple[str, int], tuple[int, dict[str, Any]]] = {}
+        self._st_headers: dict[tuple[str, int], Header] = {}
 
     def _read_metadata(self, store: Store, where: str) -> None:
         raw = store.read_all(METADATA)

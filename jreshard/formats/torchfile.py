@@ -51,15 +51,17 @@ class TorchSaveSource:
 
     format_name = "torch.save"
 
-    def __init__(self, store: Store, files: Sequence[str] | None = None, index: str | None = None) -> None:
+    def __init__(self, store: Store, files: Sequence[str] | None = None, index: str | None = None,
+                 weight_map: dict[str, str] | None = None) -> None:
         self.store = store
         with decoding(store.where(index or (files or [""])[0])):
-            self._read(store, files, index)
+            self._read(store, files, index, weight_map)
 
-    def _read(self, store: Store, files: Sequence[str] | None, index: str | None) -> None:
+    def _read(self, store: Store, files: Sequence[str] | None, index: str | None,
+              weight_map: dict[str, str] | None) -> None:
         expected: dict[str, str] = {}
         if index is not None:
-            expected = read_index(store, index)
+            expected = weight_map if weight_map is not None else read_index(store, index)
             files = sorted(set(expected.values()))
         assert files is not None
         files = [checked_name(f, store.description) for f in files]

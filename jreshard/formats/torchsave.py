@@ -343,8 +343,8 @@ def _archive_in_memory(b: Blob, data: bytes, where: str) -> Archive:
 
 def _finish(a: Archive) -> None:
     for entry in a.entries.values():
-        if entry.method != 0 and entry.name[len(a.prefix):] in ("data.pkl", "byteorder") or (
-                entry.method != 0 and entry.name[len(a.prefix):].startswith("data/")):
+        rel = entry.name[len(a.prefix):]
+        if entry.method != 0 and (rel.startswith("data") or rel == "byteorder"):
             raise CheckpointFormatError(f"{a.where}: zip entry {entry.name!r} is compressed; torch.save writes STORED entries")
     if "data.pkl" not in a._tails:
         raise CheckpointFormatError(f"{a.where}: torch.save archive without data.pkl")
