@@ -1,8 +1,9 @@
 """One JAX process of the multi-process test (run by tests/test_multiprocess.py, not collected).
 
-usage: python tests/mp_child.py CKPT_DIR REF_DIR PORT PROCESS_ID NUM_PROCESSES
+usage: python tests/mp_child.py CKPT_DIR REF_DIR PORT PROCESS_ID NUM_PROCESSES RESULT_JSON
 Environment: XLA_FLAGS=--xla_force_host_platform_device_count=2, JAX_PLATFORMS=cpu.
-Prints one JSON line as its last output line.
+Writes its result as JSON to RESULT_JSON (a file, so that native libraries writing to
+stdout from their own threads cannot interleave with it).
 """
 
 from __future__ import annotations
@@ -101,5 +102,10 @@ if __name__ == "__main__":
     except BaseException as e:  # report, then fail
         res = {"pid": sys.argv[4] if len(sys.argv) > 4 else None, "ok": False,
                "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-    print(json.dumps(res), flush=True)
+    tmp = sys.argv[6] + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(res, f)
+    import os
+
+    os.replace(tmp, sys.argv[6])
     sys.exit(0 if res.get("ok") else 1)

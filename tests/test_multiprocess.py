@@ -15,18 +15,15 @@ NPROC = 4
 TIMEOUT_S = 420
 
 
-def _last_json(text: str):
-    for line in reversed(text.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                continue
-    return None
+def _result(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
-def test_four_jax_processes_load_plain_checkpoint(checkpoints):
+def test_four_jax_processes_load_plain_checkpoint(checkpoints, tmp_path):
     port = free_port()
     env = child_env(
         XLA_FLAGS="--xla_force_host_platform_device_count=2",
@@ -36,7 +33,8 @@ def test_four_jax_processes_load_plain_checkpoint(checkpoints):
     procs = [
         subprocess.Popen(
             [sys.executable, str(TESTS_DIR / "mp_child.py"), str(checkpoints.dirs["plain"]),
-             str(checkpoints.root / "ref"), str(port), str(i), str(NPROC)],
+             str(checkpoints.root / "ref"), str(port), str(i), str(NPROC),
+             str(tmp_path / f"result{i}.json")],
             env=env,
             cwd=str(REPO_ROOT),
             stdout=subprocess.PIPE,
@@ -62,7 +60,7 @@ def test_four_jax_processes_load_plain_checkpoint(checkpoints):
                 p.wait()
     results = []
     for i, (rc, out, err) in enumerate(outputs):
-        res = _last_json(out or "")
+        res = _result(tmp_path / f"result{i}.json")
         assert rc == 0 and res is not None and res.get("ok"), (
             f"process {i} failed (rc={rc}):\n{(res or {}).get('traceback', '')}\nstdout:\n{(out or '')[-3000:]}"
             f"\nstderr:\n{(err or '')[-6000:]}"
