@@ -18,6 +18,7 @@ from .errors import (CheckpointClosedError, CheckpointFormatError, InconsistentC
 from .plan import Plan, ProcessPlan
 from .sources import open_source
 from .storage import IOStats
+from .views import View, concat, saved, stack
 
 __version__ = "0.1.0"
 
