@@ -113,9 +113,10 @@ def c_strides(shape: Sequence[int]) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class Runs:
-    """A regular grid of contiguous byte runs: for every index ``i`` of ``outer``, ``run`` bytes from
+    """A regular grid of byte runs: for every index ``i`` of ``outer``, ``run`` bytes from
     ``src + sum(i * src_strides)`` (relative to the locator base) go to ``dst + sum(i * dst_strides)`` of the
-    piece buffer."""
+    destination buffer: contiguously when ``step`` is 0, else as elements of ``item`` bytes placed ``step``
+    bytes apart (a run contiguous in storage whose destination is strided, e.g. transposed)."""
 
     src: int
     src_strides: tuple[int, ...]
@@ -123,6 +124,8 @@ class Runs:
     dst_strides: tuple[int, ...]
     outer: tuple[int, ...]
     run: int
+    step: int = 0
+    item: int = 0
 
     @property
     def count(self) -> int:
@@ -155,10 +158,14 @@ def _grid(start: int, outer: Sequence[int], strides: Sequence[int]) -> np.ndarra
 
 
 def runs_of(locator: Locator, chunk_sizes: Sequence[int], overlap: Overlap, piece_shape: Sequence[int],
-            itemsize: int) -> Runs | None:
-    """The byte runs that copy ``overlap`` from a chunk laid out as ``locator`` into a C-ordered piece.
+            itemsize: int, dst: tuple[int, Sequence[int]] | None = None) -> Runs | None:
+    """The byte runs that copy ``overlap`` from a chunk laid out as ``locator`` into a C-ordered piece, or, when
+    ``dst = (first, strides)`` is given, into the destination elements ``first + sum(i_k * strides_k)`` (element
+    units; ``first`` is where the overlap's first element goes).
 
-    Returns None when the chunk's innermost stride is not 1 (a transposed view): such regions are copied
+    Runs fold the innermost dimensions that are contiguous in both storage and destination. When the innermost
+    dimension is contiguous in storage only, each run is one storage row placed element by element (``step``).
+    Returns None when the chunk's innermost stride is not 1 (a transposed storage): such regions are copied
     from a staged read of their span instead.
 
     Example:
@@ -167,30 +174,38 @@ def runs_of(locator: Locator, chunk_sizes: Sequence[int], overlap: Overlap, piec
         >>> r = runs_of(loc, (4, 8), Overlap(0, (0, 2), (0, 0), (4, 4)), (4, 4), 4)
         >>> (r.outer, r.run, r.src_starts().tolist())
         ((4,), 16, [8, 40, 72, 104])
+        >>> r = runs_of(loc, (4, 8), Overlap(0, (0, 2), (0, 0), (4, 4)), (4, 4), 4, dst=(0, (1, 4)))  # transposed
+        >>> (r.outer, r.run, r.step, r.dst_strides)
+        ((4,), 16, 16, (4,))
     """
     ndim = len(overlap.size)
     src_el = locator.strides
-    dst_el = c_strides(piece_shape)
     size = overlap.size
+    if dst is None:
+        dst_el = c_strides(piece_shape)
+        first = sum(p * st for p, st in zip(overlap.piece_start, dst_el))
+    else:
+        first, dst_el = dst[0], tuple(dst[1])
+    nz = [j for j in range(ndim) if size[j] != 1]
     run_el = 1
-    k = ndim  # dims [k:] are folded into the run
-    for j in range(ndim - 1, -1, -1):
-        if size[j] == 1:
-            k = j
-            continue
+    folded = 0
+    for j in reversed(nz):
         if src_el[j] == run_el and dst_el[j] == run_el:
             run_el *= size[j]
-            k = j
+            folded += 1
         else:
             break
-    if k == ndim and ndim > 0 and size[-1] != 1:
-        return None  # innermost dimension is not contiguous in the source
+    step = 0
+    if nz and not folded:
+        j = nz[-1]
+        if src_el[j] != 1:
+            return None  # innermost dimension is not contiguous in the source
+        run_el, folded, step = size[j], 1, dst_el[j] * itemsize
     src0 = (locator.storage_offset + sum(s * st for s, st in zip(overlap.chunk_start, src_el))) * itemsize
-    dst0 = sum(p * st for p, st in zip(overlap.piece_start, dst_el)) * itemsize
-    outer = tuple(size[:k])
-    keep = [i for i, n in enumerate(outer) if n != 1]
-    return Runs(src0, tuple(src_el[i] * itemsize for i in keep), dst0, tuple(dst_el[i] * itemsize for i in keep),
-                tuple(outer[i] for i in keep), run_el * itemsize)
+    keep = nz[: len(nz) - folded]
+    return Runs(src0, tuple(src_el[i] * itemsize for i in keep), first * itemsize,
+                tuple(dst_el[i] * itemsize for i in keep), tuple(size[i] for i in keep), run_el * itemsize,
+                step, itemsize if step else 0)
 
 
 def merge_runs(starts: np.ndarray, lengths: np.ndarray, gap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -30,7 +30,7 @@ import numpy as np
 
 from .catalog import Locator
 from .errors import JReshardError, TruncatedDataError
-from .plan import Overlap, Runs, _grid, element_span
+from .plan import Overlap, Runs, _grid, c_strides, element_span
 from .storage import LocalStore, Store
 
 BOUNCE = 4 * 2**20  # a local read is cut (between runs) near this size: a per-thread buffer that stays in cache
@@ -43,29 +43,65 @@ _LOCAL = threading.local()
 
 @dataclass
 class CopyJob:
-    """Copy ``overlap`` of a chunk located by ``locator`` into ``dest`` (the piece's C-ordered buffer)."""
+    """Copy ``overlap`` of a chunk located by ``locator`` into ``dest``, a C-contiguous buffer: at the places of
+    a C-ordered piece of ``dest``'s shape, or, when ``dst_strides`` is given, to elements
+    ``dst0 + sum(i_k * dst_strides_k)`` of it (element units; ``dst0`` is where the overlap's first element
+    goes). ``dest`` may be None while planning: it is bound (``slot`` says which buffer) before running."""
 
     name: str
     locator: Locator
     chunk_sizes: tuple[int, ...]
     overlap: Overlap
-    dest: np.ndarray
+    dest: np.ndarray | None
     runs: Runs | None  # None: not contiguous in the source (transposed); copied from a staged span
+    itemsize: int = 0
+    dst0: int = 0
+    dst_strides: tuple[int, ...] | None = None
+    slot: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.itemsize:
+            assert self.dest is not None
+            self.itemsize = self.dest.dtype.itemsize
+        if self.dst_strides is None:
+            assert self.dest is not None
+            strides = c_strides(self.dest.shape)
+            self.dst0 = sum(p * st for p, st in zip(self.overlap.piece_start, strides))
+            self.dst_strides = strides
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.overlap.size) * self.dest.dtype.itemsize
+        return math.prod(self.overlap.size) * self.itemsize
 
     def element_span(self) -> tuple[int, int]:
         """[lo, hi) bytes, relative to the locator base, that the region's elements touch."""
-        return element_span(self.locator, self.overlap, self.dest.dtype.itemsize)
+        return element_span(self.locator, self.overlap, self.itemsize)
+
+    def dest_view(self) -> np.ndarray:
+        """The destination elements of the overlap, as a (strided) view of ``dest``."""
+        assert self.dest is not None and self.dst_strides is not None
+        item = self.itemsize
+        return np.ndarray(self.overlap.size, self.dest.dtype, buffer=_dest_u8(self), offset=self.dst0 * item,
+                          strides=tuple(s * item for s in self.dst_strides))
 
 
 Feeds = list[tuple[CopyJob, Runs]]  # what one request feeds: (job, runs) parts, regular blocks of runs inside it
 
 
 def _dest_u8(job: CopyJob) -> np.ndarray:
-    return job.dest.reshape(-1).view(np.uint8)
+    dest = job.dest
+    assert dest is not None
+    if not dest.flags.c_contiguous:  # a reshape would copy, and the copy would be filled instead
+        raise JReshardError(f"internal: tensor {job.name!r}: destination buffer is not C-contiguous")
+    return dest.reshape(-1).view(np.uint8)
+
+
+def _units(item: int) -> tuple[np.dtype, int]:
+    """A numpy type that copies ``item``-byte elements, and how many of it make one element."""
+    for n in (8, 4, 2, 1):
+        if item % n == 0:
+            return np.dtype(f"u{n}"), item // n
+    raise AssertionError(item)
 
 
 def _copy_runs_from(buf: np.ndarray, origin: int, job: CopyJob, runs: Runs | None = None) -> None:
@@ -76,29 +112,37 @@ def _copy_runs_from(buf: np.ndarray, origin: int, job: CopyJob, runs: Runs | Non
     lo, hi = r.src_span
     if lo < origin or hi - origin > len(buf):
         raise TruncatedDataError(f"{job.locator.where}: tensor {job.name!r}: bytes [{lo}, {hi}) are outside the item")
-    src = np.ndarray(r.outer + (r.run,), np.uint8, buffer=buf, offset=lo - origin, strides=r.src_strides + (1,))
-    dst = np.ndarray(r.outer + (r.run,), np.uint8, buffer=_dest_u8(job), offset=r.dst, strides=r.dst_strides + (1,))
+    if r.step:  # storage rows placed element by element (a transposed destination)
+        unit, k = _units(r.item)
+        shape = r.outer + (r.run // r.item, k)
+        src = np.ndarray(shape, unit, buffer=buf, offset=lo - origin, strides=r.src_strides + (r.item, unit.itemsize))
+        dst = np.ndarray(shape, unit, buffer=_dest_u8(job), offset=r.dst,
+                         strides=r.dst_strides + (r.step, unit.itemsize))
+    else:
+        src = np.ndarray(r.outer + (r.run,), np.uint8, buffer=buf, offset=lo - origin, strides=r.src_strides + (1,))
+        dst = np.ndarray(r.outer + (r.run,), np.uint8, buffer=_dest_u8(job), offset=r.dst,
+                         strides=r.dst_strides + (1,))
     np.copyto(dst, src)
 
 
 def _copy_elements_from(buf: np.ndarray, origin: int, job: CopyJob) -> None:
     """Element-wise strided copy of the overlap from ``buf`` (locator-relative byte ``origin``)."""
-    item = job.dest.dtype.itemsize
+    item = job.itemsize
     loc, ov = job.locator, job.overlap
     lo, hi = job.element_span()
     if lo < origin or hi - origin > len(buf):
         raise TruncatedDataError(f"{loc.where}: tensor {job.name!r}: bytes [{lo}, {hi}) are outside the item")
     first = (loc.storage_offset + sum(s * st for s, st in zip(ov.chunk_start, loc.strides))) * item
+    assert job.dest is not None
     src = np.ndarray(ov.size, job.dest.dtype, buffer=buf, offset=first - origin,
                      strides=tuple(st * item for st in loc.strides))
-    region = tuple(slice(p, p + n) for p, n in zip(ov.piece_start, ov.size))
-    job.dest[region] = src
+    np.copyto(job.dest_view(), src)
 
 
 def _fix_byteorder(job: CopyJob) -> None:
+    assert job.dest is not None
     if job.locator.byteorder == "big" and job.dest.dtype.itemsize > 1:
-        region = tuple(slice(p, p + n) for p, n in zip(job.overlap.piece_start, job.overlap.size))
-        view = job.dest[region]
+        view = job.dest_view()
         if job.dest.dtype.kind == "c":
             view.view(np.dtype(f"f{job.dest.dtype.itemsize // 2}")).byteswap(inplace=True)
         else:
@@ -115,24 +159,40 @@ class Executor:
         self.threads = threads or min(8, max(2, 2 * (os.cpu_count() or 1)))
         self._local = _LOCAL
 
-    def run(self, jobs: Sequence[CopyJob], pool: ThreadPoolExecutor) -> None:
+    def prepare(self, jobs: Sequence[CopyJob]) -> "Prepared":
+        """The reads that serve ``jobs`` (no I/O): what :meth:`execute` then issues, exactly."""
         memory = [j for j in jobs if j.locator.data is not None]
         staged = [j for j in jobs if j.locator.data is None and j.runs is None]
         direct = [j for j in jobs if j.locator.data is None and j.runs is not None and j.runs.count]
-        for j in memory:
+        spans = [j.element_span() for j in staged]
+        staged_requests = [(j.locator.key, j.locator.base + lo, j.locator.base + hi) for j, (lo, hi) in zip(staged, spans)]
+        if not direct:
+            groups: list[tuple[list[tuple[str, int, int]], list[Feeds]]] = []
+        elif self.posix:
+            groups = list(_file_requests(direct, self.gap, BOUNCE, chunk_gap=max(self.gap, LOCAL_GAP)))
+        else:
+            groups = [_requests(direct, self.gap, MAX_REQUEST)]
+        return Prepared(list(jobs), memory, staged, staged_requests, groups)
+
+    def run(self, jobs: Sequence[CopyJob], pool: ThreadPoolExecutor) -> None:
+        """Read and copy ``jobs`` (their ``dest`` bound)."""
+        self.execute(self.prepare(jobs), pool)
+
+    def execute(self, prepared: "Prepared", pool: ThreadPoolExecutor) -> None:
+        """Issue the reads of ``prepared`` and copy them into the jobs' destinations (bound by then)."""
+        for j in prepared.memory:
             buf = np.frombuffer(j.locator.data, np.uint8)[j.locator.base:]
             (_copy_runs_from if j.runs is not None else _copy_elements_from)(buf, 0, j)
-        if staged:
-            spans = [j.element_span() for j in staged]
-            datas = self._read([(j.locator.key, j.locator.base + lo, j.locator.base + hi) for j, (lo, hi) in zip(staged, spans)], staged)
-            for j, (lo, _), data in zip(staged, spans, datas):
-                _copy_elements_from(np.frombuffer(data, np.uint8), lo, j)
-        if direct:
+        if prepared.staged:
+            datas = self._read(prepared.staged_requests, prepared.staged)
+            for j, (_, start, _), data in zip(prepared.staged, prepared.staged_requests, datas):
+                _copy_elements_from(np.frombuffer(data, np.uint8), start - j.locator.base, j)
+        if prepared.groups:
             if self.posix:
-                self._posix(direct, pool)
+                self._posix(prepared.groups, pool)
             else:
-                self._ranged(direct, pool)
-        for j in jobs:
+                self._ranged(prepared.groups, pool)
+        for j in prepared.jobs:
             _fix_byteorder(j)
 
     def _read(self, requests: list[tuple[str, int, int]], jobs: Sequence[CopyJob]) -> list[bytes]:
@@ -149,10 +209,12 @@ class Executor:
 
     # -- any KvStore -----------------------------------------------------------------------------
 
-    def _ranged(self, jobs: Sequence[CopyJob], pool: ThreadPoolExecutor) -> None:
-        """All runs of a file, sorted and merged where gaps are small (and cut near MAX_REQUEST), become one
+    def _ranged(self, groups: list[tuple[list[tuple[str, int, int]], list[Feeds]]], pool: ThreadPoolExecutor) -> None:
+        """All requests (runs of a file sorted, merged where gaps are small, cut near MAX_REQUEST) issued as one
         batch of byte-range reads; as each read arrives, the pool copies the blocks of runs it holds."""
-        requests, feeds = _requests(jobs, self.gap, MAX_REQUEST)
+        requests = [r for rs, _ in groups for r in rs]
+        feeds = [f for _, fs in groups for f in fs]
+        jobs = [j for f in feeds for j, _ in f]
         try:
             getters = self.store.read_async(requests)
         except JReshardError as e:
@@ -172,15 +234,14 @@ class Executor:
 
     # -- local files ---------------------------------------------------------------------------------
 
-    def _posix(self, jobs: Sequence[CopyJob], pool: ThreadPoolExecutor) -> None:
-        """Requests as in :meth:`_ranged`, cut near BOUNCE and merged over gaps up to LOCAL_GAP inside a chunk,
-        each read with ``preadv`` on the pool into a per-thread buffer (which stays in cache) and copied out from
-        there. A file shorter than a request (truncated, even while being read) is a TruncatedDataError: plain
-        reads return short counts where a memory map would raise SIGBUS."""
+    def _posix(self, groups: list[tuple[list[tuple[str, int, int]], list[Feeds]]], pool: ThreadPoolExecutor) -> None:
+        """Each request (cut near BOUNCE and merged over gaps up to LOCAL_GAP inside a chunk) read with ``preadv``
+        on the pool into a per-thread buffer (which stays in cache) and copied out from there. A file shorter
+        than a request (truncated, even while being read) is a TruncatedDataError: plain reads return short
+        counts where a memory map would raise SIGBUS."""
         futures = []
-        for requests, feeds in _file_requests(jobs, self.gap, BOUNCE, chunk_gap=max(self.gap, LOCAL_GAP)):
-            # One pool task per request, or per run of small requests (a task costs microseconds); a file's
-            # reads start while the next file is planned.
+        for requests, feeds in groups:
+            # One pool task per request, or per run of small requests (a task costs microseconds).
             task: list[tuple[tuple[str, int, int], Feeds]] = []
             size = 0
             for request, feed in zip(requests, feeds):
@@ -205,7 +266,7 @@ class Executor:
         store = self.store
         assert isinstance(store, LocalStore)
         try:
-            if len(feeds) == 1 and feeds[0][1].count == 1 and feeds[0][1].run == n:
+            if len(feeds) == 1 and feeds[0][1].count == 1 and feeds[0][1].run == n and not feeds[0][1].step:
                 j, r = feeds[0]  # one contiguous run: straight into the piece's buffer
                 store.read_into(key, start, _dest_u8(j)[r.dst : r.dst + n])
                 return
@@ -217,6 +278,24 @@ class Executor:
             raise self._named(e, [j for j, _ in feeds]) from None
         for j, part in feeds:
             _copy_runs_from(buf[:n], start - j.locator.base, j, part)
+
+
+@dataclass
+class Prepared:
+    """The reads that serve a list of copy jobs (:meth:`Executor.prepare`): jobs whose bytes are in memory, jobs
+    copied from a staged read of their span (one request each), and per file the requests of the other jobs
+    with what each request feeds."""
+
+    jobs: list[CopyJob]
+    memory: list[CopyJob]
+    staged: list[CopyJob]
+    staged_requests: list[tuple[str, int, int]]
+    groups: list[tuple[list[tuple[str, int, int]], list[Feeds]]]
+
+    @property
+    def requests(self) -> list[tuple[str, int, int]]:
+        """Every request :meth:`Executor.execute` issues, as ``(file, start, stop)``."""
+        return self.staged_requests + [r for rs, _ in self.groups for r in rs]
 
 
 def _requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int | None = None
@@ -290,8 +369,8 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
                         lo_l[w] = a
                     if b > hi_l[w]:
                         hi_l[w] = b
-                    part = r if not r.outer else Runs(r.src + k0 * s, r.src_strides, r.dst + k0 * r.dst_strides[0],
-                                                      r.dst_strides, (k1 - k0,), r.run)
+                    part = r if not r.outer else dataclasses.replace(
+                        r, src=r.src + k0 * s, dst=r.dst + k0 * r.dst_strides[0], outer=(k1 - k0,))
                     parts[w].append((j, part))
                     k0 = k1
         lo, hi = np.array(lo_l, np.int64), np.array(hi_l, np.int64)
@@ -335,8 +414,8 @@ def _cut_blocks(j: CopyJob, r: Runs, win: np.ndarray, parts: list[list[tuple[Cop
     first = np.flatnonzero(new)
     for a, b, w in zip(first.tolist(), [*first[1:].tolist(), len(win)], win[first].tolist()):
         m, k0 = divmod(a, n)
-        parts[w].append((j, Runs(block_src[m] + k0 * s_step, (s_step,), block_dst[m] + k0 * d_step, (d_step,),
-                                 (b - a,), r.run)))
+        parts[w].append((j, dataclasses.replace(r, src=block_src[m] + k0 * s_step, src_strides=(s_step,),
+                                                dst=block_dst[m] + k0 * d_step, dst_strides=(d_step,), outer=(b - a,))))
 
 
 def _fold(r: Runs) -> Runs:
@@ -347,7 +426,7 @@ def _fold(r: Runs) -> Runs:
             outer[d : d + 2] = [outer[d] * outer[d + 1]]
             ss[d : d + 2] = [ss[d + 1]]
             ds[d : d + 2] = [ds[d + 1]]
-    return Runs(r.src, tuple(ss), r.dst, tuple(ds), tuple(outer), r.run)
+    return dataclasses.replace(r, src_strides=tuple(ss), dst_strides=tuple(ds), outer=tuple(outer))
 
 
 def _split_long_runs(job: CopyJob, limit: int) -> list[CopyJob]:
@@ -356,6 +435,11 @@ def _split_long_runs(job: CopyJob, limit: int) -> list[CopyJob]:
     r = job.runs
     if r is None or r.run <= limit:
         return [job]
+    if r.step:  # cut between elements; each element moves ``step`` bytes in the destination
+        n = max(1, limit // r.item) * r.item
+        return [dataclasses.replace(job, runs=dataclasses.replace(r, src=src + o, src_strides=(), dst=dst + o // r.item * r.step,
+                                                                  dst_strides=(), outer=(), run=min(n, r.run - o)))
+                for src, dst in zip(r.src_starts().tolist(), r.dst_starts().tolist()) for o in range(0, r.run, n)]
     return [dataclasses.replace(job, runs=Runs(src + o, (), dst + o, (), (), min(limit, r.run - o)))
             for src, dst in zip(r.src_starts().tolist(), r.dst_starts().tolist()) for o in range(0, r.run, limit)]
 

@@ -117,3 +117,79 @@ def pytest_addoption(parser):
 def fuzz_long(pytestconfig) -> bool:
     """Whether --fuzz-long was given (tests/test_fuzz.py multiplies its case counts)."""
     return bool(pytestconfig.getoption("--fuzz-long"))
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny Hugging Face Llama, saved with save_pretrained and as an FSDP2 DCP checkpoint (tests/model_writers.py)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LlamaCheckpoints:
+    """The checkpoints and references written by ``tests/model_writers.py``."""
+
+    root: Path
+    hf: Path  # save_pretrained directory (sharded safetensors + index), the initial weights
+    fsdp: Path  # DCP directory of the model after 2 FSDP2 AdamW steps on 4 ranks
+    ref: Path  # input_ids.npy, {hf,fsdp}_logits.npy, {hf,fsdp}_state.npz
+    config: dict  # the Hugging Face config (config.json)
+    write_seconds: float = 0.0
+
+    def path(self, variant: str) -> Path:
+        """The checkpoint directory of ``variant`` ("hf" or "fsdp")."""
+        return {"hf": self.hf, "fsdp": self.fsdp}[variant]
+
+    def state(self, variant: str) -> dict:
+        """transformers' full state dict of ``variant``: {name: float32 ndarray}."""
+        import numpy as np
+
+        with np.load(self.ref / f"{variant}_state.npz", allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+    def logits(self, variant: str):
+        """transformers' float32 logits of ``variant`` on :meth:`input_ids`."""
+        import numpy as np
+
+        return np.load(self.ref / f"{variant}_logits.npy", allow_pickle=False)
+
+    def input_ids(self):
+        """The int64 [batch, seq] token ids of the reference logits."""
+        import numpy as np
+
+        return np.load(self.ref / "input_ids.npy", allow_pickle=False)
+
+
+def _write_llama(root: Path) -> float:
+    import shutil
+
+    shutil.rmtree(root, ignore_errors=True)
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(TESTS_DIR / "model_writers.py"), str(root)],
+        env=child_env(OMP_NUM_THREADS=1),
+        cwd=str(REPO_ROOT),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if proc.returncode != 0 or not (root / "DONE").exists():
+        raise RuntimeError(
+            f"Llama checkpoint writer failed (rc={proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-10000:]}"
+        )
+    return time.monotonic() - t0
+
+
+@pytest.fixture(scope="session")
+def llama_checkpoints(tmp_path_factory) -> LlamaCheckpoints:
+    """Written once per session (kept under ``$JRESHARD_TEST_CHECKPOINTS/llama`` when that is set)."""
+    keep = os.environ.get("JRESHARD_TEST_CHECKPOINTS")
+    if keep:
+        root = Path(keep) / "llama"
+        seconds = 0.0 if (root / "DONE").exists() else _write_llama(root)
+    else:
+        root = tmp_path_factory.mktemp("llama")
+        seconds = _write_llama(root)
+    with open(root / "config.json") as f:
+        config = json.load(f)
+    return LlamaCheckpoints(root=root, hf=root / "hf", fsdp=root / "fsdp", ref=root / "ref", config=config,
+                            write_seconds=seconds)
