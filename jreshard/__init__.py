@@ -18,6 +18,7 @@ from .errors import (CheckpointClosedError, CheckpointFormatError, InconsistentC
 from .plan import Plan, ProcessPlan
 from .sources import open_source
 from .storage import IOStats
+from .layout import Replicate, Shard, StridedShard, TorchLayout, torch_layout
 from .views import View, concat, saved, stack
 
 __version__ = "0.1.0"
@@ -48,17 +49,25 @@ def open(source: str | os.PathLike, *, io: str = "auto", storage_options: dict[s
     return Checkpoint(source, fmt, store, io)
 
 
-def load(source: str | os.PathLike | Checkpoint, target: Any, *, max_inflight_bytes: int | None = None,
-         progress: bool | Callable[[dict[str, Any]], None] = False, io: str = "auto",
-         coalesce_gap: int = 256, storage_options: dict[str, Any] | None = None) -> Any:
+def load(source: str | os.PathLike | Checkpoint, target: Any, *, mapping: Any = None,
+         max_inflight_bytes: int | None = None, progress: bool | Callable[[dict[str, Any]], None] = False,
+         io: str = "auto", coalesce_gap: int = 256, storage_options: dict[str, Any] | None = None,
+         mesh: Any = None) -> Any:
     """Load the tensors named by ``target`` onto their shardings.
 
     ``target`` is a pytree whose leaves are ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)`` or
-    ``jax.Array`` (whose shape, dtype and sharding are taken). Leaf names are the pytree paths joined with
-    dots, so a flat dict keyed by DCP names (``"model.layers.0.w"``) and the nested dict
+    ``jax.Array`` (whose shape, dtype and sharding are taken), or a flax nnx state (abstract or not; its
+    abstract meshes resolve against ``mesh`` or the mesh set by ``jax.set_mesh``). Leaf names are the pytree
+    paths joined with dots, so a flat dict keyed by DCP names (``"model.layers.0.w"``) and the nested dict
     ``{"model": {"layers": {"0": {"w": ...}}}}`` both work. A leaf that is not an array spec but names a saved
-    object (``"step"``) is replaced by that object. A target dtype different from the saved one is a cast,
-    done per shard. Returns the same structure with ``jax.Array``s.
+    object (``"step"``) is replaced by that object. Returns the same structure with ``jax.Array``s.
+
+    ``mapping`` maps target names to what they are read from: a saved name, or a view
+    (:func:`jreshard.saved` with ``.T``, ``.reshape``, indexing, ``.astype``, :func:`jreshard.stack`,
+    :func:`jreshard.concat`), as a flat dict or a pytree shaped like the target. A view's shape and dtype must
+    equal the target's. Targets absent from it are read from the saved tensor of the same name, and there a
+    target dtype different from the saved one is a cast, done per shard. Every shard is traced back through
+    its view, so each process reads only the saved bytes its devices' shards need.
 
     Every process reads only the saved bytes that overlap the shards of its own devices; a shard shared by
     several local devices is read once. ``max_inflight_bytes`` bounds the host memory of shards read but not
@@ -77,16 +86,20 @@ def load(source: str | os.PathLike | Checkpoint, target: Any, *, max_inflight_by
     """
     ckpt = source if isinstance(source, Checkpoint) else open(source, io=io, storage_options=storage_options)
     try:
-        return ckpt.load(target, max_inflight_bytes=max_inflight_bytes, progress=progress, coalesce_gap=coalesce_gap)
+        return ckpt.load(target, mapping=mapping, max_inflight_bytes=max_inflight_bytes, progress=progress,
+                         coalesce_gap=coalesce_gap, mesh=mesh)
     finally:
         if ckpt is not source:
             ckpt.close()
 
 
-def plan(source: str | os.PathLike | Checkpoint, target: Any, *, io: str = "auto", coalesce_gap: int = 256,
-         storage_options: dict[str, Any] | None = None) -> Plan:
-    """The work :func:`load` would do, per JAX process, without reading tensor bytes: bytes needed, bytes to
-    read (after merging ranges) and number of reads. ``print(plan)`` shows a table.
+def plan(source: str | os.PathLike | Checkpoint, target: Any, *, mapping: Any = None,
+         max_inflight_bytes: int | None = None, io: str = "auto", coalesce_gap: int = 256,
+         storage_options: dict[str, Any] | None = None, mesh: Any = None) -> Plan:
+    """The program :func:`load` runs (same arguments), per JAX process, without reading tensor bytes: bytes its
+    shards need, bytes and requests it reads (after merging ranges, in the batches ``max_inflight_bytes``
+    makes), per process and per target. For this process it is built by the same function ``load`` uses, so
+    the report is what runs. ``print(plan)`` shows a table.
 
     Example:
         >>> import jax, jreshard
@@ -99,7 +112,8 @@ def plan(source: str | os.PathLike | Checkpoint, target: Any, *, io: str = "auto
     """
     ckpt = source if isinstance(source, Checkpoint) else open(source, io=io, storage_options=storage_options)
     try:
-        return ckpt.plan(target, coalesce_gap=coalesce_gap)
+        return ckpt.plan(target, mapping=mapping, max_inflight_bytes=max_inflight_bytes, coalesce_gap=coalesce_gap,
+                         mesh=mesh)
     finally:
         if ckpt is not source:
             ckpt.close()
@@ -120,5 +134,6 @@ __all__ = [
     "open", "load", "plan", "sample_path", "Checkpoint", "Plan", "ProcessPlan", "TensorInfo", "Chunk", "Locator",
     "IOStats", "errors", "JReshardError", "UnsafeCheckpointError", "CheckpointFormatError", "MissingDataError",
     "TruncatedDataError", "InconsistentCheckpointError", "TargetMismatchError", "ShardingError", "StorageError",
-    "CheckpointClosedError", "InvalidArgumentError", "OutOfMemoryError",
+    "CheckpointClosedError", "InvalidArgumentError", "OutOfMemoryError", "View", "saved", "stack", "concat",
+    "torch_layout", "TorchLayout", "Shard", "Replicate", "StridedShard",
 ]

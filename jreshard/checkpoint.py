@@ -5,28 +5,31 @@ from __future__ import annotations
 
 import difflib
 import functools
-import itertools
-import math
-import numbers
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from types import MappingProxyType
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
 from . import place as _place
+from . import program as _program
 from .catalog import Locator, TensorInfo
-from .errors import CheckpointClosedError, InvalidArgumentError, JReshardError, ShardingError, TargetMismatchError
-from .plan import Piece, Plan, ProcessPlan, element_span, merge_runs, normalize_index, overlaps, pieces_of, runs_of
-from .read import CopyJob, Executor
-from .spec import matches_saved
+from .errors import (
+    CheckpointClosedError,
+    ShardingError,
+    TargetMismatchError,
+)
+from .plan import Piece, Plan, ProcessPlan, normalize_index
+from .read import Executor
 from .storage import IOStats, Store
+from .targets import flatten_target
+from .views import View
 
-DEFAULT_INFLIGHT = 2 * 2**30
+DEFAULT_INFLIGHT = _program.DEFAULT_INFLIGHT
 
 
 class Checkpoint:
@@ -106,10 +109,10 @@ class Checkpoint:
         if self._closed:
             raise CheckpointClosedError(f"{self.source}: the checkpoint was closed (Checkpoint.close); open it again")
 
-    def __enter__(self) -> "Checkpoint":
+    def __enter__(self) -> Checkpoint:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- reading ----------------------------------------------------------------------------------
@@ -136,20 +139,17 @@ class Checkpoint:
             box = normalize_index(index, info.shape)
         except (IndexError, TypeError, ValueError) as e:
             raise TargetMismatchError(f"{self.source}: tensor {name!r}: bad index {index!r}: {e}") from None
-        piece = Piece(name, box, 0, [])
-        prepared = self._prepare([(info, piece)])  # chunks located and checked before the buffer exists
-        dest = _place.aligned_empty(piece.shape, info.dtype)
+        target = _program.Target(0, name, self.saved(name), info.shape, info.dtype, None, info.dtype.itemsize, (name,))
+        step, regions = _program.make_step(target, Piece(name, box, 0, []), box, 0, self.format.tensors)
         executor = Executor(self.store, self.io)
+        # chunks located and checked before the buffer exists
+        unit = _program.plan_unit(self, [step], [regions], executor, ProcessPlan(0))
         with self._lock:
             self._check_open()
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(executor.threads, thread_name_prefix="jreshard")
             pool = self._pool
-        try:
-            self._run(prepared, [dest], executor, pool)
-        except RuntimeError:
-            self._check_open()  # close() shut the pool down: "cannot schedule new futures after shutdown"
-            raise
+        dest = self._run_unit(unit, executor, pool)[0]
         self._check_open()  # closed during the read: fail, as load() does
         if index is not None and not isinstance(index, tuple):
             index = (index,)
@@ -179,8 +179,25 @@ class Checkpoint:
 
     # -- planning ---------------------------------------------------------------------------------
 
-    def plan(self, target: Any, *, coalesce_gap: int = 256) -> Plan:
-        """What :meth:`load` would read, per JAX process, without reading tensor bytes (headers only).
+    def saved(self, name: str) -> View:
+        """A view of saved tensor ``name`` whose shape and dtype are known, so that every operation on it is
+        checked at once (see :func:`jreshard.saved`).
+
+        Example:
+            >>> import jreshard
+            >>> ckpt = jreshard.open(jreshard.sample_path())
+            >>> ckpt.saved("model.embed.weight").T.reshape(4, 8, 64).shape
+            (4, 8, 64)
+        """
+        info = self.tensor(name)
+        return View("saved", name, (), f"saved({name!r})", info.shape, info.dtype)
+
+    def plan(self, target: Any, *, mapping: Any = None, max_inflight_bytes: int | None = None,
+             coalesce_gap: int = 256, mesh: Any = None) -> Plan:
+        """The program :meth:`load` would execute, for every JAX process the target spans, without reading
+        tensor bytes (headers only): per process the bytes its shards need, the bytes and requests it reads
+        (after merging, in the batches ``max_inflight_bytes`` makes), and per target the same. For this
+        process it is exactly what ``load`` runs: ``load`` builds the same program with the same function.
 
         Example:
             >>> import jax, jreshard
@@ -191,70 +208,32 @@ class Checkpoint:
             >>> p.bytes_needed == t.nbytes
             True
         """
+        plan, _, _ = self._plan(target, mapping, max_inflight_bytes, coalesce_gap, mesh, local_only=False)
+        return plan
+
+    def _plan(self, target: Any, mapping: Any, max_inflight_bytes: Any, coalesce_gap: int, mesh: Any,
+              local_only: bool) -> tuple[Plan, list, Any]:
         import jax
 
         self._check_open()
-        entries, _ = _flatten_target(target)
-        specs = [self._spec(name, leaf) for name, leaf in entries]
-        processes: dict[int, ProcessPlan] = {}
-        runs_by: dict[int, dict[str, list[tuple[np.ndarray, np.ndarray]]]] = {}
-        whole: dict[int, set[tuple[str, int]]] = {}
-        as_saved: dict[str, bool] = {}
-        pieces: list[tuple[TensorInfo, Piece, list]] = []
-        for spec in specs:
-            if spec is None:
-                continue
-            info, sharding, _ = spec
-            as_saved[info.name] = matches_saved(info, sharding)
-            for piece in pieces_of(info.name, info.shape, sharding, addressable_only=False):
-                pieces.append((info, piece, overlaps(info.chunks, piece.box)))
-        # Header reads for every chunk any process reads by ranges, in one batch (whole-read items need none).
-        located = self._locate((info, ov.chunk_id) for info, _, ovs in pieces for ov in ovs
-                               if info.chunks[ov.chunk_id].whole_read_nbytes is None)
-        for info, piece, ovs in pieces:
-            pp = processes.setdefault(piece.process, ProcessPlan(piece.process))
-            nbytes = math.prod(piece.shape) * info.dtype.itemsize
-            pp.bytes_needed += nbytes
-            pp.pieces += 1
-            t = pp.tensors.setdefault(info.name, {"bytes_needed": 0, "pieces": 0})
-            t["bytes_needed"] += nbytes
-            t["pieces"] += 1
-            for ov in ovs:
-                chunk = info.chunks[ov.chunk_id]
-                if chunk.whole_read_nbytes is not None:
-                    whole.setdefault(piece.process, set()).add((info.name, ov.chunk_id))
-                    continue
-                loc = located[(info.name, ov.chunk_id)]
-                if loc.data is not None:
-                    continue  # held in memory since its header read
-                r = runs_of(loc, chunk.sizes, ov, piece.shape, info.dtype.itemsize)
-                if r is None:
-                    lo, hi = element_span(loc, ov, info.dtype.itemsize)
-                    starts, lens = np.array([loc.base + lo]), np.array([hi - lo])
-                else:
-                    starts = r.src_starts() + loc.base
-                    lens = np.full(len(starts), r.run, np.int64)
-                runs_by.setdefault(piece.process, {}).setdefault(loc.key, []).append((starts, lens))
-        for pid, pp in processes.items():
-            for parts in runs_by.get(pid, {}).values():
-                s = np.concatenate([p[0] for p in parts])
-                l = np.concatenate([p[1] for p in parts])
-                order = np.argsort(s, kind="stable")
-                rs, re, _ = merge_runs(s[order], l[order], coalesce_gap)
-                pp.bytes_to_read += int((re - rs).sum())
-                pp.num_reads += len(rs)
-            for name, cid in whole.get(pid, ()):
-                pp.bytes_to_read += int(self.format.tensors[name].chunks[cid].whole_read_nbytes)
-                pp.num_reads += 1
+        entries, unflatten = flatten_target(target, mesh=mesh)
+        targets = _program.resolve(self, entries, mapping, self._check_leaf)
+        limit = _program.inflight_limit(max_inflight_bytes, targets)
+        executor = Executor(self.store, self.io, coalesce_gap)
+        this = jax.process_index()
+        plans, program = _program.build(self, targets, limit=limit, io_executor=executor, local_only=local_only,
+                                        keep=this)
         self._check_open()
-        return Plan(processes, jax.process_index(), self.source, as_saved)
+        return _program.report(self, plans, this, targets, program), entries, unflatten
 
     # -- loading ----------------------------------------------------------------------------------
 
-    def load(self, target: Any, *, max_inflight_bytes: int | None = None,
-             progress: bool | Callable[[dict[str, Any]], None] = False, coalesce_gap: int = 256) -> Any:
-        """Load ``target`` (a pytree of ``jax.ShapeDtypeStruct`` with shardings, or ``jax.Array``) from this
-        checkpoint; see :func:`jreshard.load`.
+    def load(self, target: Any, *, mapping: Any = None, max_inflight_bytes: int | None = None,
+             progress: bool | Callable[[dict[str, Any]], None] = False, coalesce_gap: int = 256,
+             mesh: Any = None) -> Any:
+        """Load ``target`` (a pytree of ``jax.ShapeDtypeStruct`` with shardings, or ``jax.Array``, or a flax nnx
+        state) from this checkpoint, through ``mapping``; see :func:`jreshard.load`. The program run is the one
+        :meth:`plan` reports for this process.
 
         ``max_inflight_bytes`` (default 2 GiB) bounds the host bytes read but not yet placed on devices, cast
         buffers included, whatever the sharding: shards that fit are read in batches of whole shards, and a
@@ -277,25 +256,13 @@ class Checkpoint:
         """
         import jax
 
-        self._check_open()
-        entries, treedef = _flatten_target(target)
-        specs = [self._spec(name, leaf) for name, leaf in entries]
+        plan, entries, unflatten = self._plan(target, mapping, max_inflight_bytes, coalesce_gap, mesh, local_only=True)
+        program: _program.Program = plan._program
+        targets = plan._targets
         report = _progress_fn(progress)
-        # Distinct pieces of this process, in target order.
-        work: list[tuple[int, TensorInfo, Piece, Any]] = []
-        for i, spec in enumerate(specs):
-            if spec is None:
-                continue
-            info, sharding, dtype = spec
-            for piece in pieces_of(info.name, info.shape, sharding):
-                work.append((i, info, piece, dtype))
-        limit = _inflight_limit(max_inflight_bytes, work)
-        device_arrays: dict[int, dict[Any, Any]] = {i: {} for i in range(len(specs))}
         executor = Executor(self.store, self.io, coalesce_gap)
-        total = sum(math.prod(p.shape) * info.dtype.itemsize for _, info, p, _ in work)
-        pack = limit  # the size batches of whole pieces are packed to; pieces above ``limit`` are read in parts
-        if report:  # batches small enough for the display to move (about 20 updates)
-            pack = min(limit, max(64 * 2**20, total // 20))
+        device_arrays: dict[int, dict[Any, Any]] = {t.index: {} for t in targets if t is not None}
+        total = plan.bytes_needed
         done = 0
         t0 = time.perf_counter()
 
@@ -309,126 +276,126 @@ class Checkpoint:
                         "bytes_read": self.store.stats.bytes_read})
 
         with ThreadPoolExecutor(executor.threads) as pool:
-            for in_parts, batch in _batches(work, limit, pack):
-                if in_parts:  # shards larger than the bound
-                    for i, dev, arr in self._load_in_parts(batch, limit, executor, pool, advance):
+            for batch in program.batches if program is not None else ():
+                if batch.in_parts:  # shards larger than the bound
+                    for i, dev, arr in self._load_in_parts(batch, executor, pool, advance):
                         device_arrays[i][dev] = arr
                     continue
-                prepared = self._prepare([(info, piece) for _, info, piece, _ in batch])
-                hosts = _place.allocate([(piece.shape, info.dtype) for _, info, piece, _ in batch])
-                bufs = [(info, piece, host) for (_, info, piece, _), host in zip(batch, hosts)]
-                self._run(prepared, hosts, executor, pool)
+                unit = batch.units[0]
+                bufs = self._run_unit(unit, executor, pool)
                 host, devs, owners = [], [], []
-                for (i, info, piece, dtype), (_, _, buf) in zip(batch, bufs):
-                    buf = _cast(buf, dtype)
-                    for dev in piece.devices:
+                for step, buf in zip(unit.steps, bufs):
+                    for dev in step.piece.devices:
                         host.append(buf)
                         devs.append(dev)
-                        owners.append(i)
+                        owners.append(step.target.index)
                 placed = _place.put(host, devs)
                 if any(d.platform != "cpu" for d in devs):
                     jax.block_until_ready(placed)  # host buffers may be released after this
                 for i, dev, arr in zip(owners, devs, placed):
                     device_arrays[i][dev] = arr
-                del host, bufs, hosts, buf
-                advance(sum(math.prod(p.shape) * info.dtype.itemsize for _, info, p, _ in batch))
+                del host, bufs
+                advance(unit.nbytes)
         out = []
-        for i, ((name, leaf), spec) in enumerate(zip(entries, specs)):
-            if spec is None:
-                out.append(self.objects[name])
+        for entry, t in zip(entries, targets):
+            if t is None:
+                out.append(self.objects[entry.name])
                 continue
-            info, sharding, dtype = spec
-            per_dev = device_arrays[i]
-            order = list(sharding.addressable_devices_indices_map(info.shape))
-            out.append(_place.assemble(info.shape, sharding, [per_dev[d] for d in order]))
+            per_dev = device_arrays[t.index]
+            order = list(t.sharding.addressable_devices_indices_map(t.shape))
+            out.append(_place.assemble(t.shape, t.sharding, [per_dev[d] for d in order]))
         # A close() that came after the last read still fails the load: "closed before load returned" is
         # then always an error, never a race between success and failure.
         self._check_open()
-        return jax.tree_util.tree_unflatten(treedef, out)
+        return unflatten(out)
 
-    def _load_in_parts(self, items: list, limit: int, executor: Executor, pool: ThreadPoolExecutor,
+    def _run_unit(self, unit: _program.Unit, executor: Executor, pool: ThreadPoolExecutor) -> list[np.ndarray]:
+        """Read one unit into fresh host buffers; per step, its buffer cast to the target dtype."""
+        hosts = _place.allocate([s for step in unit.steps for s in step.slots()])
+        for j in unit.jobs:
+            j.dest = hosts[j.slot]
+        try:
+            if unit.deferred:  # compressed items: read and decompressed now, one batch
+                located = self._locate((r.info, r.overlap.chunk_id) for r in unit.deferred)
+                jobs, _ = _program.jobs_of(unit.deferred, located)
+                for j in jobs:
+                    j.dest = hosts[j.slot]
+                executor.run(jobs, pool)
+            executor.execute(unit.prepared, pool)
+        except RuntimeError:
+            self._check_open()  # close() shut the pool down: "cannot schedule new futures after shutdown"
+            raise
+        finally:
+            for j in unit.jobs:
+                j.dest = None
+        out = []
+        for step in unit.steps:
+            buf = hosts[step.slot]
+            for k, leaf in enumerate(step.temps):
+                val = hosts[step.slot + 1 + k]
+                for c in leaf.casts:
+                    val = _cast(val, c)
+                item = buf.dtype.itemsize
+                dst = np.ndarray(leaf.shape, buf.dtype, buffer=buf.reshape(-1).view(np.uint8), offset=leaf.dst * item,
+                                 strides=tuple(st * item for st in leaf.strides))
+                np.copyto(dst, val, casting="unsafe")
+            for c in step.casts:
+                buf = _cast(buf, c)
+            out.append(_cast(buf, step.target.dtype))
+        return out
+
+    def _load_in_parts(self, batch: _program.Batch, executor: Executor, pool: ThreadPoolExecutor,
                        advance: Callable[[int], None]) -> list[tuple[int, Any, Any]]:
-        """``(target index, device, array)`` for pieces of one tensor, all of one shape and each larger than
-        ``limit`` host bytes. The pieces are filled in lockstep, part by part (:func:`_parts`): part r of
-        every piece together is at most ``limit`` host bytes with its cast buffers. Each part is put on its
+        """``(target index, device, array)`` for a group of pieces of one target, all of one shape and each
+        larger than the bound, filled in lockstep part by part (one unit per part). Each part is put on its
         piece's devices and written there into a device buffer of the whole piece: the buffers of all the
         devices are the shards of one array, updated by one compiled ``dynamic_update_slice`` per step
         (donated: each device holds one piece and one part)."""
         import jax
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-        i, info, first, dtype = items[0]
-        elem = _elem_bytes(items[0])
+        t, first = batch.group[0]
         shape = first.shape
-        per_step = max(1, min(len(items), limit // elem))  # pieces filled together; parts of limit // per_step bytes
         index_dtype = np.int32 if max(shape) < 2**31 else np.int64
-        out = []
-        for k in range(0, len(items), per_step):
-            group = items[k : k + per_step]
-            devices = [dev for _, _, piece, _ in group for dev in piece.devices]
-            sharding = NamedSharding(Mesh(np.array(devices), ("pieces",)), PartitionSpec("pieces"))
-            buf = _zeros_fn(sharding, (len(devices) * shape[0],) + shape[1:], np.dtype(dtype))()
-            update = _update_fn(sharding.mesh)
-            for rel in _parts(tuple((0, n) for n in shape), elem, limit // len(group)):
-                part_shape = tuple(b - a for a, b in rel)
-                prepared = self._prepare([
-                    (info, Piece(piece.name, tuple((a0 + a, a0 + b) for (a0, _), (a, b) in zip(piece.box, rel)),
-                                 piece.process, piece.devices)) for _, _, piece, _ in group])
-                hosts = _place.allocate([(part_shape, info.dtype)] * len(group))
-                self._run(prepared, hosts, executor, pool)
-                hosts = [_cast(host, dtype) for host in hosts]
-                placed = _place.put([host for (_, _, piece, _), host in zip(group, hosts) for _ in piece.devices],
-                                    devices)
-                part = jax.make_array_from_single_device_arrays((len(devices) * part_shape[0],) + part_shape[1:],
-                                                                sharding, placed)
-                buf = update(buf, part, np.array([a for a, _ in rel], index_dtype))
-                jax.block_until_ready(buf)  # the host parts may be released after this (one part in flight)
-                del hosts, prepared, placed, part
-                advance(len(group) * math.prod(part_shape) * info.dtype.itemsize)
-            out.extend((i, shard.device, shard.data) for shard in buf.addressable_shards)
-        return out
+        devices = [dev for _, piece in batch.group for dev in piece.devices]
+        sharding = NamedSharding(Mesh(np.array(devices), ("pieces",)), PartitionSpec("pieces"))
+        buf = _zeros_fn(sharding, (len(devices) * shape[0],) + shape[1:], np.dtype(t.dtype))()
+        update = _update_fn(sharding.mesh)
+        for unit in batch.units:
+            assert unit.rel is not None
+            part_shape = tuple(b - a for a, b in unit.rel)
+            hosts = self._run_unit(unit, executor, pool)
+            placed = _place.put([host for step, host in zip(unit.steps, hosts) for _ in step.piece.devices], devices)
+            part = jax.make_array_from_single_device_arrays((len(devices) * part_shape[0],) + part_shape[1:],
+                                                            sharding, placed)
+            buf = update(buf, part, np.array([a for a, _ in unit.rel], index_dtype))
+            jax.block_until_ready(buf)  # the host parts may be released after this (one part in flight)
+            del hosts, placed, part
+            advance(unit.nbytes)
+        return [(t.index, shard.device, shard.data) for shard in buf.addressable_shards]
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _spec(self, name: str, leaf: Any) -> tuple[TensorInfo, Any, np.dtype] | None:
+    def _check_leaf(self, name: str, shape: tuple[int, ...], dtype: np.dtype, sharding: Any) -> None:
+        """A target array's sharding and dtype checked before anything is planned."""
         import jax
 
-        if not isinstance(leaf, (jax.ShapeDtypeStruct, jax.Array)):
-            if name in self.format.object_refs:
-                return None
-            if name in self.format.tensors:
-                raise TargetMismatchError(
-                    f"{self.source}: target leaf for tensor {name!r} is a {type(leaf).__name__}; give a "
-                    "jax.ShapeDtypeStruct with a sharding or a jax.Array"
-                )
-            raise TargetMismatchError(_unknown(name, {**self.format.tensors, **self.format.object_refs}, self.source))
-        info = self.tensor(name)
-        shape = tuple(int(s) for s in leaf.shape)
-        if shape != info.shape:
-            raise TargetMismatchError(
-                f"{self.source}: tensor {name!r}: target shape {shape} differs from the saved shape {info.shape}"
-            )
-        sharding = getattr(leaf, "sharding", None)
         if sharding is None:
-            raise ShardingError(f"tensor {name!r}: the target has no sharding; give jax.ShapeDtypeStruct(..., sharding=...)")
+            raise ShardingError(f"target {name!r}: no sharding; give jax.ShapeDtypeStruct(..., sharding=...)")
         try:
             sharding.shard_shape(shape)
         except Exception as e:  # jax raises IndivisibleError / ValueError
-            raise ShardingError(f"tensor {name!r} of shape {shape}: the target sharding cannot tile it: {e}") from None
-        dtype = np.dtype(leaf.dtype)
-        if info.dtype.kind == "c" and dtype.kind != "c":
-            raise TargetMismatchError(f"tensor {name!r}: cannot cast saved {info.dtype} to {dtype} (drops the imaginary part)")
+            raise ShardingError(f"target {name!r} of shape {shape}: the target sharding cannot tile it: {e}") from None
         narrow = np.dtype(jax.dtypes.canonicalize_dtype(dtype))
         if narrow != dtype:
             # jax.device_put would silently make a narrower array (int64 2**40 + 7 would load as 7).
             raise TargetMismatchError(
-                f"{self.source}: tensor {name!r}: the target dtype {dtype} is a 64-bit type, which JAX narrows to "
+                f"{self.source}: target {name!r}: the target dtype {dtype} is a 64-bit type, which JAX narrows to "
                 f"{narrow} while 64-bit types are off (jax_enable_x64 is False), changing values that do not fit. "
                 'Enable them with jax.config.update("jax_enable_x64", True) or the environment variable '
                 f"JAX_ENABLE_X64=1, or ask for the narrower dtype explicitly in the target: "
                 f"jax.ShapeDtypeStruct({shape}, np.{narrow.name}, sharding=...)"
             )
-        return info, sharding, dtype
 
     def _locate(self, wanted: Iterable[tuple[TensorInfo, int]]) -> dict[tuple[str, int], Locator]:
         """Locators of the (tensor, chunk id) pairs, keyed by (name, chunk id): one batched locate for those
@@ -448,105 +415,6 @@ class Checkpoint:
                     self._locators[(info.name, cid)] = loc
         return out  # type: ignore[return-value]  # every entry is filled now
 
-    def _fill(self, bufs: list[tuple[TensorInfo, Piece, np.ndarray]], executor: Executor, pool: ThreadPoolExecutor) -> None:
-        """Fill the host buffers of pieces from the saved chunks (one batched locate, then the reads)."""
-        prepared = self._prepare([(info, piece) for info, piece, _ in bufs])
-        self._run(prepared, [dest for _, _, dest in bufs], executor, pool)
-
-    def _prepare(self, pieces: list[tuple[TensorInfo, Piece]]) -> list[tuple[TensorInfo, Piece, list, dict]]:
-        """The overlaps of each piece with the saved chunks, and their located chunks (one batched locate of
-        the headers). Run before the pieces' buffers are allocated: a chunk whose item does not hold what the
-        metadata claims is refused before memory is spent on the claim."""
-        plans = []
-        for info, piece in pieces:
-            ovs = overlaps(info.chunks, piece.box)
-            covered = sum(math.prod(o.size) for o in ovs)
-            if covered != math.prod(piece.shape):
-                raise JReshardError(f"internal: tensor {info.name!r} box {piece.box} covered {covered} elements")
-            plans.append((info, piece, ovs))
-        located = self._locate((info, ov.chunk_id) for info, _, ovs in plans for ov in ovs)
-        return [(info, piece, ovs, located) for info, piece, ovs in plans]
-
-    @staticmethod
-    def _run(prepared: list[tuple[TensorInfo, Piece, list, dict]], dests: list[np.ndarray], executor: Executor,
-             pool: ThreadPoolExecutor) -> None:
-        jobs = []
-        for (info, piece, ovs, located), dest in zip(prepared, dests):
-            for ov in ovs:
-                loc = located[(info.name, ov.chunk_id)]
-                chunk = info.chunks[ov.chunk_id]
-                jobs.append(CopyJob(info.name, loc, chunk.sizes, ov, dest,
-                                    runs_of(loc, chunk.sizes, ov, piece.shape, info.dtype.itemsize)))
-        executor.run(jobs, pool)
-
-
-def _batches(work: list, limit: int, pack: int | None = None) -> Iterable[tuple[bool, list]]:
-    """Split the pieces into batches ``(in_parts, items)``. Batches of whole pieces (``in_parts`` False) hold at
-    most ``limit`` host bytes (:func:`_host_bytes`): units are packed in order up to ``pack`` (default and at
-    most ``limit``). A unit is a whole tensor's pieces when they fit in ``pack``; else the pieces sharing one
-    band of rows when they fit (the pieces overlapping a saved chunk are then read together); else single
-    pieces. The pieces of a tensor larger than ``limit`` each, of one shape, make a batch of their own
-    (``in_parts`` True: read part by part).
-
-    Example (a 2048x1024 float32 tensor sharded by columns 8 ways, 1 MiB pieces, 2 MiB bound):
-        >>> from types import SimpleNamespace as NS
-        >>> info = NS(dtype=np.dtype("float32"))
-        >>> work = [(0, info, Piece("w", ((0, 2048), (128 * k, 128 * (k + 1))), 0, []), info.dtype) for k in range(8)]
-        >>> [(in_parts, len(b)) for in_parts, b in _batches(work, 2 * 2**20)]
-        [(False, 2), (False, 2), (False, 2), (False, 2)]
-        >>> [(in_parts, len(b)) for in_parts, b in _batches(work, 2**19)]
-        [(True, 8)]
-    """
-    pack = limit if pack is None else min(pack, limit)
-    units: list[tuple[bool, list]] = []
-    for _, group in itertools.groupby(work, key=lambda item: item[0]):
-        pieces = list(group)
-        if sum(_host_bytes(item) for item in pieces) <= pack:
-            units.append((False, pieces))
-            continue
-        pieces.sort(key=lambda item: item[2].box)
-        large: dict[tuple[int, ...], list] = {}
-        for _, band_items in itertools.groupby(pieces, key=lambda item: item[2].box[:1]):
-            band = []
-            for item in band_items:
-                if _host_bytes(item) > limit:
-                    large.setdefault(item[2].shape, []).append(item)
-                else:
-                    band.append(item)
-            if sum(_host_bytes(item) for item in band) <= pack:
-                units.append((False, band))
-            else:
-                units.extend((False, [item]) for item in band)
-        units.extend((True, items) for items in large.values())
-    batch: list = []
-    size = 0
-    for in_parts, unit in units:
-        if in_parts:
-            if batch:
-                yield False, batch
-                batch, size = [], 0
-            yield True, unit
-            continue
-        n = sum(_host_bytes(item) for item in unit)
-        if batch and size + n > pack:
-            yield False, batch
-            batch, size = [], 0
-        batch.extend(unit)
-        size += n
-    if batch:
-        yield False, batch
-
-
-def _host_bytes(item: tuple) -> int:
-    """Host bytes of a work item ``(i, info, piece, dtype)``: its buffer in the saved dtype, and its cast."""
-    return math.prod(item[2].shape) * _elem_bytes(item)
-
-
-def _elem_bytes(item: tuple) -> int:
-    """Host bytes one element of a work item takes: saved itemsize, plus the target's when it is a cast."""
-    _, info, _, dtype = item
-    return info.dtype.itemsize + (dtype.itemsize if dtype != info.dtype else 0)
-
 
 def _cast(buf: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """``buf`` as ``dtype``: itself when it has that dtype, else an aligned copy (an unsafe cast, as asked)."""
@@ -555,66 +423,6 @@ def _cast(buf: np.ndarray, dtype: np.dtype) -> np.ndarray:
     out = _place.aligned_empty(buf.shape, dtype)
     np.copyto(out, buf, casting="unsafe")
     return out
-
-
-def _inflight_limit(value: Any, work: list) -> int:
-    """``max_inflight_bytes`` checked: None gives the default; anything else must be an integer of at least
-    one element (:func:`_elem_bytes`) of every work item, else InvalidArgumentError.
-
-    Example:
-        >>> _inflight_limit(None, []) == DEFAULT_INFLIGHT, _inflight_limit(4096, [])
-        (True, 4096)
-        >>> _inflight_limit(0, [])
-        Traceback (most recent call last):
-        ...
-        jreshard.errors.InvalidArgumentError: max_inflight_bytes must be a positive number of bytes, not 0
-    """
-    if value is None:
-        return DEFAULT_INFLIGHT
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise InvalidArgumentError(f"max_inflight_bytes must be an integer number of bytes, not {value!r}")
-    limit = int(value)
-    if limit <= 0:
-        raise InvalidArgumentError(f"max_inflight_bytes must be a positive number of bytes, not {limit}")
-    if work:
-        widest = max(work, key=_elem_bytes)
-        need = _elem_bytes(widest)
-        if limit < need:
-            _, info, _, dtype = widest
-            what = f"{info.dtype}" if dtype == info.dtype else f"{info.dtype} read and cast to {dtype}"
-            raise InvalidArgumentError(
-                f"max_inflight_bytes={limit} is below one element: tensor {info.name!r} ({what}) needs {need} "
-                f"bytes per element on the host; give at least {need}"
-            )
-    return limit
-
-
-def _parts(box: tuple[tuple[int, int], ...], elem_bytes: int, limit: int) -> Iterable[tuple[tuple[int, int], ...]]:
-    """Sub-boxes of ``box`` that tile it in C order, each at most ``limit`` bytes at ``elem_bytes`` per
-    element (``limit >= elem_bytes``): bands along the first dimension whose trailing block fits, with the
-    dimensions before it taken one index at a time.
-
-    Example:
-        >>> list(_parts(((0, 4), (0, 3)), 4, 24))  # rows of 12 bytes, two rows per part
-        [((0, 2), (0, 3)), ((2, 4), (0, 3))]
-        >>> list(_parts(((2, 4), (0, 3)), 4, 8))  # a row (12 bytes) is too large: bands of a row
-        [((2, 3), (0, 2)), ((2, 3), (2, 3)), ((3, 4), (0, 2)), ((3, 4), (2, 3))]
-    """
-    shape = [b - a for a, b in box]
-    if not shape or math.prod(shape) * elem_bytes <= limit:
-        yield box
-        return
-    k = 0
-    while math.prod(shape[k + 1 :]) * elem_bytes > limit:
-        k += 1
-    step = max(1, limit // (math.prod(shape[k + 1 :]) * elem_bytes))
-    for outer in itertools.product(*(range(a, b) for a, b in box[:k])):
-        head = tuple((i, i + 1) for i in outer)
-        a, b = box[k]
-        for r0 in range(a, b, step):
-            yield head + ((r0, min(b, r0 + step)),) + box[k + 1 :]
 
 
 @functools.lru_cache(maxsize=64)
@@ -657,24 +465,6 @@ def _progress_fn(progress: Any) -> Callable[[dict[str, Any]], None] | None:
         sys.stderr.flush()
 
     return show
-
-
-def _key_name(entry: Any) -> str:
-    for attr in ("key", "idx", "name"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
-def _flatten_target(target: Any) -> tuple[list[tuple[str, Any]], Any]:
-    """(dotted name, leaf) of every target leaf, and the treedef to rebuild the structure."""
-    import jax
-
-    def is_leaf(x: Any) -> bool:
-        return isinstance(x, (jax.ShapeDtypeStruct, jax.Array))
-
-    flat, treedef = jax.tree_util.tree_flatten_with_path(target, is_leaf=is_leaf)
-    return [(".".join(_key_name(k) for k in path), leaf) for path, leaf in flat], treedef
 
 
 def _unknown(name: str, known: Mapping[str, Any], source: str) -> str:

@@ -12,8 +12,9 @@ between them is small (:func:`merge_runs`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -72,7 +73,9 @@ def overlaps(chunks: Sequence[Chunk], box: Box) -> list[Overlap]:
         >>> [o.size for o in overlaps([Chunk((0,), (4,)), Chunk((4,), (4,))], ((2, 6),))]
         [(2,), (2,)]
     """
-    from .catalog import chunk_overlaps  # (imported here: only this function of the module needs it)
+    from .catalog import (
+        chunk_overlaps,  # (imported here: only this function of the module needs it)
+    )
 
     found = chunk_overlaps(chunks, box)
     if found is not None:

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -53,9 +54,9 @@ class View:
         saved('model.layers.0.w1').T.reshape(4, 8, -1)
     """
 
-    __slots__ = ("_op", "_args", "_kids", "_shape", "_dtype", "_text")
+    __slots__ = ("_args", "_dtype", "_kids", "_op", "_shape", "_text")
 
-    def __init__(self, op: str, args: Any, kids: tuple["View", ...], text: str,
+    def __init__(self, op: str, args: Any, kids: tuple[View, ...], text: str,
                  shape: tuple[int, ...] | None = None, dtype: np.dtype | None = None) -> None:
         self._op = op
         self._args = args
@@ -114,11 +115,11 @@ class View:
     # -- operations ------------------------------------------------------------------------------
 
     @property
-    def T(self) -> "View":  # noqa: N802
+    def T(self) -> View:
         """The dimensions reversed (numpy's ``.T``)."""
         return self._make("transpose", None, f"{self._text}.T")
 
-    def transpose(self, *axes: int) -> "View":
+    def transpose(self, *axes: int) -> View:
         """The dimensions permuted: ``axes`` as in ``numpy.transpose`` (none given: reversed).
 
         Example:
@@ -133,7 +134,7 @@ class View:
         axes = tuple(_int(a, "transpose axis") for a in axes)
         return self._make("transpose", axes, f"{self._text}.transpose({', '.join(map(str, axes))})")
 
-    def reshape(self, *shape: int) -> "View":
+    def reshape(self, *shape: int) -> View:
         """The same elements in C order under another shape (one ``-1`` allowed): splits and merges
         dimensions, as ``numpy.reshape`` does.
 
@@ -149,7 +150,7 @@ class View:
             raise InvalidArgumentError(f"{self._text}.reshape{shape}: sizes must be >= 0, with at most one -1")
         return self._make("reshape", shape, f"{self._text}.reshape({', '.join(map(str, shape))})")
 
-    def astype(self, dtype: Any) -> "View":
+    def astype(self, dtype: Any) -> View:
         """The values cast to ``dtype`` (per shard, as ``numpy.astype`` with unsafe casting would).
 
         Example:
@@ -161,11 +162,12 @@ class View:
             dt = np.dtype(dtype)
         except TypeError as e:
             raise InvalidArgumentError(f"{self._text}.astype({dtype!r}): not a dtype: {e}") from None
-        if dt.kind not in "biufc" or dt.hasobject:
+        if not (dt.kind in "biufc" or type(dt.type).__module__.startswith("ml_dtypes")
+                or dt.type.__module__.startswith("ml_dtypes")) or dt.hasobject:
             raise InvalidArgumentError(f"{self._text}.astype({dt}): only boolean and numeric dtypes")
         return self._make("astype", dt, f"{self._text}.astype({dt})")
 
-    def __getitem__(self, key: Any) -> "View":
+    def __getitem__(self, key: Any) -> View:
         """Basic indexing: integers, slices (any non-zero step), ``...`` and ``None``.
 
         Example:
@@ -187,7 +189,7 @@ class View:
                     else (int(k) if _is_int(k) else k) for k in key)
         return self._make("index", key, f"{self._text}[{', '.join(_key_text(k) for k in key)}]")
 
-    def _make(self, op: str, args: Any, text: str) -> "View":
+    def _make(self, op: str, args: Any, text: str) -> View:
         return View(op, args, (self,), text)
 
     # -- shapes ----------------------------------------------------------------------------------
@@ -225,7 +227,7 @@ class View:
             return shape[:axis] + (sum(s[axis] for s in shapes),) + shape[axis + 1:], dtype
         raise AssertionError(op)
 
-    def bind(self, lookup: Callable[[str], tuple[tuple[int, ...], np.dtype]]) -> "View":
+    def bind(self, lookup: Callable[[str], tuple[tuple[int, ...], np.dtype]]) -> View:
         """This view with every shape known: ``lookup(name)`` gives a saved tensor's (shape, dtype). Raises
         TargetMismatchError naming the first operation that does not fit its input."""
         if self._shape is not None:

@@ -1,0 +1,510 @@
+"""The program of a load: what :meth:`jreshard.Checkpoint.load` executes and :meth:`~jreshard.Checkpoint.plan`
+reports, built by one function (:func:`build`), so that the report is what runs.
+
+For every target array: its view of the saved tensors (the mapping's entry, or the saved tensor of the same
+name), and for every distinct shard ("piece") of the processes asked for, the shard's box traced through the
+view to boxes of saved tensors (:meth:`jreshard.views.View.trace`), intersected with the saved chunks
+(:func:`jreshard.plan.overlaps`) and turned into copy jobs into the shard's host buffer (any strides: a
+transposed or stacked destination is written in place, never through a copy). Pieces are packed into batches
+of at most ``max_inflight_bytes`` host bytes (pieces larger than that are read part by part), and each batch's
+jobs become the exact requests the executor issues (:meth:`jreshard.read.Executor.prepare`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import numbers
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .catalog import TensorInfo
+from .errors import InvalidArgumentError, JReshardError, TargetMismatchError
+from .plan import Box, Piece, Plan, ProcessPlan, c_strides, overlaps, pieces_of, runs_of
+from .read import CopyJob, Executor, Prepared
+from .spec import matches_saved
+from .targets import TargetLeaf, key_name, missing_message
+from .views import Leaf, View
+
+DEFAULT_INFLIGHT = 2 * 2**30
+MIN_PACK = 64 * 2**20  # batches are packed to max(MIN_PACK, bytes / 20) (progress moves), at most the bound
+
+
+@dataclass(eq=False)
+class Target:
+    """A target array: its leaf position ``index``, dotted ``name``, the (bound) ``view`` it is read from, and
+    the target's shape, dtype and sharding."""
+
+    index: int
+    name: str
+    view: View
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    sharding: Any
+    elem_bytes: int = 0  # host bytes one element takes while read (saved buffers and casts)
+    sources: tuple[str, ...] = ()
+
+
+@dataclass(eq=False)
+class Region:
+    """A saved chunk's overlap with a traced leaf, and where it lands: slot ``slot`` of the unit, elements
+    ``dst0 + sum(i * strides)`` (element units)."""
+
+    info: TensorInfo
+    overlap: Any
+    slot: int
+    dst0: int
+    strides: tuple[int, ...]
+
+
+@dataclass(eq=False)
+class Step:
+    """What one piece (or one part of a piece) reads: a buffer of ``box`` in ``buf_dtype`` (slot ``slot``),
+    cast in place of itself by ``casts`` after the reads; ``temps`` are leaves read into buffers of their own
+    (slots ``slot + 1 ...``, in their saved dtypes), then cast and copied into the buffer."""
+
+    target: Target
+    piece: Piece
+    box: Box
+    buf_dtype: np.dtype
+    casts: tuple[np.dtype, ...]
+    temps: list[Leaf]
+    temp_dtypes: list[np.dtype]
+    slot: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(b - a for a, b in self.box)
+
+    def slots(self) -> list[tuple[tuple[int, ...], np.dtype]]:
+        return [(self.shape, self.buf_dtype)] + [(leaf.shape, dt) for leaf, dt in zip(self.temps, self.temp_dtypes)]
+
+
+@dataclass(eq=False)
+class Unit:
+    """Steps read together: one batch of whole pieces, or one part of a group of large pieces. ``jobs`` and
+    ``prepared`` (their requests) are fixed at planning; ``deferred`` regions (of compressed items, read whole)
+    are located and copied when the unit runs."""
+
+    steps: list[Step]
+    jobs: list[CopyJob]
+    prepared: Prepared
+    deferred: list[Region]
+    nbytes: int = 0  # saved bytes its steps need
+    rel: Box | None = None  # in-parts units: the part's box relative to each piece
+
+
+@dataclass(eq=False)
+class Batch:
+    """Units run one after the other. ``in_parts``: the pieces of ``group`` (one tensor, one shape, each above
+    the bound) are filled part by part, one unit per part, into device buffers of the whole pieces."""
+
+    in_parts: bool
+    units: list[Unit]
+    group: list[tuple[Target, Piece]] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Program:
+    """What one process executes: its batches, in order."""
+
+    process: int
+    batches: list[Batch]
+    limit: int
+
+
+# -- targets ------------------------------------------------------------------------------------------
+
+
+def resolve(ckpt: Any, entries: Sequence[TargetLeaf], mapping: Any, check_dtype: Any) -> list[Target | None]:
+    """The view every target array is read from: the mapping's entry (its shape and dtype must equal the
+    target's), else the saved tensor of the same name (a different target dtype is a cast, per shard). None for
+    leaves that name saved objects. Missing names are one error listing them all."""
+    views = _mapping(mapping)
+    names = {e.name for e in entries}
+    unknown = sorted(set(views) - names)
+    if unknown:
+        raise TargetMismatchError(
+            f"{ckpt.source}: {len(unknown)} mapping entries name no target leaf: {', '.join(map(repr, unknown[:8]))}"
+            f"{' ...' if len(unknown) > 8 else ''}" + _close_hint(unknown[0], names))
+    tensors = ckpt.format.tensors
+    objects = getattr(ckpt.format, "object_refs", {})
+
+    def lookup(n: str) -> tuple[tuple[int, ...], np.dtype]:
+        info = ckpt.tensor(n)
+        return info.shape, info.dtype
+
+    out: list[Target | None] = []
+    missing: list[str] = []
+    for i, entry in enumerate(entries):
+        name, leaf = entry.name, entry.leaf
+        if entry.shape is None:
+            if name in views or name in tensors:
+                raise TargetMismatchError(
+                    f"{ckpt.source}: target leaf {name!r} is a {type(leaf).__name__}; give a jax.ShapeDtypeStruct "
+                    "with a sharding or a jax.Array")
+            if name in objects:
+                out.append(None)
+                continue
+            missing.append(name)
+            out.append(None)
+            continue
+        shape = entry.shape
+        if name not in views and name not in tensors:
+            missing.append(name)
+            out.append(None)
+            continue
+        try:
+            dtype = np.dtype(entry.dtype)
+        except TypeError:
+            raise TargetMismatchError(f"{ckpt.source}: target {name!r} has dtype {entry.dtype}, which no saved "
+                                      "tensor can fill") from None
+        if name in views:
+            view = views[name].bind(lookup)
+            if view.shape != shape or view.dtype != dtype:
+                raise TargetMismatchError(
+                    f"{ckpt.source}: target {name!r} is {_sd(shape, dtype)} but its mapping entry {view!r} is "
+                    f"{_sd(view.shape, view.dtype)}"
+                    + (f"; cast it with .astype({dtype})" if view.shape == shape else ""))
+        elif name in tensors:
+            info = tensors[name]
+            if shape != info.shape:
+                raise TargetMismatchError(
+                    f"{ckpt.source}: tensor {name!r}: target shape {shape} differs from the saved shape {info.shape}")
+            view = View("saved", name, (), f"saved({name!r})", info.shape, info.dtype)
+            if dtype != info.dtype:
+                if info.dtype.kind == "c" and dtype.kind != "c":
+                    raise TargetMismatchError(
+                        f"tensor {name!r}: cannot cast saved {info.dtype} to {dtype} (drops the imaginary part)")
+                view = view.astype(dtype)
+        else:
+            missing.append(name)
+            out.append(None)
+            continue
+        sharding = entry.sharding
+        check_dtype(name, shape, dtype, sharding)
+        sources = tuple(view.names())
+        saved = max(tensors[n].dtype.itemsize for n in sources)
+        cast = any(tensors[n].dtype != dtype for n in sources) or _has_cast(view)
+        out.append(Target(i, name, view, shape, dtype, sharding, saved + (dtype.itemsize if cast else 0), sources))
+    if missing:
+        kinds = {e.name: e.kind for e in entries}
+        raise TargetMismatchError(f"{ckpt.source}: {missing_message(missing, kinds)}"
+                                  + _close_hint(missing[0], [*tensors, *objects]))
+    return out
+
+
+def _has_cast(view: View) -> bool:
+    stack = [view]
+    while stack:
+        v = stack.pop()
+        if v._op == "astype":
+            return True
+        stack.extend(v._kids)
+    return False
+
+
+def _sd(shape: tuple[int, ...], dtype: np.dtype) -> str:
+    return f"{shape} {dtype}"
+
+
+def _mapping(mapping: Any) -> dict[str, View]:
+    """The mapping as {dotted target name: view}: a flat dict of names, or a pytree shaped like the target."""
+    from .views import as_view
+
+    if mapping is None:
+        return {}
+    if callable(mapping) and not isinstance(mapping, dict):
+        raise InvalidArgumentError("mapping must be a dict of target names to saved names or views, not a function")
+    import jax
+
+    flat, _ = jax.tree_util.tree_flatten_with_path(mapping, is_leaf=lambda x: isinstance(x, (View, str)))
+    out: dict[str, View] = {}
+    for path, value in flat:
+        name = ".".join(key_name(k) for k in path)
+        if name in out:
+            raise InvalidArgumentError(f"mapping names target {name!r} twice")
+        out[name] = as_view(value, name)
+    return out
+
+
+def _close_hint(name: str, known: Iterable[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=3)
+    return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+
+
+# -- pieces, steps, units -----------------------------------------------------------------------------
+
+
+def make_step(target: Target, piece: Piece, box: Box, slot: int, tensors: Any) -> tuple[Step, list[Region]]:
+    """The step that fills ``box`` (absolute, inside ``piece``) of ``target`` from slot ``slot`` on, and its
+    regions (overlaps of the traced leaves with saved chunks)."""
+    shape = tuple(b - a for a, b in box)
+    leaves = list(target.view.trace(box))
+    kinds = {(tensors[leaf.name].dtype, leaf.casts) for leaf in leaves}
+    if len(kinds) <= 1:
+        buf_dtype, casts = kinds.pop() if kinds else (target.dtype, ())
+        direct, temps = leaves, []
+    else:
+        buf_dtype, casts = target.dtype, ()
+        direct = [leaf for leaf in leaves if tensors[leaf.name].dtype == buf_dtype and all(c == buf_dtype for c in leaf.casts)]
+        temps = [leaf for leaf in leaves if not (tensors[leaf.name].dtype == buf_dtype
+                                                 and all(c == buf_dtype for c in leaf.casts))]
+    step = Step(target, piece, box, np.dtype(buf_dtype), tuple(casts), temps, [tensors[t.name].dtype for t in temps], slot)
+    regions: list[Region] = []
+    covered = 0
+    for k, leaf in enumerate(direct + temps):
+        info = tensors[leaf.name]
+        if k < len(direct):
+            s, dst, strides = slot, leaf.dst, leaf.strides
+        else:
+            s, dst, strides = slot + 1 + (k - len(direct)), 0, c_strides(leaf.shape)
+        for ov in overlaps(info.chunks, leaf.box):
+            covered += math.prod(ov.size)
+            regions.append(Region(info, ov, s, dst + sum(p * st for p, st in zip(ov.piece_start, strides)), strides))
+    if covered != math.prod(shape):
+        raise JReshardError(f"internal: target {target.name!r} box {box} covered {covered} elements")
+    return step, regions
+
+
+def jobs_of(regions: Sequence[Region], located: dict) -> tuple[list[CopyJob], list[Region]]:
+    """Copy jobs of the regions whose chunks are located; the others (compressed items) are returned."""
+    jobs, deferred = [], []
+    for r in regions:
+        chunk = r.info.chunks[r.overlap.chunk_id]
+        loc = located.get((r.info.name, r.overlap.chunk_id))
+        if loc is None:
+            deferred.append(r)
+            continue
+        item = r.info.dtype.itemsize
+        jobs.append(CopyJob(r.info.name, loc, chunk.sizes, r.overlap, None,
+                            runs_of(loc, chunk.sizes, r.overlap, (), item, (r.dst0, r.strides)),
+                            item, r.dst0, r.strides, r.slot))
+    return jobs, deferred
+
+
+def build(ckpt: Any, targets: Sequence[Target | None], *, limit: int, io_executor: Executor, local_only: bool,
+          keep: int | None) -> tuple[dict[int, ProcessPlan], Program | None]:
+    """Plan every process the targets span (``local_only``: this process only): per process, its batches, their
+    jobs and the requests they issue, summed into a :class:`ProcessPlan`. The program of process ``keep`` is
+    returned whole (the others are summed and dropped)."""
+    work: dict[int, list[tuple[int, Target, Piece, int]]] = {}
+    for t in targets:
+        if t is None:
+            continue
+        for piece in pieces_of(t.name, t.shape, t.sharding, addressable_only=local_only):
+            work.setdefault(piece.process, []).append((t.index, t, piece, t.elem_bytes))
+    plans: dict[int, ProcessPlan] = {}
+    program = None
+    for pid in sorted(work):
+        items = work[pid]
+        total = sum(_host_bytes(item) for item in items)
+        pack = min(limit, max(MIN_PACK, total // 20))
+        pp = ProcessPlan(pid)
+        batches = []
+        for in_parts, batch in _batches(items, limit, pack):
+            b = _plan_batch(ckpt, in_parts, batch, limit, io_executor, pp)
+            if pid == keep:
+                batches.append(b)
+        for _, t, piece, _ in items:
+            pp.pieces += 1
+            entry = pp.tensors.setdefault(t.name, {"pieces": 0, "bytes_needed": 0})
+            entry["pieces"] += 1
+        plans[pid] = pp
+        if pid == keep:
+            program = Program(pid, batches, limit)
+    return plans, program
+
+
+def _plan_batch(ckpt: Any, in_parts: bool, items: list, limit: int, executor: Executor, pp: ProcessPlan) -> Batch:
+    tensors = ckpt.format.tensors
+    if not in_parts:
+        steps, regions, slot = [], [], 0
+        for _, t, piece, _ in items:
+            step, regs = make_step(t, piece, piece.box, slot, tensors)
+            slot += 1 + len(step.temps)
+            steps.append(step)
+            regions.append(regs)
+        return Batch(False, [plan_unit(ckpt, steps, regions, executor, pp)])
+    group = [(t, piece) for _, t, piece, _ in items]
+    shape = items[0][2].shape
+    elem = items[0][3]
+    units = []
+    for rel in _parts(tuple((0, n) for n in shape), elem, max(elem, limit // len(group))):
+        steps, regions, slot = [], [], 0
+        for t, piece in group:
+            box = tuple((a0 + a, a0 + b) for (a0, _), (a, b) in zip(piece.box, rel))
+            step, regs = make_step(t, piece, box, slot, tensors)
+            slot += 1 + len(step.temps)
+            steps.append(step)
+            regions.append(regs)
+        unit = plan_unit(ckpt, steps, regions, executor, pp)
+        unit.rel = rel
+        units.append(unit)
+    return Batch(True, units, group)
+
+
+def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executor: Executor, pp: ProcessPlan) -> Unit:
+    flat = [r for regs in regions for r in regs]
+    located = ckpt._locate((r.info, r.overlap.chunk_id) for r in flat
+                           if r.info.chunks[r.overlap.chunk_id].whole_read_nbytes is None)
+    jobs, deferred = jobs_of(flat, located)
+    prepared = executor.prepare(jobs)
+    total = 0
+    for step, regs in zip(steps, regions):
+        nbytes = sum(math.prod(r.overlap.size) * r.info.dtype.itemsize for r in regs)
+        total += nbytes
+        pp.bytes_needed += nbytes
+        pp.tensors.setdefault(step.target.name, {"pieces": 0, "bytes_needed": 0})["bytes_needed"] += nbytes
+    requests = prepared.requests
+    pp.bytes_to_read += sum(stop - start for _, start, stop in requests)
+    pp.num_reads += len(requests)
+    whole = {(r.info.name, r.overlap.chunk_id): r.info.chunks[r.overlap.chunk_id].whole_read_nbytes for r in deferred}
+    pp.bytes_to_read += sum(whole.values())
+    pp.num_reads += len(whole)
+    return Unit(steps, jobs, prepared, deferred, total)
+
+
+# -- batching -------------------------------------------------------------------------------------------
+
+
+def _batches(work: list, limit: int, pack: int | None = None) -> Iterable[tuple[bool, list]]:
+    """Split the work items ``(target index, target, piece, elem_bytes)`` into batches ``(in_parts, items)``.
+    Batches of whole pieces (``in_parts`` False) hold at most ``limit`` host bytes (:func:`_host_bytes`): units
+    are packed in order up to ``pack`` (default and at most ``limit``). A unit is a whole target's pieces when
+    they fit in ``pack``; else the pieces sharing one band of rows when they fit; else single pieces. Pieces of
+    one target larger than ``limit`` each are grouped by shape, in groups filled together part by part
+    (``in_parts`` True).
+
+    Example (a 2048x1024 float32 tensor sharded by columns 8 ways, 1 MiB pieces, 2 MiB bound):
+        >>> work = [(0, None, Piece("w", ((0, 2048), (128 * k, 128 * (k + 1))), 0, []), 4) for k in range(8)]
+        >>> [(in_parts, len(b)) for in_parts, b in _batches(work, 2 * 2**20)]
+        [(False, 2), (False, 2), (False, 2), (False, 2)]
+        >>> [(in_parts, len(b)) for in_parts, b in _batches(work, 2**19)]
+        [(True, 8)]
+    """
+    pack = limit if pack is None else min(pack, limit)
+    units: list[tuple[bool, list]] = []
+    for _, group in itertools.groupby(work, key=lambda item: item[0]):
+        pieces = list(group)
+        if sum(_host_bytes(item) for item in pieces) <= pack:
+            units.append((False, pieces))
+            continue
+        pieces.sort(key=lambda item: item[2].box)
+        large: dict[tuple[int, ...], list] = {}
+        for _, band_items in itertools.groupby(pieces, key=lambda item: item[2].box[:1]):
+            band = []
+            for item in band_items:
+                if _host_bytes(item) > limit:
+                    large.setdefault(item[2].shape, []).append(item)
+                else:
+                    band.append(item)
+            if sum(_host_bytes(item) for item in band) <= pack:
+                units.append((False, band))
+            else:
+                units.extend((False, [item]) for item in band)
+        for items in large.values():
+            per = max(1, min(len(items), limit // max(1, items[0][3])))  # pieces filled together
+            units.extend((True, items[k : k + per]) for k in range(0, len(items), per))
+    batch: list = []
+    size = 0
+    for in_parts, unit in units:
+        if in_parts:
+            if batch:
+                yield False, batch
+                batch, size = [], 0
+            yield True, unit
+            continue
+        n = sum(_host_bytes(item) for item in unit)
+        if batch and size + n > pack:
+            yield False, batch
+            batch, size = [], 0
+        batch.extend(unit)
+        size += n
+    if batch:
+        yield False, batch
+
+
+def _host_bytes(item: tuple) -> int:
+    """Host bytes of a work item: its piece's elements times the bytes each takes while read."""
+    return math.prod(item[2].shape) * item[3]
+
+
+def inflight_limit(value: Any, targets: Sequence[Target | None]) -> int:
+    """``max_inflight_bytes`` checked: None gives the default; anything else must be an integer of at least
+    one element (saved and cast) of every target, else InvalidArgumentError.
+
+    Example:
+        >>> inflight_limit(None, []) == DEFAULT_INFLIGHT, inflight_limit(4096, [])
+        (True, 4096)
+        >>> inflight_limit(0, [])
+        Traceback (most recent call last):
+        ...
+        jreshard.errors.InvalidArgumentError: max_inflight_bytes must be a positive number of bytes, not 0
+    """
+    if value is None:
+        return DEFAULT_INFLIGHT
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidArgumentError(f"max_inflight_bytes must be an integer number of bytes, not {value!r}")
+    limit = int(value)
+    if limit <= 0:
+        raise InvalidArgumentError(f"max_inflight_bytes must be a positive number of bytes, not {limit}")
+    real = [t for t in targets if t is not None]
+    if real:
+        widest = max(real, key=lambda t: t.elem_bytes)
+        if limit < widest.elem_bytes:
+            raise InvalidArgumentError(
+                f"max_inflight_bytes={limit} is below one element: target {widest.name!r} (read from "
+                f"{', '.join(widest.sources)} as {widest.dtype}) needs {widest.elem_bytes} bytes per element on the "
+                f"host; give at least {widest.elem_bytes}")
+    return limit
+
+
+def _parts(box: Box, elem_bytes: int, limit: int) -> Iterable[Box]:
+    """Sub-boxes of ``box`` that tile it in C order, each at most ``limit`` bytes at ``elem_bytes`` per
+    element (``limit >= elem_bytes``): bands along the first dimension whose trailing block fits, with the
+    dimensions before it taken one index at a time.
+
+    Example:
+        >>> list(_parts(((0, 4), (0, 3)), 4, 24))  # rows of 12 bytes, two rows per part
+        [((0, 2), (0, 3)), ((2, 4), (0, 3))]
+        >>> list(_parts(((2, 4), (0, 3)), 4, 8))  # a row (12 bytes) is too large: bands of a row
+        [((2, 3), (0, 2)), ((2, 3), (2, 3)), ((3, 4), (0, 2)), ((3, 4), (2, 3))]
+    """
+    shape = [b - a for a, b in box]
+    if not shape or math.prod(shape) * elem_bytes <= limit:
+        yield box
+        return
+    k = 0
+    while math.prod(shape[k + 1 :]) * elem_bytes > limit:
+        k += 1
+    step = max(1, limit // (math.prod(shape[k + 1 :]) * elem_bytes))
+    for outer in itertools.product(*(range(a, b) for a, b in box[:k])):
+        head = tuple((i, i + 1) for i in outer)
+        a, b = box[k]
+        for r0 in range(a, b, step):
+            yield head + ((r0, min(b, r0 + step)),) + box[k + 1 :]
+
+
+def as_saved(ckpt: Any, targets: Sequence[Target | None]) -> dict[str, bool]:
+    """Per target read straight from one saved tensor: whether its shards are exactly the saved chunks."""
+    out = {}
+    for t in targets:
+        if t is not None and t.view._op == "saved":
+            out[t.name] = matches_saved(ckpt.format.tensors[t.view._args], t.sharding)
+    return out
+
+
+def report(ckpt: Any, plans: dict[int, ProcessPlan], this: int, targets: Sequence[Target | None],
+           program: Program | None) -> Plan:
+    plan = Plan(plans, this, ckpt.source, as_saved(ckpt, targets))
+    plan._program = program
+    plan._targets = list(targets)
+    return plan
