@@ -60,6 +60,9 @@ class Chunk:
     # Bytes a reader must fetch to get *any* element of the chunk when it cannot read sub-ranges
     # (compressed chunks): the size of the whole stored item; None when sub-ranges can be read.
     whole_read_nbytes: int | None = field(default=None, compare=False, repr=False)
+    # A chunk read whole only because it is small (not compressed): it can also be located for sub-ranges, at
+    # the cost of header reads (the planner does so when a load needs little of it).
+    partial_ok: bool = field(default=False, compare=False, repr=False)
 
     @property
     def stops(self) -> tuple[int, ...]:

@@ -397,9 +397,10 @@ class Checkpoint:
                 f"jax.ShapeDtypeStruct({shape}, np.{narrow.name}, sharding=...)"
             )
 
-    def _locate(self, wanted: Iterable[tuple[TensorInfo, int]]) -> dict[tuple[str, int], Locator]:
+    def _locate(self, wanted: Iterable[tuple[TensorInfo, int]], precise: bool = False) -> dict[tuple[str, int], Locator]:
         """Locators of the (tensor, chunk id) pairs, keyed by (name, chunk id): one batched locate for those
-        not cached yet. Locators holding bytes in memory (small or compressed items) are not cached."""
+        not cached yet. Locators holding bytes in memory (small or compressed items) are not cached.
+        ``precise``: chunks read whole only for being small are located for sub-ranges instead."""
         out: dict[tuple[str, int], Locator | None] = {}
         todo: list[tuple[TensorInfo, int]] = []
         for info, cid in wanted:
@@ -409,7 +410,7 @@ class Checkpoint:
                 if out[key] is None:
                     todo.append((info, cid))
         if todo:
-            for (info, cid), loc in zip(todo, self.format.locate_many([(info, info.chunks[cid]) for info, cid in todo])):
+            for (info, cid), loc in zip(todo, self.format.locate_many([(info, info.chunks[cid]) for info, cid in todo], **({'precise': True} if precise else {}))):
                 out[(info.name, cid)] = loc
                 if loc.data is None:
                     self._locators[(info.name, cid)] = loc

@@ -30,6 +30,7 @@ from .targets import TargetLeaf, key_name, missing_message
 from .views import Leaf, View
 
 DEFAULT_INFLIGHT = 2 * 2**30
+PARTIAL = 1.1  # a small archive is located for sub-ranges when a unit needs less than 1/PARTIAL of it
 MIN_PACK = 64 * 2**20  # batches are packed to max(MIN_PACK, bytes / 20) (progress moves), at most the bound
 
 
@@ -353,6 +354,19 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
     flat = [r for regs in regions for r in regs]
     located = ckpt._locate((r.info, r.overlap.chunk_id) for r in flat
                            if r.info.chunks[r.overlap.chunk_id].whole_read_nbytes is None)
+    # Small archives (read whole for one request instead of header reads) are located for sub-ranges when
+    # this unit needs less than 1/PARTIAL of their bytes: the bytes read then stay near the bytes needed.
+    need: dict[tuple[str, int], int] = {}
+    for r in flat:
+        chunk = r.info.chunks[r.overlap.chunk_id]
+        if chunk.partial_ok and chunk.whole_read_nbytes is not None:
+            key = (r.info.name, r.overlap.chunk_id)
+            need[key] = need.get(key, 0) + math.prod(r.overlap.size) * r.info.dtype.itemsize
+    infos = {r.info.name: r.info for r in flat}
+    partial = [(infos[n], cid) for (n, cid), nbytes in need.items()
+               if nbytes * PARTIAL < infos[n].chunks[cid].whole_read_nbytes]
+    if partial:
+        located.update(ckpt._locate(partial, precise=True))
     jobs, deferred = jobs_of(flat, located)
     prepared = executor.prepare(jobs)
     total = 0

@@ -22,9 +22,9 @@ import dataclasses
 import math
 import os
 import threading
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -35,6 +35,7 @@ from .storage import LocalStore, Store
 
 BOUNCE = 4 * 2**20  # a local read is cut (between runs) near this size: a per-thread buffer that stays in cache
 LOCAL_GAP = 64 * 2**10  # local reads merge over gaps up to this: reading a small gap costs less than a syscall
+WASTE = 16  # gaps are read (bridged) only while they total at most 1/WASTE of the bytes needed
 MAX_REQUEST = 8 * 2**20  # a ranged read is cut (between runs) near this size: parallel requests, cache-sized copies
 # Each pool thread's read buffer (``buf``), shared by executors: Checkpoint.read makes one per call, and a
 # fresh buffer would cost page faults on every call. It lives as long as the thread.
@@ -159,7 +160,7 @@ class Executor:
         self.threads = threads or min(8, max(2, 2 * (os.cpu_count() or 1)))
         self._local = _LOCAL
 
-    def prepare(self, jobs: Sequence[CopyJob]) -> "Prepared":
+    def prepare(self, jobs: Sequence[CopyJob]) -> Prepared:
         """The reads that serve ``jobs`` (no I/O): what :meth:`execute` then issues, exactly."""
         memory = [j for j in jobs if j.locator.data is not None]
         staged = [j for j in jobs if j.locator.data is None and j.runs is None]
@@ -178,7 +179,7 @@ class Executor:
         """Read and copy ``jobs`` (their ``dest`` bound)."""
         self.execute(self.prepare(jobs), pool)
 
-    def execute(self, prepared: "Prepared", pool: ThreadPoolExecutor) -> None:
+    def execute(self, prepared: Prepared, pool: ThreadPoolExecutor) -> None:
         """Issue the reads of ``prepared`` and copy them into the jobs' destinations (bound by then)."""
         for j in prepared.memory:
             buf = np.frombuffer(j.locator.data, np.uint8)[j.locator.base:]
@@ -338,7 +339,7 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
             x0 = j.locator.base + r.src
             if not r.outer:
                 dense.append((j, r, x0, 1, 0))
-            elif len(r.outer) == 1 and r.run <= r.src_strides[0] <= r.run + chunk_gap:
+            elif len(r.outer) == 1 and r.run <= r.src_strides[0] <= r.run + min(chunk_gap, r.run // WASTE):
                 dense.append((j, r, x0, r.outer[0], r.src_strides[0]))
             else:
                 sparse.append((j, r, r.src_starts() + j.locator.base))
@@ -348,7 +349,10 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
         chunks = np.concatenate([np.array([j.locator.base for j, *_ in dense], np.int64)]
                                 + [np.full(len(x), j.locator.base, np.int64) for j, _, x in sparse])
         order = np.argsort(starts, kind="stable")
-        rs, re = _merge(starts[order], lengths[order], chunks[order], gap, chunk_gap)
+        useful = sum(n * r.run for _, r, _, n, _ in dense) + sum(len(x) * r.run for _, r, x in sparse)
+        bridged = sum((n - 1) * (s - r.run) for _, r, _, n, s in dense)
+        rs, re = _merge(starts[order], lengths[order], chunks[order], gap, chunk_gap,
+                        max(0, useful // WASTE - bridged))
         # Each merged region is cut into windows of ``limit`` bytes; a run belongs to the window of its start.
         nwin = (re - rs - 1) // max(1, limit) + 1
         first_win = np.cumsum(nwin) - nwin
@@ -365,10 +369,8 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
                 k1 = n if w == w1 else -(-(r0 + (w - f + 1) * limit - x0) // s)  # runs starting before the cut
                 if k1 > k0:
                     a, b = x0 + k0 * s, x0 + (k1 - 1) * s + r.run
-                    if a < lo_l[w]:
-                        lo_l[w] = a
-                    if b > hi_l[w]:
-                        hi_l[w] = b
+                    lo_l[w] = min(lo_l[w], a)
+                    hi_l[w] = max(hi_l[w], b)
                     part = r if not r.outer else dataclasses.replace(
                         r, src=r.src + k0 * s, dst=r.dst + k0 * r.dst_strides[0], outer=(k1 - k0,))
                     parts[w].append((j, part))
@@ -384,17 +386,35 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
         yield [(key, int(lo[w]), int(hi[w])) for w in used], [parts[w] for w in used]
 
 
-def _merge(starts: np.ndarray, lengths: np.ndarray, chunks: np.ndarray, gap: int, chunk_gap: int
-           ) -> tuple[np.ndarray, np.ndarray]:
+def _merge(starts: np.ndarray, lengths: np.ndarray, chunks: np.ndarray, gap: int, chunk_gap: int,
+           budget: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Like :func:`~jreshard.plan.merge_runs` (runs sorted by start), with gaps of at most ``chunk_gap`` bridged
-    between runs of the same chunk (same ``chunks`` value) and of at most ``gap`` between chunks. Returns the
-    (starts, stops) of the merged reads."""
+    between runs of the same chunk (same ``chunks`` value) and of at most ``gap`` between chunks, smallest gaps
+    first, while the bridged bytes total at most ``budget`` (None: no limit). Returns the (starts, stops) of the
+    merged reads.
+
+    Example (gaps of 2, 6 and 4 bytes; a budget of 6 bridges the gaps of 2 and 4):
+        >>> s, e = _merge(np.array([0, 12, 28, 42]), np.array([10, 10, 10, 10]), np.zeros(4, np.int64), 16, 16, 6)
+        >>> s.tolist(), e.tolist()
+        ([0, 28], [22, 52])
+    """
     ends = starts + lengths
     if len(starts) == 0:
         return starts, ends
     prev_end = np.maximum.accumulate(ends)
+    gaps = starts[1:] - prev_end[:-1]
+    join = gaps <= np.where(chunks[1:] == chunks[:-1], chunk_gap, gap)
+    if budget is not None:
+        # Overlapping and adjacent runs always join; real gaps join smallest first within the budget, so that
+        # the bytes read stay within 1 + 1/WASTE of the bytes needed.
+        cand = np.flatnonzero(join & (gaps > 0))
+        if len(cand):
+            order = cand[np.argsort(gaps[cand], kind="stable")]
+            allowed = order[np.cumsum(gaps[order]) <= budget]
+            join[cand] = False
+            join[allowed] = True
     new = np.ones(len(starts), dtype=bool)
-    new[1:] = starts[1:] - prev_end[:-1] > np.where(chunks[1:] == chunks[:-1], chunk_gap, gap)
+    new[1:] = ~join
     first = np.flatnonzero(new)
     return starts[first], np.maximum.reduceat(ends, first)
 

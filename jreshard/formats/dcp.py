@@ -142,7 +142,8 @@ class DCPSource:
                     # Compressed items and small archives are read whole (see torchsave.open_archives).
                     whole = blob.transforms or (kind == "torch_save" and blob.length <= SMALL_BLOB)
                     chunks.append(Chunk(offsets, sizes, ItemRef(fqn, blob, kind),
-                                        whole_read_nbytes=blob.length if whole else None))
+                                        whole_read_nbytes=blob.length if whole else None,
+                                        partial_ok=bool(whole and not blob.transforms)))
                 self.tensors[fqn] = TensorInfo(fqn, shape, dtype, validate_chunks(fqn, shape, chunks, where))
             elif isinstance(entry, BytesStorageMetadata):
                 info = by_index.get((fqn, None))
@@ -164,18 +165,21 @@ class DCPSource:
 
     # -- chunk resolution -------------------------------------------------------------------------
 
-    def locate_many(self, items: Sequence[tuple[TensorInfo, Chunk]]) -> list[Locator]:
+    def locate_many(self, items: Sequence[tuple[TensorInfo, Chunk]], precise: bool = False) -> list[Locator]:
+        """Locators of the chunks; ``precise``: small archives too are located for sub-ranges (header reads)
+        instead of being read whole."""
         with decoding(self.store.description):
-            return self._locate_many(items)
+            return self._locate_many(items, precise)
 
-    def _locate_many(self, items: Sequence[tuple[TensorInfo, Chunk]]) -> list[Locator]:
+    def _locate_many(self, items: Sequence[tuple[TensorInfo, Chunk]], precise: bool = False) -> list[Locator]:
         out: list[Locator | None] = [None] * len(items)
         ts_idx = [i for i, (_, c) in enumerate(items) if c.ref.kind == "torch_save"]
         st_idx = [i for i, (_, c) in enumerate(items) if c.ref.kind == "safetensors"]
         if ts_idx:
             blobs = [items[i][1].ref.blob for i in ts_idx]
             wheres = [self._where(items[i][0], items[i][1]) for i in ts_idx]
-            for i, where, archive in zip(ts_idx, wheres, open_archives(self.store, blobs, wheres)):
+            archives = open_archives(self.store, blobs, wheres, small=0 if precise else SMALL_BLOB)
+            for i, where, archive in zip(ts_idx, wheres, archives):
                 tensor, chunk = items[i]
                 out[i] = _chunk_locator(archive.obj, archive, tensor, chunk, where)
         if st_idx:

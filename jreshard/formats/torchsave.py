@@ -244,27 +244,27 @@ def apply_transforms(data: bytes, transforms: Sequence[str], where: str, limit: 
     return data
 
 
-def open_archives(store: Store, blobs: Sequence[Blob], wheres: Sequence[str]) -> list[Archive]:
+def open_archives(store: Store, blobs: Sequence[Blob], wheres: Sequence[str], small: int = SMALL_BLOB) -> list[Archive]:
     """Parse the torch.save archives at ``blobs`` (batched reads; payloads are not read unless the archive
-    is small or compressed, in which case it is held in memory whole)."""
+    is compressed or at most ``small`` bytes, in which case it is held in memory whole)."""
     archives: list[Archive | None] = [None] * len(blobs)
     # Phase 1: whole small/compressed archives, and the tails of the others.
     reqs, idx = [], []
     for i, b in enumerate(blobs):
-        if b.transforms or b.length <= SMALL_BLOB:
+        if b.transforms or b.length <= small:
             reqs.append((b.key, b.offset, b.offset + b.length))
         else:
-            reqs.append((b.key, b.offset + b.length - TAIL, b.offset + b.length))
+            reqs.append((b.key, b.offset + max(0, b.length - TAIL), b.offset + b.length))
         idx.append(i)
     datas = store.read_ranges(reqs)
     pending_cd: list[tuple[int, int, int, int]] = []
     for i, data in zip(idx, datas):
         b = blobs[i]
-        if b.transforms or b.length <= SMALL_BLOB:
+        if b.transforms or b.length <= small:
             whole = apply_transforms(data, b.transforms, wheres[i], b.limit) if b.transforms else data
             archives[i] = _archive_in_memory(b, whole, wheres[i])
         else:
-            tail_start = b.length - TAIL
+            tail_start = max(0, b.length - TAIL)
             cd_off, cd_size, count = _find_cd(data, tail_start, wheres[i])
             if cd_off + cd_size > b.length:
                 raise TruncatedDataError(f"{wheres[i]}: zip central directory runs past the end of the archive")
