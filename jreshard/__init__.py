@@ -19,6 +19,7 @@ from .plan import Plan, ProcessPlan
 from .sources import open_source
 from .storage import IOStats
 from .layout import Replicate, Shard, StridedShard, TorchLayout, torch_layout
+from .rename import rename
 from .views import View, concat, saved, stack
 
 __version__ = "0.1.0"
@@ -135,5 +136,5 @@ __all__ = [
     "IOStats", "errors", "JReshardError", "UnsafeCheckpointError", "CheckpointFormatError", "MissingDataError",
     "TruncatedDataError", "InconsistentCheckpointError", "TargetMismatchError", "ShardingError", "StorageError",
     "CheckpointClosedError", "InvalidArgumentError", "OutOfMemoryError", "View", "saved", "stack", "concat",
-    "torch_layout", "TorchLayout", "Shard", "Replicate", "StridedShard",
+    "rename", "torch_layout", "TorchLayout", "Shard", "Replicate", "StridedShard",
 ]

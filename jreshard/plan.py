@@ -168,8 +168,9 @@ def runs_of(locator: Locator, chunk_sizes: Sequence[int], overlap: Overlap, piec
 
     Runs fold the innermost dimensions that are contiguous in both storage and destination. When the innermost
     dimension is contiguous in storage only, each run is one storage row placed element by element (``step``).
-    Returns None when the chunk's innermost stride is not 1 (a transposed storage): such regions are copied
-    from a staged read of their span instead.
+    When the chunk's innermost stride is not 1 (a transposed storage), returns None if the region's span holds
+    at most 1/16 more than its elements (the region is then copied from a staged read of its span), else runs
+    of single elements.
 
     Example:
         >>> from jreshard.catalog import Locator
@@ -201,9 +202,13 @@ def runs_of(locator: Locator, chunk_sizes: Sequence[int], overlap: Overlap, piec
     step = 0
     if nz and not folded:
         j = nz[-1]
-        if src_el[j] != 1:
-            return None  # innermost dimension is not contiguous in the source
-        run_el, folded, step = size[j], 1, dst_el[j] * itemsize
+        if src_el[j] != 1:  # the innermost dimension is not contiguous in storage (a transposed storage)
+            lo, hi = element_span(locator, overlap, itemsize)
+            if (hi - lo) * 16 <= math.prod(size) * itemsize * 17:
+                return None  # its span holds little else: read it whole, copy element-wise
+            run_el, folded = 1, 0  # else one run per element, so that only the elements are read
+        else:
+            run_el, folded, step = size[j], 1, dst_el[j] * itemsize
     src0 = (locator.storage_offset + sum(s * st for s, st in zip(overlap.chunk_start, src_el))) * itemsize
     keep = nz[: len(nz) - folded]
     return Runs(src0, tuple(src_el[i] * itemsize for i in keep), first * itemsize,
