@@ -30,7 +30,10 @@ from .targets import TargetLeaf, key_name, missing_message
 from .views import Leaf, View
 
 DEFAULT_INFLIGHT = 2 * 2**30
-PARTIAL = 1.1  # a small archive is located for sub-ranges when a unit needs less than 1/PARTIAL of it
+# A small archive is located for sub-ranges (header reads) when a unit needs less than 1/PARTIAL of it and
+# that saves more than HEADER_COST bytes (about what the header reads of one small archive take).
+PARTIAL = 1.1
+HEADER_COST = 2048
 MIN_PACK = 64 * 2**20  # batches are packed to max(MIN_PACK, bytes / 20) (progress moves), at most the bound
 
 
@@ -364,7 +367,8 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
             need[key] = need.get(key, 0) + math.prod(r.overlap.size) * r.info.dtype.itemsize
     infos = {r.info.name: r.info for r in flat}
     partial = [(infos[n], cid) for (n, cid), nbytes in need.items()
-               if nbytes * PARTIAL < infos[n].chunks[cid].whole_read_nbytes]
+               if nbytes * PARTIAL < infos[n].chunks[cid].whole_read_nbytes
+               and infos[n].chunks[cid].whole_read_nbytes - nbytes > HEADER_COST]
     if partial:
         located.update(ckpt._locate(partial, precise=True))
     jobs, deferred = jobs_of(flat, located)

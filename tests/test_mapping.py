@@ -113,8 +113,13 @@ def test_random_views_load_exactly_what_the_plan_says(checkpoints, opened, data)
     assert out.sharding == target["out"].sharding
     # The plan is the program the load ran: the same bytes and requests.
     assert (after[0] - before[0], after[1] - before[1]) == (plan.bytes_to_read, plan.num_reads), repr(view)
+    # Reads stay within 1/16 of the bytes needed; small archives read whole add their (zip) overhead, under
+    # about 2 KiB each (else they are located for sub-ranges); transposed storage and zstd items aside.
     if variant != "zstd" and not set(view.names()) & STAGED:
-        assert plan.bytes_to_read <= 1.1 * plan.bytes_needed, (repr(view), str(plan))
+        whole = {(r.info.name, r.overlap.chunk_id) for b in plan._program.batches for u in b.units for r in u.deferred}
+        assert plan.bytes_to_read <= plan.bytes_needed * 17 / 16 + 2048 * len(whole), (repr(view), str(plan))
+        if variant == "safetensors":
+            assert not whole and plan.bytes_to_read <= plan.bytes_needed * 17 / 16, (repr(view), str(plan))
 
 
 # -- stacking layers and experts, splitting fused projections (safetensors as the hub writes it) -------------

@@ -178,7 +178,10 @@ class DCPSource:
         if ts_idx:
             blobs = [items[i][1].ref.blob for i in ts_idx]
             wheres = [self._where(items[i][0], items[i][1]) for i in ts_idx]
-            archives = open_archives(self.store, blobs, wheres, small=0 if precise else SMALL_BLOB)
+            # Located precisely, a small archive's header reads are small too: its central directory (a few
+            # entries) is in its last KiB.
+            archives = (open_archives(self.store, blobs, wheres, small=0, tail=1024) if precise
+                        else open_archives(self.store, blobs, wheres))
             for i, where, archive in zip(ts_idx, wheres, archives):
                 tensor, chunk = items[i]
                 out[i] = _chunk_locator(archive.obj, archive, tensor, chunk, where)

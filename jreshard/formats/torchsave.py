@@ -244,9 +244,11 @@ def apply_transforms(data: bytes, transforms: Sequence[str], where: str, limit: 
     return data
 
 
-def open_archives(store: Store, blobs: Sequence[Blob], wheres: Sequence[str], small: int = SMALL_BLOB) -> list[Archive]:
+def open_archives(store: Store, blobs: Sequence[Blob], wheres: Sequence[str], small: int = SMALL_BLOB,
+                  tail: int = TAIL) -> list[Archive]:
     """Parse the torch.save archives at ``blobs`` (batched reads; payloads are not read unless the archive
-    is compressed or at most ``small`` bytes, in which case it is held in memory whole)."""
+    is compressed or at most ``small`` bytes, in which case it is held in memory whole). ``tail``: the bytes
+    read first from the end of the others, where the central directory is (read again when larger)."""
     archives: list[Archive | None] = [None] * len(blobs)
     # Phase 1: whole small/compressed archives, and the tails of the others.
     reqs, idx = [], []
@@ -254,7 +256,7 @@ def open_archives(store: Store, blobs: Sequence[Blob], wheres: Sequence[str], sm
         if b.transforms or b.length <= small:
             reqs.append((b.key, b.offset, b.offset + b.length))
         else:
-            reqs.append((b.key, b.offset + max(0, b.length - TAIL), b.offset + b.length))
+            reqs.append((b.key, b.offset + max(0, b.length - tail), b.offset + b.length))
         idx.append(i)
     datas = store.read_ranges(reqs)
     pending_cd: list[tuple[int, int, int, int]] = []
@@ -264,7 +266,7 @@ def open_archives(store: Store, blobs: Sequence[Blob], wheres: Sequence[str], sm
             whole = apply_transforms(data, b.transforms, wheres[i], b.limit) if b.transforms else data
             archives[i] = _archive_in_memory(b, whole, wheres[i])
         else:
-            tail_start = max(0, b.length - TAIL)
+            tail_start = max(0, b.length - tail)
             cd_off, cd_size, count = _find_cd(data, tail_start, wheres[i])
             if cd_off + cd_size > b.length:
                 raise TruncatedDataError(f"{wheres[i]}: zip central directory runs past the end of the archive")
