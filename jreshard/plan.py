@@ -160,6 +160,9 @@ def _grid(start: int, outer: Sequence[int], strides: Sequence[int]) -> np.ndarra
     return acc
 
 
+MAX_ELEMENT_RUNS = 1 << 22  # beyond this many elements, a transposed storage region is read as its span
+
+
 def runs_of(locator: Locator, chunk_sizes: Sequence[int], overlap: Overlap, piece_shape: Sequence[int],
             itemsize: int, dst: tuple[int, Sequence[int]] | None = None) -> Runs | None:
     """The byte runs that copy ``overlap`` from a chunk laid out as ``locator`` into a C-ordered piece, or, when
@@ -204,8 +207,8 @@ def runs_of(locator: Locator, chunk_sizes: Sequence[int], overlap: Overlap, piec
         j = nz[-1]
         if src_el[j] != 1:  # the innermost dimension is not contiguous in storage (a transposed storage)
             lo, hi = element_span(locator, overlap, itemsize)
-            if (hi - lo) * 16 <= math.prod(size) * itemsize * 17:
-                return None  # its span holds little else: read it whole, copy element-wise
+            if (hi - lo) * 16 <= math.prod(size) * itemsize * 17 or math.prod(size) > MAX_ELEMENT_RUNS:
+                return None  # its span holds little else (or it is huge): read it whole, copy element-wise
             run_el, folded = 1, 0  # else one run per element, so that only the elements are read
         else:
             run_el, folded, step = size[j], 1, dst_el[j] * itemsize

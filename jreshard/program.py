@@ -23,6 +23,7 @@ import numpy as np
 
 from .catalog import TensorInfo
 from .errors import InvalidArgumentError, JReshardError, TargetMismatchError
+from .place import check_fits
 from .plan import Box, Piece, Plan, ProcessPlan, c_strides, overlaps, pieces_of, runs_of
 from .read import CopyJob, Executor, Prepared
 from .spec import matches_saved
@@ -260,6 +261,8 @@ def make_step(target: Target, piece: Piece, box: Box, slot: int, tensors: Any) -
         temps = [leaf for leaf in leaves if not (tensors[leaf.name].dtype == buf_dtype
                                                  and all(c == buf_dtype for c in leaf.casts))]
     step = Step(target, piece, box, np.dtype(buf_dtype), tuple(casts), temps, [tensors[t.name].dtype for t in temps], slot)
+    # Refused before any byte is planned for it: a shard larger than this machine's memory.
+    check_fits(sum(math.prod(s) * np.dtype(d).itemsize for s, d in step.slots()), f"the shard {box} of {target.name!r}")
     regions: list[Region] = []
     covered = 0
     for k, leaf in enumerate(direct + temps):
