@@ -13,6 +13,10 @@ The rows repeat only every 61 * 67 = 4087 rows, so no shard boundary lines up wi
 the pattern (a shard read from the wrong offset does not compare equal) and the
 data compresses about as badly as real weights do: with a single short period,
 Orbax's zstd-compressed checkpoint would shrink ~40x and no longer be comparable.
+
+``port_tensors`` describes the same model ported to another layout (what a JAX
+model converted from torch typically wants): every 2-D weight transposed and the
+per-layer tensors of each kind stacked into one ``[L, ...]`` array.
 """
 
 from __future__ import annotations
@@ -63,6 +67,10 @@ class TensorSpec:
         index = np.arange(start, stop)
         a, b = (rng.standard_normal((p, *self.shape[1:]), dtype=np.float32) for p in PERIODS)
         return (a[index % PERIODS[0]] + b[index % PERIODS[1]]).astype(self.np_dtype, copy=False)
+
+    def expected(self) -> np.ndarray:
+        """The whole tensor (for checking a load)."""
+        return self.rows()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,3 +136,75 @@ def build_model(size_gib: float) -> ModelSpec:
     layers = max(1, round((size_gib * GIB - fixed) / per_layer))
     tensors = top[:1] + [t for i in range(layers) for t in _layer(i, d, ffn)] + top[1:]
     return ModelSpec(d, ffn, vocab, layers, tuple(tensors))
+
+
+# ------------------------------------------------------------------ the ported layout
+
+
+@dataclasses.dataclass(frozen=True)
+class PortSpec:
+    """One array of the ported layout: ``sources`` (saved tensors), each transposed when
+    ``transpose``, stacked along a new first dimension when ``stacked`` (else exactly one)."""
+
+    name: str
+    sources: tuple[TensorSpec, ...]
+    transpose: bool
+    stacked: bool
+
+    @property
+    def src(self) -> TensorSpec:
+        return self.sources[0]
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return self.src.np_dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        one = self.src.shape[::-1] if self.transpose else self.src.shape
+        return (len(self.sources), *one) if self.stacked else one
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.sources)
+
+    @property
+    def axes(self) -> tuple[str | None, ...]:
+        """Mesh axis per dimension: the same logical dimensions as the saved tensors'
+        (a transposed matrix keeps its saved rows on 'data': ``('model', 'data')``);
+        the stacking dimension is not split."""
+        one = self.src.axes[::-1] if self.transpose else self.src.axes
+        if not one:  # replicated
+            return ()
+        return (None, *one) if self.stacked else one
+
+    def expected(self) -> np.ndarray:
+        """The whole array, built with numpy from the generator (for checking a load)."""
+        parts = [t.rows().T if self.transpose else t.rows() for t in self.sources]
+        return np.stack(parts) if self.stacked else parts[0]
+
+
+def _port_name(name: str, transpose: bool) -> str:
+    # A transposed torch weight [out, in] is a flax-style kernel [in, out].
+    return name.removesuffix(".weight") + ".kernel" if transpose else name
+
+
+def port_tensors(model: ModelSpec) -> tuple[PortSpec, ...]:
+    """The ported layout of ``model``: top-level tensors as they are (2-D ones transposed),
+    then one stacked array per kind of layer tensor, named ``model.layers.<kind>``."""
+    prefix = "model.layers."
+    by_kind: dict[str, list[TensorSpec]] = {}
+    out = []
+    for t in model.tensors:
+        if t.name.startswith(prefix):
+            _, kind = t.name[len(prefix):].split(".", 1)
+            by_kind.setdefault(kind, []).append(t)
+        else:
+            transpose = len(t.shape) == 2
+            out.append(PortSpec(_port_name(t.name, transpose), (t,), transpose, stacked=False))
+    for kind, sources in by_kind.items():
+        if len(sources) != model.layers:
+            raise ValueError(f"{kind}: {len(sources)} tensors for {model.layers} layers")
+        transpose = len(sources[0].shape) == 2
+        out.append(PortSpec(_port_name(prefix + kind, transpose), tuple(sources), transpose, stacked=True))
+    return tuple(out)

@@ -11,6 +11,15 @@ FSDP-style checkpoint. It is restored onto a (2, 4) ``('data', 'model')`` mesh o
 ``P()`` (replicated). Contenders:
 
   jreshard  ``jreshard.load(dir, targets)``, then ``jax.block_until_ready``.
+  port      the same load ported to another layout through a mapping: every 2-D
+            weight transposed (``saved(name).T``) and the per-layer tensors of each
+            kind stacked into one ``[L, ...]`` array (``jreshard.stack([...])``), e.g.
+            ``model.layers.mlp.up_proj.kernel`` = stack of ``layers.{i}.mlp.up_proj.weight.T``
+            (``_model.port_tensors``). Shardings split the same logical dimensions as
+            jreshard's: a transposed matrix ``P('model', 'data')``, stacked ones
+            ``P(None, 'model', 'data')``, stacked norms ``P(None, 'model')``, biases
+            ``P()``; the stacking dimension is not split. Its time is printed as a ratio
+            to jreshard's ("port / jreshard", informational; the port issue asks <= 1.2x).
   torch     what users do today: ``dcp.load(..., no_dist=True)`` into preallocated
             full tensors, then numpy (bf16 through an int16 view) and
             ``jax.device_put`` onto each target sharding.
@@ -22,8 +31,9 @@ FSDP-style checkpoint. It is restored onto a (2, 4) ``('data', 'model')`` mesh o
             needs the whole checkpoint), with no parsing and no ``device_put``.
 
 Case ``safetensors``: the same tensors in one ``.safetensors`` file, loaded by
-jreshard (``jreshard.load(file, targets)``), by Orbax v1 (``ocp.v1.load`` inside
-``ocp.v1.Context(checkpoint_layout="safetensors")``) and by a raw read of the file.
+jreshard (``jreshard.load(file, targets)``), by port (the same mapping), by Orbax v1
+(``ocp.v1.load`` inside ``ocp.v1.Context(checkpoint_layout="safetensors")``) and by a
+raw read of the file.
 
 How
 ---
@@ -44,7 +54,8 @@ Memory is the process's ``RssAnon`` sampled every 2 ms during the restore (see
 restore started, max over the repeats. The loaded arrays themselves live in
 anonymous memory on CPU devices, so a loader that holds nothing else has a delta
 of about the model size. The first run of every JAX contender checks every loaded
-array (dtype, shape, sharding and values) against the generator.
+array (dtype, shape, sharding and values) against the generator (for port: the
+transposed and stacked arrays built with numpy from the generator).
 
 Checkpoints are written once under ``--workdir/<model key>/`` and reused.
 
@@ -56,13 +67,14 @@ with the path of its log, and never stops the run):
                 jreshard peak anon delta <= model size + 0.35 GiB.
   safetensors:  jreshard <= 0.15x orbax and <= 1.25x raw time;
                 jreshard peak anon delta <= orbax's.
-  both:         jreshard's arrays match the checkpoint (first run).
+  both:         jreshard's and port's arrays match the checkpoint (first run).
 
 Usage::
 
     python benchmarks/restore.py                     # both cases, 1.5 GiB, 3 repeats
     python benchmarks/restore.py --size-gib 0.1 --repeat 1
     python benchmarks/restore.py --case dcp --skip orbax --json bench-out/restore.json
+    python benchmarks/restore.py --case dcp --skip torch,orbax,raw   # jreshard and port only
 """
 
 from __future__ import annotations
@@ -90,12 +102,13 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 import numpy as np  # noqa: E402
 
 from _memwatch import PeakAnonMemory, prefault  # noqa: E402
-from _model import GIB, ModelSpec, build_model  # noqa: E402
+from _model import GIB, ModelSpec, build_model, port_tensors  # noqa: E402
 
 CASES = {
-    "dcp": ("jreshard", "torch", "orbax", "raw"),
-    "safetensors": ("jreshard", "orbax", "raw"),
+    "dcp": ("jreshard", "port", "torch", "orbax", "raw"),
+    "safetensors": ("jreshard", "port", "orbax", "raw"),
 }
+PORT_RATIO_GOAL = 1.2  # the port issue: a ported load costs at most this much of the plain one
 DESCRIPTIONS = {
     "dcp": "torch.distributed.checkpoint, 4 ranks x Shard(0) -> (2, 4) mesh of 8 CPU devices",
     "safetensors": "one .safetensors file -> (2, 4) mesh of 8 CPU devices",
@@ -198,8 +211,9 @@ def prepare_page_cache(path: Path, cold: bool) -> str:
 # ---------------------------------------------------------- JAX targets, verification
 
 
-def make_targets(model: ModelSpec) -> dict[str, Any]:
-    """Abstract target arrays (``jax.ShapeDtypeStruct`` with a ``NamedSharding``)."""
+def make_targets(model: ModelSpec, specs=None) -> dict[str, Any]:
+    """Abstract target arrays (``jax.ShapeDtypeStruct`` with a ``NamedSharding``) for
+    ``specs`` (the model's tensors unless given; anything with name, shape, np_dtype, axes)."""
     import jax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -214,18 +228,40 @@ def make_targets(model: ModelSpec) -> dict[str, Any]:
         t.name: jax.ShapeDtypeStruct(
             t.shape, t.np_dtype, sharding=NamedSharding(mesh, PartitionSpec(*t.axes))
         )
-        for t in model.tensors
+        for t in (model.tensors if specs is None else specs)
     }
 
 
-def verify_arrays(model: ModelSpec, out: Any, targets: dict[str, Any]) -> str:
-    """"ok", or what is wrong with a contender's output."""
+def port_mapping(model: ModelSpec) -> dict[str, Any]:
+    """The port contender's mapping: target name -> a view of the saved tensors."""
+    import jreshard
+
+    def one(t, transpose: bool):
+        view = jreshard.saved(t.name)
+        return view.T if transpose else view
+
+    return {
+        p.name: (jreshard.stack([one(t, p.transpose) for t in p.sources]) if p.stacked
+                 else one(p.src, p.transpose))
+        for p in port_tensors(model)
+    }  # fmt: skip
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    """The array's bits as unsigned integers of the same size (a view, strided or not)."""
+    return a.view(f"u{a.dtype.itemsize}")
+
+
+def verify_arrays(model: ModelSpec, out: Any, targets: dict[str, Any], specs=None) -> str:
+    """"ok", or what is wrong with a contender's output; ``specs`` as for make_targets,
+    each compared (bit for bit) with its ``expected()``."""
     import jax
 
+    specs = model.tensors if specs is None else specs
     if not isinstance(out, dict):
         return f"FAIL: returned {type(out).__name__}, not a dict"
     problems = []
-    for t in model.tensors:
+    for t in specs:
         arr = out.get(t.name)
         if not isinstance(arr, jax.Array):
             problems.append(f"{t.name}: {'missing' if arr is None else type(arr).__name__}")
@@ -233,9 +269,9 @@ def verify_arrays(model: ModelSpec, out: Any, targets: dict[str, Any]) -> str:
             problems.append(f"{t.name}: {arr.dtype}{list(arr.shape)}")
         elif not arr.sharding.is_equivalent_to(targets[t.name].sharding, len(t.shape)):
             problems.append(f"{t.name}: sharding {arr.sharding}")
-        elif not np.array_equal(np.asarray(arr).view(np.uint8), t.rows().view(np.uint8)):
+        elif not np.array_equal(_bits(np.asarray(arr)), _bits(t.expected())):
             problems.append(f"{t.name}: values differ")
-    extra = sorted(set(out) - {t.name for t in model.tensors})
+    extra = sorted(set(out) - {t.name for t in specs})
     if extra:
         problems.append(f"unexpected keys {extra[:3]}")
     if not problems:
@@ -257,6 +293,23 @@ def prepare_jreshard(case: str, model: ModelSpec, paths: Paths, args) -> tuple[R
     targets = make_targets(model)
     path = str(checkpoint_path(case, "jreshard", paths))
     kwargs: dict[str, Any] = {"io": args.jreshard_io}
+    if args.max_inflight_bytes is not None:
+        kwargs["max_inflight_bytes"] = args.max_inflight_bytes
+
+    def restore():
+        return jax.block_until_ready(jreshard.load(path, targets, **kwargs))
+
+    return restore, targets
+
+
+def prepare_port(case: str, model: ModelSpec, paths: Paths, args) -> tuple[Restore, Any]:
+    import jax
+    import jreshard
+
+    targets = make_targets(model, port_tensors(model))
+    mapping = port_mapping(model)
+    path = str(checkpoint_path(case, "jreshard", paths))
+    kwargs: dict[str, Any] = {"io": args.jreshard_io, "mapping": mapping}
     if args.max_inflight_bytes is not None:
         kwargs["max_inflight_bytes"] = args.max_inflight_bytes
 
@@ -327,17 +380,18 @@ def prepare_raw(case: str, model: ModelSpec, paths: Paths, args) -> tuple[Restor
 
 PREPARE = {
     "jreshard": prepare_jreshard,
+    "port": prepare_port,
     "torch": prepare_torch,
     "orbax": prepare_orbax,
     "raw": prepare_raw,
 }
 
 
-def jreshard_plan(case: str, paths: Paths, targets: dict[str, Any]) -> dict[str, Any]:
+def jreshard_plan(case: str, paths: Paths, targets: dict[str, Any], mapping=None) -> dict[str, Any]:
     import jreshard
 
     try:
-        plan = jreshard.plan(str(checkpoint_path(case, "jreshard", paths)), targets)
+        plan = jreshard.plan(str(checkpoint_path(case, "jreshard", paths)), targets, mapping=mapping)
         return {k: getattr(plan, k) for k in ("bytes_needed", "bytes_to_read", "num_reads")}
     except Exception as e:  # informational only
         return {"error": f"{type(e).__name__}: {e}"}
@@ -367,7 +421,11 @@ def worker_main(args, model: ModelSpec, paths: Paths) -> int:
         if isinstance(out, list):  # raw read
             result["bytes_read"] = sum(buf.nbytes for buf in out)
         elif args._verify:
-            result["verify"] = verify_arrays(model, out, targets)
+            if name == "port":
+                result["verify"] = verify_arrays(model, out, targets, port_tensors(model))
+                result["plan"] = jreshard_plan(case, paths, targets, port_mapping(model))
+            else:
+                result["verify"] = verify_arrays(model, out, targets)
             if name == "jreshard":
                 result["plan"] = jreshard_plan(case, paths, targets)
     except BaseException as e:  # reported in the table, never fatal for the run
@@ -604,17 +662,29 @@ def evaluate_targets(case: str, res: dict[str, Any], model_bytes: int) -> list[d
                    res.get("orbax", {}).get("delta_anon_gib"), jreshard_delta),  # fmt: skip
         ]
 
-    check = {"name": "jreshard arrays match the checkpoint", "unit": "", "limit": None, "value": None}
-    jr = res.get("jreshard")
-    if jr is None:
-        check["result"] = "skipped"
-    elif "error" in jr:
-        check["result"] = "n/a (error)"
-    elif jr["verify"] == "-":
-        check["result"] = "not checked"
-    else:
-        check["result"] = "PASS" if jr["verify"] == "ok" else "FAIL"
-    return rows + [check]
+    def arrays_match(name: str) -> dict[str, Any]:
+        check = {"name": f"{name} arrays match the checkpoint", "unit": "", "limit": None,
+                 "value": None}  # fmt: skip
+        r = res.get(name)
+        if r is None:
+            check["result"] = "skipped"
+        elif "error" in r:
+            check["result"] = "n/a (error)"
+        elif r["verify"] == "-":
+            check["result"] = "not checked"
+        else:
+            check["result"] = "PASS" if r["verify"] == "ok" else "FAIL"
+        return check
+
+    return rows + [arrays_match("jreshard"), arrays_match("port")]
+
+
+def port_ratio(res: dict[str, Any]) -> float | None:
+    """port's median time over jreshard's, when both ran."""
+    port, jr = res.get("port", {}), res.get("jreshard", {})
+    if "median_s" not in port or "median_s" not in jr:
+        return None
+    return port["median_s"] / jr["median_s"]
 
 
 def _fmt(value: float | None, spec: str = ".2f") -> str:
@@ -644,14 +714,15 @@ def print_case(res: dict[str, Any], targets: list[dict[str, Any]]) -> None:
             f"{ratio(jr, s):>10} {r['peak_anon_gib']:>13.3f} {r['delta_anon_gib']:>9.3f}  "
             f"{r['verify']}"
         )
-    plan = res.get("jreshard", {}).get("plan")
-    if plan and "error" not in plan:
-        print(
-            f"jreshard plan: {plan['bytes_needed'] / GIB:.3f} GiB needed, "
-            f"{plan['bytes_to_read'] / GIB:.3f} GiB to read, {plan['num_reads']} reads"
-        )
-    elif plan:
-        print(f"jreshard plan: {plan['error']}")
+    for name in ("jreshard", "port"):
+        plan = res.get(name, {}).get("plan")
+        if plan and "error" not in plan:
+            print(
+                f"{name} plan: {plan['bytes_needed'] / GIB:.3f} GiB needed, "
+                f"{plan['bytes_to_read'] / GIB:.3f} GiB to read, {plan['num_reads']} reads"
+            )
+        elif plan:
+            print(f"{name} plan: {plan['error']}")
     for name, r in res.items():
         if r.get("log"):
             print(f"  ({name} log: {r['log']})")
@@ -661,6 +732,13 @@ def print_case(res: dict[str, Any], targets: list[dict[str, Any]]) -> None:
         label = t["name"] + (" (GiB)" if t["unit"] == "GiB" else "")
         limit = "-" if t["limit"] is None else f"<= {t['limit']:.2f}"
         print(f"{label:<42} {_fmt(t['value'], '.3f'):>8} {limit:>8}  {t['result']}")
+    ratio_pj = port_ratio(res)
+    if ratio_pj is not None:
+        print(
+            f"\nport / jreshard = {ratio_pj:.2f}x  (port {res['port']['median_s']:.3f} s, "
+            f"jreshard {res['jreshard']['median_s']:.3f} s; the port issue asks "
+            f"<= {PORT_RATIO_GOAL:.1f}x, informational)"
+        )
 
 
 def _print_run(name: str, rep: int, repeat: int, run: dict[str, Any]) -> None:
@@ -710,7 +788,8 @@ def run_case(case: str, contenders: list[str], setup_errors: dict[str, str | Non
           f"GiB/s = model size ({model.nbytes / GIB:.3f} GiB) / time")  # fmt: skip
     targets = evaluate_targets(case, res, model.nbytes)
     print_case(res, targets)
-    return {"page_cache": cache, "contenders": res, "targets": targets}
+    return {"page_cache": cache, "contenders": res, "targets": targets,
+            "port_over_jreshard": port_ratio(res)}  # fmt: skip
 
 
 def benchmark_main(args, model: ModelSpec, paths: Paths) -> int:
@@ -769,7 +848,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--case", choices=["dcp", "safetensors", "all"], default="all",
                    help="which checkpoint format to benchmark (default all)")
     p.add_argument("--skip", action="append", default=[],
-                   help="contender(s) to leave out: jreshard, torch, orbax, raw "
+                   help="contender(s) to leave out: jreshard, port, torch, orbax, raw "
                    "(repeatable or comma-separated)")
     p.add_argument("--repeat", type=int, default=3,
                    help="runs per contender; the median is reported (default 3)")

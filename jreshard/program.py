@@ -365,8 +365,13 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
     need: dict[tuple[str, int], int] = {}
     for r in flat:
         chunk = r.info.chunks[r.overlap.chunk_id]
-        if chunk.partial_ok and chunk.whole_read_nbytes is not None:
-            key = (r.info.name, r.overlap.chunk_id)
+        key = (r.info.name, r.overlap.chunk_id)
+        if chunk.whole_read_nbytes is not None and key not in located:
+            cached = ckpt._locators.get(key)  # located for sub-ranges by an earlier plan: read as such again
+            if cached is not None:
+                located[key] = cached
+                continue
+        if chunk.partial_ok and chunk.whole_read_nbytes is not None and key not in located:
             need[key] = need.get(key, 0) + math.prod(r.overlap.size) * r.info.dtype.itemsize
     infos = {r.info.name: r.info for r in flat}
     partial = [(infos[n], cid) for (n, cid), nbytes in need.items()
@@ -397,8 +402,9 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
 def _batches(work: list, limit: int, pack: int | None = None) -> Iterable[tuple[bool, list]]:
     """Split the work items ``(target index, target, piece, elem_bytes)`` into batches ``(in_parts, items)``.
     Batches of whole pieces (``in_parts`` False) hold at most ``limit`` host bytes (:func:`_host_bytes`): units
-    are packed in order up to ``pack`` (default and at most ``limit``). A unit is a whole target's pieces when
-    they fit in ``pack``; else the pieces sharing one band of rows when they fit; else single pieces. Pieces of
+    are packed in order up to ``pack`` (default and at most ``limit``; a unit above ``pack`` is a batch of its
+    own). A unit is a whole target's pieces when they fit in ``limit``; else the pieces sharing one band of rows
+    when they fit; else single pieces. Pieces of
     one target larger than ``limit`` each are grouped by shape, in groups filled together part by part
     (``in_parts`` True).
 
@@ -413,7 +419,9 @@ def _batches(work: list, limit: int, pack: int | None = None) -> Iterable[tuple[
     units: list[tuple[bool, list]] = []
     for _, group in itertools.groupby(work, key=lambda item: item[0]):
         pieces = list(group)
-        if sum(_host_bytes(item) for item in pieces) <= pack:
+        # A target's pieces stay together up to the bound (not only the packing size): they usually need
+        # complementary parts of the same saved rows, which then join into few long reads.
+        if sum(_host_bytes(item) for item in pieces) <= limit:
             units.append((False, pieces))
             continue
         pieces.sort(key=lambda item: item[2].box)
@@ -425,7 +433,7 @@ def _batches(work: list, limit: int, pack: int | None = None) -> Iterable[tuple[
                     large.setdefault(item[2].shape, []).append(item)
                 else:
                     band.append(item)
-            if sum(_host_bytes(item) for item in band) <= pack:
+            if sum(_host_bytes(item) for item in band) <= limit:
                 units.append((False, band))
             else:
                 units.extend((False, [item]) for item in band)

@@ -35,6 +35,7 @@ from .storage import LocalStore, Store
 
 BOUNCE = 4 * 2**20  # a local read is cut (between runs) near this size: a per-thread buffer that stays in cache
 LOCAL_GAP = 64 * 2**10  # local reads merge over gaps up to this: reading a small gap costs less than a syscall
+TILE = 128  # transposing copies go tile by tile, TILE x TILE elements
 WASTE = 16  # gaps are read (bridged) only while they total at most 1/WASTE of the bytes needed
 MAX_REQUEST = 8 * 2**20  # a ranged read is cut (between runs) near this size: parallel requests, cache-sized copies
 # Each pool thread's read buffer (``buf``), shared by executors: Checkpoint.read makes one per call, and a
@@ -115,10 +116,17 @@ def _copy_runs_from(buf: np.ndarray, origin: int, job: CopyJob, runs: Runs | Non
         raise TruncatedDataError(f"{job.locator.where}: tensor {job.name!r}: bytes [{lo}, {hi}) are outside the item")
     if r.step:  # storage rows placed element by element (a transposed destination)
         unit, k = _units(r.item)
-        shape = r.outer + (r.run // r.item, k)
+        n = r.run // r.item
+        shape = r.outer + (n, k)
         src = np.ndarray(shape, unit, buffer=buf, offset=lo - origin, strides=r.src_strides + (r.item, unit.itemsize))
         dst = np.ndarray(shape, unit, buffer=_dest_u8(job), offset=r.dst,
                          strides=r.dst_strides + (r.step, unit.itemsize))
+        if r.outer and r.outer[-1] > TILE and n > TILE:
+            # A transposing copy in tiles that stay in cache (several times faster than one strided copy).
+            for a in range(0, r.outer[-1], TILE):
+                for b in range(0, n, TILE):
+                    np.copyto(dst[..., a : a + TILE, b : b + TILE, :], src[..., a : a + TILE, b : b + TILE, :])
+            return
     else:
         src = np.ndarray(r.outer + (r.run,), np.uint8, buffer=buf, offset=lo - origin, strides=r.src_strides + (1,))
         dst = np.ndarray(r.outer + (r.run,), np.uint8, buffer=_dest_u8(job), offset=r.dst,

@@ -291,3 +291,16 @@ def test_bound_views_check_at_once(moe):
         assert v.shape == (3 * H, H) and v.reshape(3, H, H).T.shape == (H, H, 3)
         with pytest.raises(TargetMismatchError, match=r"cannot reshape \(48, 16\)"):
             v.reshape(5, -1)
+
+
+def test_large_transposes_and_stacks(checkpoints, opened):
+    """Transposed destinations large enough to be copied tile by tile, and a stack of transposes."""
+    ck = opened("plain")
+    ref = checkpoints.reference("plain")
+    m = mesh()
+    views = {"t": ck.saved("mp.a").T, "s": jreshard.stack([ck.saved("mp.d").T, ck.saved("mp.d").T], axis=1)}
+    target = {"t": jax.ShapeDtypeStruct((512, 512), np.float32, sharding=NamedSharding(m, P("data", None))),
+              "s": jax.ShapeDtypeStruct((640, 2, 384), np.float32, sharding=NamedSharding(m, P("model", None, "data")))}
+    out = ck.load(target, mapping=views)
+    np.testing.assert_array_equal(np.asarray(out["t"]), ref["mp.a"].T)
+    np.testing.assert_array_equal(np.asarray(out["s"]), np.stack([ref["mp.d"].T, ref["mp.d"].T], axis=1))
