@@ -36,7 +36,7 @@ from .storage import LocalStore, Store
 BOUNCE = 4 * 2**20  # a local read is cut (between runs) near this size: a per-thread buffer that stays in cache
 LOCAL_GAP = 64 * 2**10  # local reads merge over gaps up to this: reading a small gap costs less than a syscall
 TILE = 128  # transposing copies go tile by tile, TILE x TILE elements
-WASTE = 16  # gaps are read (bridged) only while they total at most 1/WASTE of the bytes needed
+WASTE = 16  # gaps above coalesce_gap are read (bridged) only while they total at most 1/WASTE of the bytes needed
 MAX_REQUEST = 8 * 2**20  # a ranged read is cut (between runs) near this size: parallel requests, cache-sized copies
 # Each pool thread's read buffer (``buf``), shared by executors: Checkpoint.read makes one per call, and a
 # fresh buffer would cost page faults on every call. It lives as long as the thread.
@@ -265,28 +265,43 @@ class Executor:
             f.result()
 
     def _pread_all(self, work: list[tuple[tuple[str, int, int], Feeds]]) -> None:
-        for request, feeds in work:
-            self._pread(request, feeds)
+        """Read a run of requests (a file's descriptor held once for the requests of one file, counted once)."""
+        store = self.store
+        assert isinstance(store, LocalStore)
+        i = 0
+        while i < len(work):
+            key = work[i][0][0]
+            k = i
+            while k < len(work) and work[k][0][0] == key:
+                k += 1
+            nbytes = 0
+            with store._use(key) as fd:
+                for request, feeds in work[i:k]:
+                    nbytes += self._pread(fd, request, feeds)
+            store.stats.add(nbytes, k - i)
+            i = k
 
-    def _pread(self, request: tuple[str, int, int], feeds: Feeds) -> None:
-        """Read one request and copy what it feeds into the pieces."""
+    def _pread(self, fd: int, request: tuple[str, int, int], feeds: Feeds) -> int:
+        """Read one request from ``fd`` and copy what it feeds into the pieces; returns its size."""
         key, start, stop = request
         n = stop - start
         store = self.store
         assert isinstance(store, LocalStore)
         try:
-            if len(feeds) == 1 and feeds[0][1].count == 1 and feeds[0][1].run == n and not feeds[0][1].step:
-                j, r = feeds[0]  # one contiguous run: straight into the piece's buffer
-                store.read_into(key, start, _dest_u8(j)[r.dst : r.dst + n])
-                return
+            if len(feeds) == 1:
+                j, r = feeds[0]
+                if r.run == n and not r.step and r.count == 1:  # one contiguous run: straight into the piece
+                    store.fill(fd, key, start, memoryview(_dest_u8(j)[r.dst : r.dst + n]))
+                    return n
             buf = getattr(self._local, "buf", None)
             if buf is None or len(buf) < n:
                 buf = self._local.buf = np.empty(max(n, BOUNCE), np.uint8)
-            store.read_into(key, start, buf[:n])
+            store.fill(fd, key, start, memoryview(buf[:n]))
         except JReshardError as e:
             raise self._named(e, [j for j, _ in feeds]) from None
         for j, part in feeds:
             _copy_runs_from(buf[:n], start - j.locator.base, j, part)
+        return n
 
 
 @dataclass
@@ -347,7 +362,7 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
             x0 = j.locator.base + r.src
             if not r.outer:
                 dense.append((j, r, x0, 1, 0))
-            elif len(r.outer) == 1 and r.run <= r.src_strides[0] <= r.run + min(chunk_gap, r.run // WASTE):
+            elif len(r.outer) == 1 and r.run <= r.src_strides[0] <= r.run + max(gap, min(chunk_gap, r.run // WASTE)):
                 dense.append((j, r, x0, r.outer[0], r.src_strides[0]))
             else:
                 sparse.append((j, r, r.src_starts() + j.locator.base))
@@ -358,7 +373,7 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
                                 + [np.full(len(x), j.locator.base, np.int64) for j, _, x in sparse])
         order = np.argsort(starts, kind="stable")
         useful = sum(n * r.run for _, r, _, n, _ in dense) + sum(len(x) * r.run for _, r, x in sparse)
-        bridged = sum((n - 1) * (s - r.run) for _, r, _, n, s in dense)
+        bridged = sum((n - 1) * (s - r.run) for _, r, _, n, s in dense if s - r.run > gap)
         rs, re = _merge(starts[order], lengths[order], chunks[order], gap, chunk_gap,
                         max(0, useful // WASTE - bridged))
         # Each merged region is cut into windows of ``limit`` bytes; a run belongs to the window of its start.
@@ -379,8 +394,8 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
                     a, b = x0 + k0 * s, x0 + (k1 - 1) * s + r.run
                     lo_l[w] = min(lo_l[w], a)
                     hi_l[w] = max(hi_l[w], b)
-                    part = r if not r.outer else dataclasses.replace(
-                        r, src=r.src + k0 * s, dst=r.dst + k0 * r.dst_strides[0], outer=(k1 - k0,))
+                    part = r if not r.outer else Runs(r.src + k0 * s, r.src_strides, r.dst + k0 * r.dst_strides[0],
+                                                      r.dst_strides, (k1 - k0,), r.run, r.step, r.item)
                     parts[w].append((j, part))
                     k0 = k1
         lo, hi = np.array(lo_l, np.int64), np.array(hi_l, np.int64)
@@ -396,13 +411,12 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
 
 def _merge(starts: np.ndarray, lengths: np.ndarray, chunks: np.ndarray, gap: int, chunk_gap: int,
            budget: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Like :func:`~jreshard.plan.merge_runs` (runs sorted by start), with gaps of at most ``chunk_gap`` bridged
-    between runs of the same chunk (same ``chunks`` value) and of at most ``gap`` between chunks, smallest gaps
-    first, while the bridged bytes total at most ``budget`` (None: no limit). Returns the (starts, stops) of the
-    merged reads.
+    """Like :func:`~jreshard.plan.merge_runs` (runs sorted by start): gaps of at most ``gap`` are bridged; larger
+    gaps of at most ``chunk_gap`` between runs of the same chunk (same ``chunks`` value) too, smallest first,
+    while those total at most ``budget`` bytes (None: no limit). Returns the (starts, stops) of the merged reads.
 
-    Example (gaps of 2, 6 and 4 bytes; a budget of 6 bridges the gaps of 2 and 4):
-        >>> s, e = _merge(np.array([0, 12, 28, 42]), np.array([10, 10, 10, 10]), np.zeros(4, np.int64), 16, 16, 6)
+    Example (gaps of 2, 6 and 4 bytes; gaps up to 3 always, a budget of 4 for the others: 2 and 4 bridged):
+        >>> s, e = _merge(np.array([0, 12, 28, 42]), np.array([10, 10, 10, 10]), np.zeros(4, np.int64), 3, 16, 4)
         >>> s.tolist(), e.tolist()
         ([0, 28], [22, 52])
     """
@@ -413,9 +427,9 @@ def _merge(starts: np.ndarray, lengths: np.ndarray, chunks: np.ndarray, gap: int
     gaps = starts[1:] - prev_end[:-1]
     join = gaps <= np.where(chunks[1:] == chunks[:-1], chunk_gap, gap)
     if budget is not None:
-        # Overlapping and adjacent runs always join; real gaps join smallest first within the budget, so that
-        # the bytes read stay within 1 + 1/WASTE of the bytes needed.
-        cand = np.flatnonzero(join & (gaps > 0))
+        # Overlapping runs and gaps up to ``gap`` always join; larger gaps join smallest first within the
+        # budget, so that they add at most 1/WASTE to the bytes needed.
+        cand = np.flatnonzero(join & (gaps > gap))
         if len(cand):
             order = cand[np.argsort(gaps[cand], kind="stable")]
             allowed = order[np.cumsum(gaps[order]) <= budget]
@@ -434,6 +448,7 @@ def _cut_blocks(j: CopyJob, r: Runs, win: np.ndarray, parts: list[list[tuple[Cop
         parts[int(win[0])].append((j, r))
         return
     n, s_step, d_step = r.outer[-1], r.src_strides[-1], r.dst_strides[-1]
+    src_strides, dst_strides, run, step, item = (s_step,), (d_step,), r.run, r.step, r.item
     block_src = _grid(r.src, r.outer[:-1], r.src_strides[:-1]).tolist()
     block_dst = _grid(r.dst, r.outer[:-1], r.dst_strides[:-1]).tolist()
     new = np.ones(len(win), dtype=bool)
@@ -442,8 +457,8 @@ def _cut_blocks(j: CopyJob, r: Runs, win: np.ndarray, parts: list[list[tuple[Cop
     first = np.flatnonzero(new)
     for a, b, w in zip(first.tolist(), [*first[1:].tolist(), len(win)], win[first].tolist()):
         m, k0 = divmod(a, n)
-        parts[w].append((j, dataclasses.replace(r, src=block_src[m] + k0 * s_step, src_strides=(s_step,),
-                                                dst=block_dst[m] + k0 * d_step, dst_strides=(d_step,), outer=(b - a,))))
+        parts[w].append((j, Runs(block_src[m] + k0 * s_step, src_strides, block_dst[m] + k0 * d_step, dst_strides,
+                                 (b - a,), run, step, item)))
 
 
 def _fold(r: Runs) -> Runs:

@@ -47,6 +47,9 @@ class IOStats:
             self.num_reads += int(reads)
 
 
+_PREADV = hasattr(os, "preadv")
+
+
 class Store:
     """A flat namespace of files (keys) with ranged reads."""
 
@@ -208,22 +211,27 @@ class LocalStore(Store):
     def read_into(self, key: str, offset: int, buf: np.ndarray) -> None:
         """Fill ``buf`` (a writable uint8 array) with the file's bytes from ``offset``; a file that ends early
         raises TruncatedDataError; a closed store raises CheckpointClosedError."""
-        view, done = memoryview(buf), 0
         with self._use(key) as fd:
-            while done < len(view):
-                if hasattr(os, "preadv"):
-                    got = os.preadv(fd, [view[done:]], offset + done)
-                else:  # platforms without preadv
-                    data = os.pread(fd, len(view) - done, offset + done)
-                    got = len(data)
-                    view[done : done + got] = data
-                if got == 0:
-                    raise TruncatedDataError(
-                        f"{self.where(key)}: expected {len(view)} bytes from offset {offset} but the file ends at "
-                        f"{offset + done} (truncated file?)"
-                    )
-                done += got
-        self.stats.add(len(view))
+            self.fill(fd, key, offset, memoryview(buf))
+        self.stats.add(len(buf))
+
+    def fill(self, fd: int, key: str, offset: int, view: memoryview) -> None:
+        """Fill ``view`` from descriptor ``fd`` of file ``key`` (held by :meth:`_use`) at ``offset``; a file that
+        ends early raises TruncatedDataError. Not counted in :attr:`stats` (the caller counts)."""
+        done = 0
+        while done < len(view):
+            if _PREADV:
+                got = os.preadv(fd, [view[done:]], offset + done)
+            else:  # platforms without preadv
+                data = os.pread(fd, len(view) - done, offset + done)
+                got = len(data)
+                view[done : done + got] = data
+            if got == 0:
+                raise TruncatedDataError(
+                    f"{self.where(key)}: expected {len(view)} bytes from offset {offset} but the file ends at "
+                    f"{offset + done} (truncated file?)"
+                )
+            done += got
 
     def close(self) -> None:
         """Refuse every later read (CheckpointClosedError) and close the files: now when no read is running,
