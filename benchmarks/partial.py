@@ -72,8 +72,8 @@ def main() -> int:
     for f in maps.values():
         np.add.reduce(f[::4096])  # warm the page cache
     print(f"checkpoint {dirs[-1]}: {sum(t.nbytes for t in ckpt.tensors.values()) / 2**30:.3f} GiB")
-    print(f"{'piece':<22} {'GiB':>7} {'read GiB':>9} {'jreshard s':>11} {'raw s':>8} {'x raw':>6}")
-    for parts in (2, 4):
+    print(f"{'piece':<22} {'gap':>6} {'GiB':>7} {'read GiB':>9} {'jreshard s':>11} {'raw s':>8} {'x raw':>6}")
+    for parts, gap in ((2, 256), (2, 65536), (4, 256), (4, 65536)):
         want = boxes(ckpt, parts)
         for name, box in want.items():  # locate chunks once (headers), outside the timing
             ckpt.read(name, (slice(0, 1), slice(0, 1)))
@@ -81,7 +81,7 @@ def main() -> int:
         for _ in range(args.repeat):
             before = ckpt.io_stats.bytes_read
             t = time.perf_counter()
-            got = {name: ckpt.read(name, box) for name, box in want.items()}
+            got = {name: ckpt.read(name, box, coalesce_gap=gap) for name, box in want.items()}
             t_j.append(time.perf_counter() - t)
             read = ckpt.io_stats.bytes_read - before
             t = time.perf_counter()
@@ -90,7 +90,7 @@ def main() -> int:
             assert all(np.array_equal(got[n].view(np.uint8), ref[n].view(np.uint8)) for n in want), "mismatch"
         nbytes = sum(a.nbytes for a in got.values())
         mj, mr = statistics.median(t_j), statistics.median(t_r)
-        print(f"{f'rows/2 x cols/{parts}':<22} {nbytes / 2**30:>7.3f} {read / 2**30:>9.3f} {mj:>11.3f} {mr:>8.3f} "
+        print(f"{f'rows/2 x cols/{parts}':<22} {gap:>6} {nbytes / 2**30:>7.3f} {read / 2**30:>9.3f} {mj:>11.3f} {mr:>8.3f} "
               f"{mj / mr:>6.2f}")
     return 0
 

@@ -123,9 +123,10 @@ class Checkpoint:
         except KeyError:
             raise TargetMismatchError(_unknown(name, self.format.tensors, self.source)) from None
 
-    def read(self, name: str, index: tuple[slice | int, ...] | None = None) -> np.ndarray:
+    def read(self, name: str, index: tuple[slice | int, ...] | None = None, *, coalesce_gap: int = 256) -> np.ndarray:
         """Read tensor ``name`` (or the box ``index``: a tuple of step-1 slices and integers, as in numpy;
-        integers drop their dimension) into a numpy array, reading only the saved bytes that overlap it.
+        integers drop their dimension) into a numpy array, reading only the saved bytes that overlap it (gaps up
+        to ``coalesce_gap`` bytes between them are read through, as in :meth:`load`).
 
         Example:
             >>> import jreshard
@@ -141,7 +142,7 @@ class Checkpoint:
             raise TargetMismatchError(f"{self.source}: tensor {name!r}: bad index {index!r}: {e}") from None
         target = _program.Target(0, name, self.saved(name), info.shape, info.dtype, None, info.dtype.itemsize, (name,))
         step, regions = _program.make_step(target, Piece(name, box, 0, []), box, 0, self.format.tensors)
-        executor = Executor(self.store, self.io)
+        executor = Executor(self.store, self.io, coalesce_gap)
         # chunks located and checked before the buffer exists
         unit = _program.plan_unit(self, [step], [regions], executor, ProcessPlan(0))
         with self._lock:
