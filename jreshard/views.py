@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InvalidArgumentError, TargetMismatchError
+from .plan import c_strides
 
 Box = tuple[tuple[int, int], ...]
 
@@ -254,7 +255,7 @@ class View:
         if len(box) != len(shape):
             raise TargetMismatchError(f"{self._text}: box {box} does not have {len(shape)} dimensions")
         if strides is None:
-            strides = _c_strides([b - a for a, b in box])
+            strides = c_strides([b - a for a, b in box])
         if any(b <= a for a, b in box):
             return
         yield from self._trace(tuple(box), int(dst), tuple(strides), ())
@@ -406,14 +407,6 @@ def _axes(axes: tuple[int, ...] | None, ndim: int, text: str) -> tuple[int, ...]
     if len(axes) != ndim or sorted(a % ndim if -ndim <= a < ndim else -1 for a in axes) != list(range(ndim)):
         raise TargetMismatchError(f"{text}: axes {axes} are not a permutation of {ndim} dimensions")
     return tuple(a % ndim for a in axes)
-
-
-def _c_strides(shape: Sequence[int]) -> tuple[int, ...]:
-    out, acc = [], 1
-    for s in reversed(shape):
-        out.append(acc)
-        acc *= max(int(s), 1)
-    return tuple(reversed(out))
 
 
 def _reshape_shape(shape: tuple[int, ...], new: tuple[int, ...], text: str) -> tuple[int, ...]:
@@ -568,7 +561,7 @@ def _group_regions(insz: list[int], outsz: list[int], box: list[tuple[int, int]]
     t = m - 1
     while t > 0 and box[t] == (0, outsz[t]) and strides[t - 1] == outsz[t] * strides[t]:
         t -= 1
-    lin = _c_strides(outsz)
+    lin = c_strides(outsz)
     seg = []
     for combo in _product([range(a, b) for a, b in box[:t]]):
         base = sum(i * lin[d] for d, i in enumerate(combo))
@@ -577,7 +570,7 @@ def _group_regions(insz: list[int], outsz: list[int], box: list[tuple[int, int]]
     out = []
     for p, q, off, s in seg:
         for rbox, start in _linear_boxes(p, q, insz):
-            inlin = _c_strides(insz)
+            inlin = c_strides(insz)
             out.append((rbox, off + (start - p) * s, [s * c for c in inlin]))
     return out
 

@@ -55,12 +55,12 @@ class Checkpoints:
         return {n: self.writer_reference[n] for n in self.names[variant]}
 
 
-def _write(root: Path) -> float:
+def _run_writer(script: str, root: Path, what: str) -> float:
+    """Run a checkpoint writer (torch, in its own process) into ``root``; its seconds."""
     t0 = time.monotonic()
-    env = child_env(OMP_NUM_THREADS=1)
     proc = subprocess.run(
-        [sys.executable, str(TESTS_DIR / "torch_writers.py"), str(root)],
-        env=env,
+        [sys.executable, str(TESTS_DIR / script), str(root)],
+        env=child_env(OMP_NUM_THREADS=1),
         cwd=str(REPO_ROOT),
         capture_output=True,
         text=True,
@@ -68,9 +68,13 @@ def _write(root: Path) -> float:
     )
     if proc.returncode != 0 or not (root / "DONE").exists():
         raise RuntimeError(
-            f"torch checkpoint writer failed (rc={proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-10000:]}"
+            f"{what} writer failed (rc={proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-10000:]}"
         )
     return time.monotonic() - t0
+
+
+def _write(root: Path) -> float:
+    return _run_writer("torch_writers.py", root, "torch checkpoint")
 
 
 @pytest.fixture(scope="session")
@@ -163,20 +167,7 @@ def _write_llama(root: Path) -> float:
     import shutil
 
     shutil.rmtree(root, ignore_errors=True)
-    t0 = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, str(TESTS_DIR / "model_writers.py"), str(root)],
-        env=child_env(OMP_NUM_THREADS=1),
-        cwd=str(REPO_ROOT),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if proc.returncode != 0 or not (root / "DONE").exists():
-        raise RuntimeError(
-            f"Llama checkpoint writer failed (rc={proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-10000:]}"
-        )
-    return time.monotonic() - t0
+    return _run_writer("model_writers.py", root, "Llama checkpoint")
 
 
 @pytest.fixture(scope="session")

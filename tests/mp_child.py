@@ -8,9 +8,7 @@ stdout from their own threads cannot interleave with it).
 
 from __future__ import annotations
 
-import json
 import sys
-import traceback
 
 
 def main() -> dict:
@@ -97,15 +95,6 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        res = main()
-    except BaseException as e:  # report, then fail
-        res = {"pid": sys.argv[4] if len(sys.argv) > 4 else None, "ok": False,
-               "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-    tmp = sys.argv[6] + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f)
-    import os
+    from tests.mp_result import run
 
-    os.replace(tmp, sys.argv[6])
-    sys.exit(0 if res.get("ok") else 1)
+    run(main, 4, 6)

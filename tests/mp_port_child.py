@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import sys
-import traceback
 from pathlib import Path
 
 
@@ -128,15 +127,6 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        res = main()
-    except BaseException as e:  # noqa: BLE001 -- report, then fail
-        res = {"pid": sys.argv[3] if len(sys.argv) > 3 else None, "ok": False,
-               "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-    tmp = sys.argv[5] + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f)
-    import os
+    from tests.mp_result import run
 
-    os.replace(tmp, sys.argv[5])
-    sys.exit(0 if res.get("ok") else 1)
+    run(main, 3, 5)
