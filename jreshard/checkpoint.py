@@ -3,7 +3,6 @@ that joins catalog -> plan -> read -> place."""
 
 from __future__ import annotations
 
-import difflib
 import functools
 import sys
 import threading
@@ -24,12 +23,11 @@ from .errors import (
     TargetMismatchError,
 )
 from .plan import Piece, Plan, ProcessPlan, normalize_index
-from .read import Executor
+from .read import Executor, strided_view
 from .storage import IOStats, Store
 from .targets import flatten_target
 from .views import View
 
-DEFAULT_INFLIGHT = _program.DEFAULT_INFLIGHT
 
 
 class Checkpoint:
@@ -258,10 +256,10 @@ class Checkpoint:
         import jax
 
         plan, entries, unflatten = self._plan(target, mapping, max_inflight_bytes, coalesce_gap, mesh, local_only=True)
-        program: _program.Program = plan._program
+        program: _program.Program | None = plan._program
         targets = plan._targets
         report = _progress_fn(progress)
-        executor = Executor(self.store, self.io, coalesce_gap)
+        executor = program.executor if program is not None else Executor(self.store, self.io, coalesce_gap)
         device_arrays: dict[int, dict[Any, Any]] = {t.index: {} for t in targets if t is not None}
         total = plan.bytes_needed
         done = 0
@@ -336,10 +334,7 @@ class Checkpoint:
                 val = hosts[step.slot + 1 + k]
                 for c in leaf.casts:
                     val = _cast(val, c)
-                item = buf.dtype.itemsize
-                dst = np.ndarray(leaf.shape, buf.dtype, buffer=buf.reshape(-1).view(np.uint8), offset=leaf.dst * item,
-                                 strides=tuple(st * item for st in leaf.strides))
-                np.copyto(dst, val, casting="unsafe")
+                np.copyto(strided_view(buf, leaf.shape, leaf.dst, leaf.strides), val, casting="unsafe")
             for c in step.casts:
                 buf = _cast(buf, c)
             out.append(_cast(buf, step.target.dtype))
@@ -470,6 +465,5 @@ def _progress_fn(progress: Any) -> Callable[[dict[str, Any]], None] | None:
 
 
 def _unknown(name: str, known: Mapping[str, Any], source: str) -> str:
-    close = difflib.get_close_matches(name, list(known), n=3)
-    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-    return f"{source}: no tensor or object named {name!r} in the checkpoint ({len(known)} entries){hint}"
+    return (f"{source}: no tensor or object named {name!r} in the checkpoint ({len(known)} entries)"
+            + _program.close_hint(name, known))

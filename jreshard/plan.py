@@ -317,6 +317,9 @@ class Plan:
     source: str = ""
     # Per tensor: whether the target's shards are exactly the saved chunks (one whole chunk per device).
     as_saved: dict[str, bool] = field(default_factory=dict)
+    # What load executes for this process (jreshard.program.Program), and the resolved targets.
+    _program: Any = field(default=None, repr=False, compare=False)
+    _targets: list[Any] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def local(self) -> ProcessPlan:

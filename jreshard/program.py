@@ -118,7 +118,7 @@ class Program:
 
     process: int
     batches: list[Batch]
-    limit: int
+    executor: Executor  # the one the requests were prepared for, which runs them
 
 
 # -- targets ------------------------------------------------------------------------------------------
@@ -134,7 +134,7 @@ def resolve(ckpt: Any, entries: Sequence[TargetLeaf], mapping: Any, check_dtype:
     if unknown:
         raise TargetMismatchError(
             f"{ckpt.source}: {len(unknown)} mapping entries name no target leaf: {', '.join(map(repr, unknown[:8]))}"
-            f"{' ...' if len(unknown) > 8 else ''}" + _close_hint(unknown[0], names))
+            f"{' ...' if len(unknown) > 8 else ''}" + close_hint(unknown[0], names))
     tensors = ckpt.format.tensors
     objects = getattr(ckpt.format, "object_refs", {})
 
@@ -145,22 +145,15 @@ def resolve(ckpt: Any, entries: Sequence[TargetLeaf], mapping: Any, check_dtype:
     out: list[Target | None] = []
     missing: list[str] = []
     for i, entry in enumerate(entries):
-        name, leaf = entry.name, entry.leaf
-        if entry.shape is None:
-            if name in views or name in tensors:
-                raise TargetMismatchError(
-                    f"{ckpt.source}: target leaf {name!r} is a {type(leaf).__name__}; give a jax.ShapeDtypeStruct "
-                    "with a sharding or a jax.Array")
-            if name in objects:
-                out.append(None)
-                continue
-            missing.append(name)
-            out.append(None)
-            continue
-        shape = entry.shape
+        name, shape = entry.name, entry.shape
+        if shape is None and (name in views or name in tensors):
+            raise TargetMismatchError(
+                f"{ckpt.source}: target leaf {name!r} is a {type(entry.leaf).__name__}; give a jax.ShapeDtypeStruct "
+                "with a sharding or a jax.Array")
         if name not in views and name not in tensors:
-            missing.append(name)
-            out.append(None)
+            if shape is not None or name not in objects:
+                missing.append(name)
+            out.append(None)  # a saved object (or missing)
             continue
         try:
             dtype = np.dtype(entry.dtype)
@@ -174,42 +167,25 @@ def resolve(ckpt: Any, entries: Sequence[TargetLeaf], mapping: Any, check_dtype:
                     f"{ckpt.source}: target {name!r} is {_sd(shape, dtype)} but its mapping entry {view!r} is "
                     f"{_sd(view.shape, view.dtype)}"
                     + (f"; cast it with .astype({dtype})" if view.shape == shape else ""))
-        elif name in tensors:
+        else:
             info = tensors[name]
             if shape != info.shape:
                 raise TargetMismatchError(
                     f"{ckpt.source}: tensor {name!r}: target shape {shape} differs from the saved shape {info.shape}")
-            view = View("saved", name, (), f"saved({name!r})", info.shape, info.dtype)
+            view = ckpt.saved(name)
             if dtype != info.dtype:
-                if info.dtype.kind == "c" and dtype.kind != "c":
-                    raise TargetMismatchError(
-                        f"tensor {name!r}: cannot cast saved {info.dtype} to {dtype} (drops the imaginary part)")
-                view = view.astype(dtype)
-        else:
-            missing.append(name)
-            out.append(None)
-            continue
+                view = view.astype(dtype)  # (refuses complex to real)
         sharding = entry.sharding
         check_dtype(name, shape, dtype, sharding)
         sources = tuple(view.names())
         saved = max(tensors[n].dtype.itemsize for n in sources)
-        cast = any(tensors[n].dtype != dtype for n in sources) or _has_cast(view)
+        cast = any(tensors[n].dtype != dtype for n in sources) or any(v._op == "astype" for v in view.nodes())
         out.append(Target(i, name, view, shape, dtype, sharding, saved + (dtype.itemsize if cast else 0), sources))
     if missing:
         kinds = {e.name: e.kind for e in entries}
         raise TargetMismatchError(f"{ckpt.source}: {missing_message(missing, kinds)}"
-                                  + _close_hint(missing[0], [*tensors, *objects]))
+                                  + close_hint(missing[0], [*tensors, *objects]))
     return out
-
-
-def _has_cast(view: View) -> bool:
-    stack = [view]
-    while stack:
-        v = stack.pop()
-        if v._op == "astype":
-            return True
-        stack.extend(v._kids)
-    return False
 
 
 def _sd(shape: tuple[int, ...], dtype: np.dtype) -> str:
@@ -236,7 +212,8 @@ def _mapping(mapping: Any) -> dict[str, View]:
     return out
 
 
-def _close_hint(name: str, known: Iterable[str]) -> str:
+def close_hint(name: str, known: Iterable[str]) -> str:
+    """``"; did you mean ..."`` naming the entries of ``known`` closest to ``name``, or ``""``."""
     import difflib
 
     close = difflib.get_close_matches(name, list(known), n=3)
@@ -324,36 +301,32 @@ def build(ckpt: Any, targets: Sequence[Target | None], *, limit: int, io_executo
             entry["pieces"] += 1
         plans[pid] = pp
         if pid == keep:
-            program = Program(pid, batches, limit)
+            program = Program(pid, batches, io_executor)
     return plans, program
 
 
 def _plan_batch(ckpt: Any, in_parts: bool, items: list, limit: int, executor: Executor, pp: ProcessPlan) -> Batch:
-    tensors = ckpt.format.tensors
-    if not in_parts:
-        steps, regions, slot = [], [], 0
-        for _, t, piece, _ in items:
-            step, regs = make_step(t, piece, piece.box, slot, tensors)
-            slot += 1 + len(step.temps)
-            steps.append(step)
-            regions.append(regs)
-        return Batch(False, [plan_unit(ckpt, steps, regions, executor, pp)])
     group = [(t, piece) for _, t, piece, _ in items]
-    shape = items[0][2].shape
+    if not in_parts:
+        return Batch(False, [_unit_of(ckpt, group, None, executor, pp)])
     elem = items[0][3]
-    units = []
-    for rel in _parts(tuple((0, n) for n in shape), elem, max(elem, limit // len(group))):
-        steps, regions, slot = [], [], 0
-        for t, piece in group:
-            box = tuple((a0 + a, a0 + b) for (a0, _), (a, b) in zip(piece.box, rel))
-            step, regs = make_step(t, piece, box, slot, tensors)
-            slot += 1 + len(step.temps)
-            steps.append(step)
-            regions.append(regs)
-        unit = plan_unit(ckpt, steps, regions, executor, pp)
-        unit.rel = rel
-        units.append(unit)
-    return Batch(True, units, group)
+    parts = _parts(tuple((0, n) for n in items[0][2].shape), elem, max(elem, limit // len(group)))
+    return Batch(True, [_unit_of(ckpt, group, rel, executor, pp) for rel in parts], group)
+
+
+def _unit_of(ckpt: Any, group: list[tuple[Target, Piece]], rel: Box | None, executor: Executor,
+             pp: ProcessPlan) -> Unit:
+    """The unit reading the pieces of ``group`` whole (``rel`` None), or their part ``rel`` (relative box)."""
+    steps, regions, slot = [], [], 0
+    for t, piece in group:
+        box = piece.box if rel is None else tuple((a0 + a, a0 + b) for (a0, _), (a, b) in zip(piece.box, rel))
+        step, regs = make_step(t, piece, box, slot, ckpt.format.tensors)
+        slot += 1 + len(step.temps)
+        steps.append(step)
+        regions.append(regs)
+    unit = plan_unit(ckpt, steps, regions, executor, pp)
+    unit.rel = rel
+    return unit
 
 
 def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executor: Executor, pp: ProcessPlan) -> Unit:
@@ -533,7 +506,4 @@ def as_saved(ckpt: Any, targets: Sequence[Target | None]) -> dict[str, bool]:
 
 def report(ckpt: Any, plans: dict[int, ProcessPlan], this: int, targets: Sequence[Target | None],
            program: Program | None) -> Plan:
-    plan = Plan(plans, this, ckpt.source, as_saved(ckpt, targets))
-    plan._program = program
-    plan._targets = list(targets)
-    return plan
+    return Plan(plans, this, ckpt.source, as_saved(ckpt, targets), _program=program, _targets=list(targets))

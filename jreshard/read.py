@@ -82,20 +82,36 @@ class CopyJob:
     def dest_view(self) -> np.ndarray:
         """The destination elements of the overlap, as a (strided) view of ``dest``."""
         assert self.dest is not None and self.dst_strides is not None
-        item = self.itemsize
-        return np.ndarray(self.overlap.size, self.dest.dtype, buffer=_dest_u8(self), offset=self.dst0 * item,
-                          strides=tuple(s * item for s in self.dst_strides))
+        return strided_view(self.dest, self.overlap.size, self.dst0, self.dst_strides)
 
 
 Feeds = list[tuple[CopyJob, Runs]]  # what one request feeds: (job, runs) parts, regular blocks of runs inside it
 
 
 def _dest_u8(job: CopyJob) -> np.ndarray:
-    dest = job.dest
-    assert dest is not None
-    if not dest.flags.c_contiguous:  # a reshape would copy, and the copy would be filled instead
-        raise JReshardError(f"internal: tensor {job.name!r}: destination buffer is not C-contiguous")
-    return dest.reshape(-1).view(np.uint8)
+    assert job.dest is not None
+    return _flat_u8(job.dest)
+
+
+def _flat_u8(buf: np.ndarray) -> np.ndarray:
+    """The bytes of the C-contiguous ``buf`` (a view)."""
+    if not buf.flags.c_contiguous:  # a reshape would copy, and the copy would be filled instead
+        raise JReshardError("internal: a destination buffer is not C-contiguous")
+    return buf.reshape(-1).view(np.uint8)
+
+
+def strided_view(buf: np.ndarray, shape: Sequence[int], first: int, strides: Sequence[int]) -> np.ndarray:
+    """Elements ``first + sum(i_k * strides_k)`` (element units) of the C-contiguous ``buf``, as an array of
+    ``shape`` that writes through to ``buf``.
+
+    Example:
+        >>> buf = np.arange(6)
+        >>> strided_view(buf, (2, 2), 1, (1, 3)).tolist()  # a transposed 2x2 block
+        [[1, 4], [2, 5]]
+    """
+    item = buf.dtype.itemsize
+    return np.ndarray(tuple(shape), buf.dtype, buffer=_flat_u8(buf), offset=first * item,
+                      strides=tuple(s * item for s in strides))
 
 
 def _units(item: int) -> tuple[np.dtype, int]:

@@ -96,6 +96,14 @@ class View:
     def __repr__(self) -> str:
         return self._text
 
+    def nodes(self) -> Iterator[View]:
+        """This view and every view it is made of, depth first."""
+        stack = [self]
+        while stack:
+            v = stack.pop()
+            yield v
+            stack.extend(reversed(v._kids))
+
     def names(self) -> list[str]:
         """The saved tensors this view reads, in first-use order.
 
@@ -104,14 +112,7 @@ class View:
             >>> jreshard.stack([jreshard.saved("a"), jreshard.saved("b")]).names()
             ['a', 'b']
         """
-        out: dict[str, None] = {}
-        stack = [self]
-        while stack:
-            v = stack.pop()
-            if v._op == "saved":
-                out.setdefault(v._args, None)
-            stack.extend(reversed(v._kids))
-        return list(out)
+        return list(dict.fromkeys(v._args for v in self.nodes() if v._op == "saved"))
 
     # -- operations ------------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ import sys
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.torch_writers import free_port  # noqa: E402
+from tests.torch_writers import free_port, gloo_group  # noqa: E402
 
 WORLD = 4
 SEED = 1234
@@ -126,11 +126,7 @@ def _worker(rank: int, out_dir: str, port: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, port, WORLD):
         model = build_model()
         if rank == 0:
             _write_hf(model, out_dir)
@@ -154,8 +150,6 @@ def _worker(rank: int, out_dir: str, port: int) -> None:
             np.savez(os.path.join(ref, "fsdp_state.npz"), **to_numpy_state(full))
             np.save(os.path.join(ref, "fsdp_logits.npy"), reference_logits(full))
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def write_all(out_dir: str) -> None:

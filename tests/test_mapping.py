@@ -306,3 +306,13 @@ def test_large_transposes_and_stacks(checkpoints, opened):
     out = ck.load(target, mapping=views)
     np.testing.assert_array_equal(np.asarray(out["t"]), ref["mp.a"].T)
     np.testing.assert_array_equal(np.asarray(out["s"]), np.stack([ref["mp.d"].T, ref["mp.d"].T], axis=1))
+
+
+def test_complex_to_real_is_refused(opened):
+    ck = opened("plain")
+    t = ck.tensors["dtypes.plain.complex64"]
+    target = {t.name: jax.ShapeDtypeStruct(t.shape, np.float32, sharding=NamedSharding(mesh(), P()))}
+    with pytest.raises(TargetMismatchError, match="drops the imaginary part"):
+        ck.load(target)
+    with pytest.raises(TargetMismatchError, match="drops the imaginary part"):
+        ck.load({"x": target[t.name]}, mapping={"x": jreshard.saved(t.name).astype(np.float32)})

@@ -18,10 +18,12 @@ parametrize over it at collection time. torch is imported only inside functions.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 WORLD = 4
@@ -349,17 +351,28 @@ def torch_reference_load(ckpt_dir: str, variant: str):
     return arrays, objects
 
 
-def _worker(rank: int, out_dir: str, port: int) -> None:
+@contextlib.contextmanager
+def gloo_group(rank: int, port: int, world: int = WORLD) -> Iterator[None]:
+    """This spawned process as rank ``rank`` of a gloo process group on localhost (one torch thread)."""
     import torch
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.device_mesh import init_device_mesh
 
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank: int, out_dir: str, port: int) -> None:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+
+    with gloo_group(rank, port):
         mesh1 = init_device_mesh("cpu", (WORLD,))
         mesh2 = init_device_mesh("cpu", (2, 2))
         for variant in VARIANTS:
@@ -381,8 +394,6 @@ def _worker(rank: int, out_dir: str, port: int) -> None:
             with open(os.path.join(d, "objects.json"), "w") as f:
                 json.dump(objects, f)
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def free_port() -> int:
