@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -598,31 +598,3 @@ def _linear_boxes(p: int, q: int, sizes: list[int]) -> list[tuple[list[tuple[int
         i = q // row
         out += [([(i, i + 1)] + b, start + i * row) for b, start in _linear_boxes(0, q % row, rest)]
     return out
-
-
-def evaluate(view: View, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
-    """The view computed with numpy on whole arrays (a reference for tests and small tensors).
-
-    Example:
-        >>> import numpy as np, jreshard
-        >>> evaluate(jreshard.saved("w").T[1], {"w": np.arange(6).reshape(2, 3)}).tolist()
-        [1, 4]
-    """
-    op, args = view._op, view._args
-    if op == "saved":
-        return np.asarray(arrays[args])
-    kids = [evaluate(k, arrays) for k in view._kids]
-    x = kids[0]
-    if op == "transpose":
-        return np.transpose(x, args)
-    if op == "reshape":
-        return x.reshape(args)
-    if op == "astype":
-        return x.astype(args)
-    if op == "index":
-        return x[args]
-    if op == "stack":
-        return np.stack(kids, axis=args)
-    if op == "concat":
-        return np.concatenate(kids, axis=args)
-    raise AssertionError(op)

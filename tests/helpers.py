@@ -201,3 +201,26 @@ def flatten_torch(obj, prefix: str = ""):
             yield from flatten_torch(v, f"{prefix}{i}.")
     else:
         yield prefix[:-1], obj
+
+
+def evaluate(view, arrays: dict) -> np.ndarray:
+    """The reference for a jreshard view: its operations done by numpy on the whole arrays (independent of
+    jreshard's per-box tracing)."""
+    op, args = view._op, view._args
+    if op == "saved":
+        return np.asarray(arrays[args])
+    kids = [evaluate(k, arrays) for k in view._kids]
+    x = kids[0]
+    if op == "transpose":
+        return np.transpose(x, args)
+    if op == "reshape":
+        return x.reshape(args)
+    if op == "astype":
+        return x.astype(args)
+    if op == "index":
+        return x[args]
+    if op == "stack":
+        return np.stack(kids, axis=args)
+    if op == "concat":
+        return np.concatenate(kids, axis=args)
+    raise AssertionError(op)

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 import jreshard
 from jreshard.errors import InvalidArgumentError, TargetMismatchError
-from jreshard.views import evaluate
+from tests.helpers import evaluate
 
 MESH_AXES = {"data": 2, "model": 4}
 BASES = ["d1.s0", "d1.s1", "d1.uneven_s0", "d1.uneven_s1", "d2.s0s1", "d2.s1s0", "d2.s0s0_uneven", "plain.w",

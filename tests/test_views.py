@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 import jreshard
 from jreshard.errors import InvalidArgumentError, TargetMismatchError
-from jreshard.views import View, evaluate
+from jreshard.views import View
+from tests.helpers import evaluate
 
 
 def bound(arrays: dict, view: View) -> View:
