@@ -19,7 +19,6 @@ import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import jreshard.checkpoint
 from jreshard import errors
 from jreshard.targets import TargetLeaf, flatten_target, missing_message
 from tests.helpers import REPO_ROOT, child_env
@@ -341,7 +340,7 @@ def test_kinds_of_rng_and_batch_stat_variables(mesh):
 
 
 # ---------------------------------------------------------------------------------------------
-# plain pytrees: exactly as jreshard.checkpoint._flatten_target
+# plain pytrees: jax's key paths joined with dots, as before nnx states were targets
 # ---------------------------------------------------------------------------------------------
 
 Pair = collections.namedtuple("Pair", ["first", "second"])
@@ -380,15 +379,10 @@ def test_plain_pytrees_as_before(mesh):
         "model.embed.weight", "model.layers.0", "model.layers.1.0", "model.layers.1.1",
         "opaque.0", "opaque.1", "pair.first", "pair.second.inner", "pair.second.extra.z", "plain_sds", "step",
     ]
-    # Today's flattening (jreshard.checkpoint._flatten_target): jax's paths, array specs as leaves.
+    # jax's paths, with array specs as leaves.
     flat, treedef = jax.tree_util.tree_flatten_with_path(
         target, is_leaf=lambda x: isinstance(x, (jax.ShapeDtypeStruct, jax.Array)))
     assert len(leaves) == len(flat) and all(t.leaf is leaf for t, (_, leaf) in zip(leaves, flat))
-    old = getattr(jreshard.checkpoint, "_flatten_target", None)
-    if old is not None:
-        before, _ = old(target)
-        assert names == [n for n, _ in before]
-        assert all(t.leaf is leaf for t, (_, leaf) in zip(leaves, before))
     assert all(t.kind is None for t in leaves)
     by = {t.name: t for t in leaves}
     assert by["step"].shape is None and by["step"].sharding is None and by["step"].dtype is None
