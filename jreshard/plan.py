@@ -3,10 +3,10 @@
 Stage 1 (logical, no I/O): for every distinct target index ("piece") of every process, the saved chunks
 that overlap it and the overlapping region (:func:`overlaps`, the arithmetic of torch's resharding).
 Stage 2 (physical): with each chunk's :class:`~jreshard.catalog.Locator`, a region becomes a regular grid of
-contiguous byte *runs* (:func:`runs_of`), and the runs of one file are merged into reads where the gap
-between them is small (:func:`merge_runs`).
+byte *runs* (:func:`runs_of`); :mod:`jreshard.read` merges the runs of a file into requests.
 
-:class:`Plan` reports what a load would do, per process, without reading any tensor bytes.
+:class:`Plan` reports the program of a load (:mod:`jreshard.program`), per process, without reading any tensor
+bytes.
 """
 
 from __future__ import annotations
@@ -217,30 +217,6 @@ def runs_of(locator: Locator, chunk_sizes: Sequence[int], overlap: Overlap, piec
     return Runs(src0, tuple(src_el[i] * itemsize for i in keep), first * itemsize,
                 tuple(dst_el[i] * itemsize for i in keep), tuple(size[i] for i in keep), run_el * itemsize,
                 step, itemsize if step else 0)
-
-
-def merge_runs(starts: np.ndarray, lengths: np.ndarray, gap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Merge byte runs (sorted by start) into reads where the gap between consecutive runs is at most ``gap``.
-
-    Returns (read_starts, read_stops, read_of_run).
-
-    Example:
-        >>> import numpy as np
-        >>> s, e, k = merge_runs(np.array([0, 10, 100]), np.array([10, 5, 5]), 16)
-        >>> s.tolist(), e.tolist(), k.tolist()
-        ([0, 100], [15, 105], [0, 0, 1])
-    """
-    if len(starts) == 0:
-        empty = np.zeros(0, np.int64)
-        return empty, empty, empty
-    ends = starts + lengths
-    prev_end = np.maximum.accumulate(ends)
-    new = np.ones(len(starts), dtype=bool)
-    new[1:] = starts[1:] - prev_end[:-1] > gap  # overlapping runs share a read
-    read_of_run = np.cumsum(new) - 1
-    read_starts = starts[new]
-    read_stops = np.maximum.reduceat(ends, np.flatnonzero(new))
-    return read_starts, read_stops, read_of_run
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,17 +3,19 @@
 A :class:`CopyJob` copies one overlap region. Jobs whose bytes are already in memory (small archives read
 whole, decompressed zstd items) are plain strided copies. The others read from the store:
 
-* both paths start alike: the runs of a file, sorted, merged where gaps are small and cut (between runs)
-  near a request size, become requests; each request feeds (job, runs) parts, regular blocks of runs inside it.
-* ``posix`` (local files): requests are cut near BOUNCE and merged over gaps up to LOCAL_GAP inside a chunk
-  (``coalesce_gap`` between chunks, so that other tensors' bytes are not read); the pool reads
-  each with ``preadv`` into a per-thread buffer (cache-sized) and copies its parts out from there (a request
-  that is one run of one piece is read straight into the piece). No memory maps: a file truncated while being
-  read gives a short read, hence a TruncatedDataError, where touching a map past the new end raises SIGBUS.
-* ``tensorstore`` (any KvStore): requests are cut near MAX_REQUEST and merged over ``coalesce_gap``, issued
-  as one batch of byte-range reads; each read is copied out on the pool as it arrives.
+* both paths start alike (:meth:`Executor.prepare`, no I/O): the runs of a file, sorted, merged over gaps of
+  at most ``coalesce_gap`` (larger gaps, up to LOCAL_GAP inside a chunk locally, only while they total at most
+  1/WASTE of the bytes needed) and cut (between runs) near a request size, become requests; each request feeds
+  (job, runs) parts, regular blocks of runs inside it. These requests are the plan's.
+* ``posix`` (local files): requests are cut near BOUNCE; the pool reads each with ``preadv`` into a
+  per-thread buffer (cache-sized) and copies its parts out from there (a request that is one run of one piece
+  is read straight into the piece). No memory maps: a file truncated while being read gives a short read,
+  hence a TruncatedDataError, where touching a map past the new end raises SIGBUS.
+* ``tensorstore`` (any KvStore): requests are cut near MAX_REQUEST, issued as one batch of byte-range reads;
+  each read is copied out on the pool as it arrives.
 
-Chunks with a transposed layout (innermost stride != 1) are read as their span and copied element-wise.
+Regions of a transposed storage (innermost stride != 1) are read as their span and copied element-wise when
+that span holds little else, else element by element (see :func:`jreshard.plan.runs_of`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from .plan import Overlap, Runs, _grid, c_strides, element_span
 from .storage import LocalStore, Store
 
 BOUNCE = 4 * 2**20  # a local read is cut (between runs) near this size: a per-thread buffer that stays in cache
-LOCAL_GAP = 64 * 2**10  # local reads merge over gaps up to this: reading a small gap costs less than a syscall
+LOCAL_GAP = 64 * 2**10  # inside a chunk, local reads may read through gaps up to this (within the WASTE budget)
 TILE = 128  # transposing copies go tile by tile, TILE x TILE elements
 WASTE = 16  # gaps above coalesce_gap are read (bridged) only while they total at most 1/WASTE of the bytes needed
 MAX_REQUEST = 8 * 2**20  # a ranged read is cut (between runs) near this size: parallel requests, cache-sized copies
