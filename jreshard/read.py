@@ -429,7 +429,7 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
 
 def _merge(starts: np.ndarray, lengths: np.ndarray, chunks: np.ndarray, gap: int, chunk_gap: int,
            budget: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Like :func:`~jreshard.plan.merge_runs` (runs sorted by start): gaps of at most ``gap`` are bridged; larger
+    """Merge byte runs (sorted by start) into reads: gaps of at most ``gap`` are bridged; larger
     gaps of at most ``chunk_gap`` between runs of the same chunk (same ``chunks`` value) too, smallest first,
     while those total at most ``budget`` bytes (None: no limit). Returns the (starts, stops) of the merged reads.
 
