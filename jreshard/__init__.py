@@ -21,6 +21,8 @@ from .storage import IOStats
 from .layout import Replicate, Shard, StridedShard, TorchLayout, torch_layout
 from .rename import rename
 from .views import View, concat, saved, stack
+from .inverse import invert
+from .write_safetensors import save_safetensors
 
 __version__ = "0.1.0"
 
@@ -136,5 +138,5 @@ __all__ = [
     "IOStats", "errors", "JReshardError", "UnsafeCheckpointError", "CheckpointFormatError", "MissingDataError",
     "TruncatedDataError", "InconsistentCheckpointError", "TargetMismatchError", "ShardingError", "StorageError",
     "CheckpointClosedError", "InvalidArgumentError", "OutOfMemoryError", "View", "saved", "stack", "concat",
-    "rename", "torch_layout", "TorchLayout", "Shard", "Replicate", "StridedShard",
+    "rename", "torch_layout", "TorchLayout", "Shard", "Replicate", "StridedShard", "invert", "save_safetensors",
 ]
