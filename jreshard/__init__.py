@@ -22,6 +22,7 @@ from .layout import Replicate, Shard, StridedShard, TorchLayout, torch_layout
 from .rename import rename
 from .views import View, concat, saved, stack
 from .inverse import invert
+from .write_dcp import save_dcp
 from .write_safetensors import save_safetensors
 
 __version__ = "0.1.0"
@@ -139,4 +140,5 @@ __all__ = [
     "TruncatedDataError", "InconsistentCheckpointError", "TargetMismatchError", "ShardingError", "StorageError",
     "CheckpointClosedError", "InvalidArgumentError", "OutOfMemoryError", "View", "saved", "stack", "concat",
     "rename", "torch_layout", "TorchLayout", "Shard", "Replicate", "StridedShard", "invert", "save_safetensors",
+    "save_dcp",
 ]

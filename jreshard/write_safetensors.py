@@ -252,7 +252,8 @@ def _write_tensor(mm: mmap.mmap, begin: int, value: Any, name: str) -> None:
 
 
 def save_safetensors(tree: Any, path: str | os.PathLike, *, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-                     metadata: Mapping[str, str] | None = None) -> list[str]:
+                     metadata: Mapping[str, str] | None = None, mapping: Any = None,
+                     saved_like: Any = None) -> list[str]:
     """Write the arrays of ``tree`` into directory ``path`` as a Hugging Face safetensors checkpoint, readable
     by transformers' ``from_pretrained``, ``safetensors.torch.load_file`` / ``safetensors.numpy.load_file``
     and :func:`jreshard.open`. Returns the names of the files written (the index last, when there is one).
@@ -293,6 +294,10 @@ def save_safetensors(tree: Any, path: str | os.PathLike, *, max_shard_size: int 
     """
     import jax
 
+    if mapping is not None:
+        from .inverse import invert
+
+        tree = invert(tree, mapping, saved_like=saved_like)
     max_bytes = parse_size(max_shard_size)
     meta = {"format": "pt"}
     if metadata is not None:
