@@ -366,17 +366,16 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
     """
     if chunk_gap is None:
         chunk_gap = gap
-    jobs = [part for j in jobs for part in _split_long_runs(j, limit)]
-    by_key: dict[str, list[CopyJob]] = {}
+    by_key: dict[str, list[tuple[CopyJob, Runs]]] = {}
     for j in jobs:
-        by_key.setdefault(j.locator.key, []).append(j)
+        by_key.setdefault(j.locator.key, []).extend((j, r) for r in _split_long_runs(j.runs, limit))
     for key, kjobs in by_key.items():
         # Intervals to merge: one per dense job (x0: file offset of its first run, n runs, stride s), one per
         # run of the others.
         dense: list[tuple[CopyJob, Runs, int, int, int]] = []
         sparse: list[tuple[CopyJob, Runs, np.ndarray]] = []
-        for j in kjobs:
-            r = _fold(j.runs)  # type: ignore[arg-type]
+        for j, r in kjobs:
+            r = _fold(r)
             x0 = j.locator.base + r.src
             if not r.outer:
                 dense.append((j, r, x0, 1, 0))
@@ -490,18 +489,18 @@ def _fold(r: Runs) -> Runs:
     return dataclasses.replace(r, src_strides=tuple(ss), dst_strides=tuple(ds), outer=tuple(outer))
 
 
-def _split_long_runs(job: CopyJob, limit: int) -> list[CopyJob]:
-    """A job whose runs are longer than ``limit`` bytes, as jobs of single runs of at most ``limit`` bytes
-    (parallel requests, bounded buffers)."""
-    r = job.runs
-    if r is None or r.run <= limit:
-        return [job]
+def _split_long_runs(r: Runs | None, limit: int) -> list[Runs]:
+    """A job's runs, with runs longer than ``limit`` bytes cut into single runs of at most ``limit`` bytes
+    (parallel requests, bounded buffers). The pieces stay runs of the same job, whose ``dest`` is bound later."""
+    assert r is not None
+    if r.run <= limit:
+        return [r]
     if r.step:  # cut between elements; each element moves ``step`` bytes in the destination
         n = max(1, limit // r.item) * r.item
-        return [dataclasses.replace(job, runs=dataclasses.replace(r, src=src + o, src_strides=(), dst=dst + o // r.item * r.step,
-                                                                  dst_strides=(), outer=(), run=min(n, r.run - o)))
+        return [dataclasses.replace(r, src=src + o, src_strides=(), dst=dst + o // r.item * r.step, dst_strides=(),
+                                    outer=(), run=min(n, r.run - o))
                 for src, dst in zip(r.src_starts().tolist(), r.dst_starts().tolist()) for o in range(0, r.run, n)]
-    return [dataclasses.replace(job, runs=Runs(src + o, (), dst + o, (), (), min(limit, r.run - o)))
+    return [Runs(src + o, (), dst + o, (), (), min(limit, r.run - o))
             for src, dst in zip(r.src_starts().tolist(), r.dst_starts().tolist()) for o in range(0, r.run, limit)]
 
 
