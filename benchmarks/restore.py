@@ -30,6 +30,19 @@ FSDP-style checkpoint. It is restored onto a (2, 4) ``('data', 'model')`` mesh o
             the bytes jreshard has to read (one process holds all 8 devices, so it
             needs the whole checkpoint), with no parsing and no ``device_put``.
 
+  Conversion contenders (DCP -> a native Orbax checkpoint, the tree a nested dict of
+  the dotted names, every array unsharded on the first device, dtypes as saved; the
+  destination is removed, untimed, before each run):
+  convert   ``jreshard.convert(dir, dest, max_inflight_bytes=...)`` (default
+            ``--convert-inflight-bytes`` 256 MiB): batches loaded, written with
+            ``ocp.v1.partial.save`` and freed, then finalized and renamed onto dest.
+  dcp_orbax what users do today: torch ``dcp.load(..., no_dist=True)`` of the whole
+            model, then numpy, ``jax.device_put`` and ``ocp.StandardCheckpointer().save``.
+  jr_orbax  ``jreshard.load`` of the whole model, then ``StandardCheckpointer().save``.
+  The first run of each restores the converted checkpoint with plain Orbax
+  (``StandardCheckpointer().restore``) onto the (2, 4) mesh shardings above and checks
+  every array against the generator.
+
 Case ``safetensors``: the same tensors in one ``.safetensors`` file, loaded by
 jreshard (``jreshard.load(file, targets)``), by port (the same mapping), by Orbax v1
 (``ocp.v1.load`` inside ``ocp.v1.Context(checkpoint_layout="safetensors")``) and by a
@@ -68,6 +81,9 @@ with the path of its log, and never stops the run):
   safetensors:  jreshard <= 0.15x orbax and <= 1.25x raw time;
                 jreshard peak anon delta <= orbax's.
   both:         jreshard's and port's arrays match the checkpoint (first run).
+  conversion:   convert <= 0.5x dcp_orbax and <= 1.3x jr_orbax time; convert peak
+                anon delta <= --convert-inflight-bytes + 0.3 GiB; each converted
+                checkpoint restores to the right values (first run).
 
 Usage::
 
@@ -75,6 +91,7 @@ Usage::
     python benchmarks/restore.py --size-gib 0.1 --repeat 1
     python benchmarks/restore.py --case dcp --skip orbax --json bench-out/restore.json
     python benchmarks/restore.py --case dcp --skip torch,orbax,raw   # jreshard and port only
+    python benchmarks/restore.py --case dcp --skip jreshard,port,torch,orbax,raw   # conversions only
 """
 
 from __future__ import annotations
@@ -105,7 +122,7 @@ from _memwatch import PeakAnonMemory, prefault  # noqa: E402
 from _model import GIB, ModelSpec, build_model, port_tensors  # noqa: E402
 
 CASES = {
-    "dcp": ("jreshard", "port", "torch", "orbax", "raw"),
+    "dcp": ("jreshard", "port", "torch", "orbax", "raw", "convert", "dcp_orbax", "jr_orbax"),
     "safetensors": ("jreshard", "port", "orbax", "raw"),
 }
 PORT_RATIO_GOAL = 1.2  # the port issue: a ported load costs at most this much of the plain one
@@ -116,6 +133,9 @@ DESCRIPTIONS = {
 DEVICE_COUNT = 8
 MESH_SHAPE = (2, 4)
 SAVE_RANKS = 4
+CONVERTERS = ("convert", "dcp_orbax", "jr_orbax")
+CONVERT_INFLIGHT = 256 * 2**20
+CONVERT_MEMORY_SLACK_GIB = 0.3  # convert's peak anon delta goal: max_inflight_bytes + this
 
 
 # --------------------------------------------------------------------------- files
@@ -367,6 +387,102 @@ def prepare_orbax(case: str, model: ModelSpec, paths: Paths, args) -> tuple[Rest
     return (restore_standard if case == "dcp" else restore_v1_safetensors), targets
 
 
+def _converted_dest(name: str, paths: Paths) -> Path:
+    dest = paths.root / f"converted-{name}"
+    shutil.rmtree(dest, ignore_errors=True)  # untimed
+    for stale in paths.root.glob(f".converted-{name}*"):  # a killed run's work directory
+        shutil.rmtree(stale, ignore_errors=True)
+    return dest
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in flat.items():
+        d = out
+        *head, last = name.split(".")
+        for k in head:
+            d = d.setdefault(k, {})
+        d[last] = value
+    return out
+
+
+def _orbax_save(dest: Path, nested: dict[str, Any]) -> None:
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(dest, nested)
+        checkpointer.wait_until_finished()
+
+
+def prepare_convert(case: str, model: ModelSpec, paths: Paths, args) -> tuple[Restore, Any]:
+    from jreshard import convert
+
+    dest = _converted_dest("convert", paths)
+
+    def restore():
+        convert(str(paths.dcp), dest, max_inflight_bytes=args.convert_inflight_bytes, io=args.jreshard_io)
+        return dest
+
+    return restore, None
+
+
+def prepare_dcp_orbax(case: str, model: ModelSpec, paths: Paths, args) -> tuple[Restore, Any]:
+    import jax
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    dtypes = {"bf16": torch.bfloat16, "f32": torch.float32}
+    dest = _converted_dest("dcp_orbax", paths)
+    device = jax.devices()[0]
+
+    def restore():
+        state = {t.name: torch.empty(t.shape, dtype=dtypes[t.dtype]) for t in model.tensors}
+        dcp.load(state, checkpoint_id=str(paths.dcp), no_dist=True)
+        arrays = {name: jax.device_put(_torch_to_numpy(tensor), device) for name, tensor in state.items()}
+        del state
+        _orbax_save(dest, _nest(arrays))
+        return dest
+
+    return restore, None
+
+
+def prepare_jr_orbax(case: str, model: ModelSpec, paths: Paths, args) -> tuple[Restore, Any]:
+    import jax
+    from jax.sharding import SingleDeviceSharding
+
+    import jreshard
+
+    one = SingleDeviceSharding(jax.devices()[0])
+    targets = {t.name: jax.ShapeDtypeStruct(t.shape, t.np_dtype, sharding=one) for t in model.tensors}
+    dest = _converted_dest("jr_orbax", paths)
+    kwargs: dict[str, Any] = {"io": args.jreshard_io}
+    if args.max_inflight_bytes is not None:
+        kwargs["max_inflight_bytes"] = args.max_inflight_bytes
+
+    def restore():
+        _orbax_save(dest, _nest(jreshard.load(str(paths.dcp), targets, **kwargs)))
+        return dest
+
+    return restore, None
+
+
+def verify_converted(model: ModelSpec, dest: Path) -> str:
+    """Restores a converted checkpoint with plain Orbax onto the benchmark's (2, 4) mesh shardings and
+    checks every array ("ok" or what is wrong)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    targets = make_targets(model)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore(dest, _nest(targets))
+    except Exception as e:  # noqa: BLE001 - reported as the check's result
+        return f"FAIL: Orbax restore: {type(e).__name__}: {str(e)[:200]}"
+    flat = {".".join(str(k.key) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]}
+    return verify_arrays(model, flat, targets)
+
+
 def prepare_raw(case: str, model: ModelSpec, paths: Paths, args) -> tuple[Restore, Any]:
     files = [(f, f.stat().st_size) for f in raw_files(case, paths)]
     if not files:
@@ -384,6 +500,9 @@ PREPARE = {
     "torch": prepare_torch,
     "orbax": prepare_orbax,
     "raw": prepare_raw,
+    "convert": prepare_convert,
+    "dcp_orbax": prepare_dcp_orbax,
+    "jr_orbax": prepare_jr_orbax,
 }
 
 
@@ -420,6 +539,10 @@ def worker_main(args, model: ModelSpec, paths: Paths) -> int:
         )
         if isinstance(out, list):  # raw read
             result["bytes_read"] = sum(buf.nbytes for buf in out)
+        elif name in CONVERTERS:
+            result["converted_bytes"] = sum(f.stat().st_size for f in files_under(Path(out)))
+            if args._verify:
+                result["verify"] = verify_converted(model, Path(out))
         elif args._verify:
             if name == "port":
                 result["verify"] = verify_arrays(model, out, targets, port_tensors(model))
@@ -564,6 +687,7 @@ def run_child(extra: list[str], args, log: Path, timeout: float) -> tuple[int, s
         "--jreshard-io", args.jreshard_io,
         "--prefault-gib", repr(args.prefault_gib),
         *(["--max-inflight-bytes", str(args.max_inflight_bytes)] if args.max_inflight_bytes else []),
+        "--convert-inflight-bytes", str(args.convert_inflight_bytes),
         *extra,
     ]  # fmt: skip
     with open(log, "w") as out:
@@ -676,7 +800,24 @@ def evaluate_targets(case: str, res: dict[str, Any], model_bytes: int) -> list[d
             check["result"] = "PASS" if r["verify"] == "ok" else "FAIL"
         return check
 
-    return rows + [arrays_match("jreshard"), arrays_match("port")]
+    checks = [arrays_match("jreshard"), arrays_match("port")]
+    if case == "dcp" and any(n in res for n in CONVERTERS):
+
+        def convert_ratio(other: str, limit: float) -> dict[str, Any]:
+            return target(f"convert/{other} time", ["convert", other], "x", limit,
+                          lambda: res["convert"]["median_s"] / res[other]["median_s"])
+
+        inflight = res.get("convert", {}).get("convert_inflight_bytes", CONVERT_INFLIGHT)
+        rows += [
+            convert_ratio("dcp_orbax", 0.5),
+            convert_ratio("jr_orbax", 1.3),
+            target("convert peak anon delta", ["convert"], "GiB", inflight / GIB + CONVERT_MEMORY_SLACK_GIB,
+                   lambda: res["convert"]["delta_anon_gib"]),
+        ]
+        checks += [arrays_match(n) for n in CONVERTERS]
+        for check in checks[-len(CONVERTERS):]:
+            check["name"] = check["name"].replace("arrays match the checkpoint", "checkpoint restores right")
+    return rows + checks
 
 
 def port_ratio(res: dict[str, Any]) -> float | None:
@@ -732,6 +873,14 @@ def print_case(res: dict[str, Any], targets: list[dict[str, Any]]) -> None:
         label = t["name"] + (" (GiB)" if t["unit"] == "GiB" else "")
         limit = "-" if t["limit"] is None else f"<= {t['limit']:.2f}"
         print(f"{label:<42} {_fmt(t['value'], '.3f'):>8} {limit:>8}  {t['result']}")
+    conv = res.get("convert", {})
+    if "median_s" in conv:
+        for other in ("dcp_orbax", "jr_orbax"):
+            if "median_s" in res.get(other, {}):
+                print(f"convert / {other} = {conv['median_s'] / res[other]['median_s']:.2f}x  (convert "
+                      f"{conv['median_s']:.3f} s, {other} {res[other]['median_s']:.3f} s)")
+        print(f"convert peak anon {conv['peak_anon_gib']:.3f} GiB (delta {conv['delta_anon_gib']:.3f} GiB) with "
+              f"max_inflight_bytes = {conv['convert_inflight_bytes'] / 2**20:.0f} MiB")
     ratio_pj = port_ratio(res)
     if ratio_pj is not None:
         print(
@@ -777,6 +926,8 @@ def run_case(case: str, contenders: list[str], setup_errors: dict[str, str | Non
             if "error" in runs[-1]:
                 break
         res[name] = summarize(runs, model.nbytes)
+        if name == "convert":
+            res[name]["convert_inflight_bytes"] = args.convert_inflight_bytes
 
     cache = "/".join(sorted(cache_states)) or "-"
     how = (
@@ -870,6 +1021,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the io= argument of jreshard.load (default auto)")
     p.add_argument("--max-inflight-bytes", type=int, default=None,
                    help="the max_inflight_bytes= argument of jreshard.load")
+    p.add_argument("--convert-inflight-bytes", type=int, default=CONVERT_INFLIGHT,
+                   help="the max_inflight_bytes= of the convert contender (default 256 MiB)")
     # Internal: the subprocess modes.
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     p.add_argument("--_result", help=argparse.SUPPRESS)

@@ -23,6 +23,7 @@ from .rename import rename
 from .views import View, concat, saved, stack
 from .inverse import invert
 from .write_dcp import save_dcp
+from .write_orbax import ConvertError, convert
 from .write_safetensors import save_safetensors
 
 __version__ = "0.1.0"
@@ -140,5 +141,5 @@ __all__ = [
     "TruncatedDataError", "InconsistentCheckpointError", "TargetMismatchError", "ShardingError", "StorageError",
     "CheckpointClosedError", "InvalidArgumentError", "OutOfMemoryError", "View", "saved", "stack", "concat",
     "rename", "torch_layout", "TorchLayout", "Shard", "Replicate", "StridedShard", "invert", "save_safetensors",
-    "save_dcp",
+    "save_dcp", "convert", "ConvertError",
 ]

@@ -1,0 +1,522 @@
+"""Convert a PyTorch checkpoint into a native Orbax checkpoint, batch by batch, atomically.
+
+:func:`convert` loads the target (every saved tensor by default) in batches of at most ``max_inflight_bytes``
+with :func:`jreshard.load`, writes each batch with Orbax's public partial-save API (``ocp.v1.partial.save``) and
+frees it before loading the next, so the whole model is never in memory. ``ocp.v1.partial.finalize`` merges the
+batches into one checkpoint; its tree is then moved into the layout ``ocp.StandardCheckpointer`` writes (the
+PyTree files directly in ``dest``, with a ``_CHECKPOINT_METADATA``), and renamed onto ``dest``.
+
+Atomicity: everything is written under a hidden work directory next to the first missing component of ``dest``
+(``.NAME.jreshard-convert-tmp``), never a name Orbax or an ``ocp.CheckpointManager`` takes for a checkpoint or a
+step; ``dest`` appears in one ``rename(2)`` at the very end. A conversion killed at any point leaves at most that
+work directory, which the next conversion into the same ``dest`` removes. Orbax is imported only when
+:func:`convert` runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidArgumentError, JReshardError, TargetMismatchError
+
+__all__ = ["DEFAULT_CONVERT_INFLIGHT", "ConvertError", "convert", "work_dir_of"]
+
+DEFAULT_CONVERT_INFLIGHT = 1 * 2**30
+TMP_SUFFIX = ".jreshard-convert-tmp"
+
+# A test hook: called with the batch's arrays (and counters) after each batch is written, before it is freed.
+_batch_hook: Callable[[dict[str, Any]], None] | None = None
+
+
+class ConvertError(JReshardError):
+    """A conversion cannot be done or failed: ``dest`` exists, is not a local path, or Orbax failed to write."""
+
+
+def work_dir_of(dest: str | os.PathLike) -> Path:
+    """The hidden work directory a conversion into ``dest`` writes to: next to the first component of ``dest``
+    that does not exist yet (``dest`` itself when its parent exists), so that the final rename creates that
+    component, and with it ``dest``, at once.
+
+    Example:
+        >>> work_dir_of("/tmp/no-such-dir-jreshard/ckpt").name
+        '.no-such-dir-jreshard.jreshard-convert-tmp'
+    """
+    top = _top_missing(Path(os.path.abspath(os.fspath(dest))))
+    return top.parent / f".{top.name}{TMP_SUFFIX}"
+
+
+def _top_missing(dest: Path) -> Path:
+    top = dest
+    while not top.parent.exists() and top.parent != top.parent.parent:
+        top = top.parent
+    return top
+
+
+def convert(source: str | os.PathLike, dest: str | os.PathLike, target: Any = None, mapping: Any = None, *,
+            max_inflight_bytes: int | None = None, mesh: Any = None, storage_options: dict[str, Any] | None = None,
+            progress: bool | Callable[[dict[str, Any]], None] = False, io: str = "auto") -> str:
+    """Convert the checkpoint ``source`` (anything :func:`jreshard.open` reads) into a native Orbax checkpoint at
+    ``dest``: the layout ``ocp.StandardCheckpointer`` writes, restored by plain Orbax onto any sharding with
+    ``ocp.StandardCheckpointer().restore(dest, abstract_tree)``. Returns ``dest`` as an absolute path.
+
+    ``target=None`` converts every saved tensor, with its saved dtype, into a nested dict built from the dotted
+    names (``"model.layers.0.w"`` -> ``{"model": {"layers": {"0": {"w": ...}}}}``), each array written unsharded
+    from the first device (the sharding only matters as Orbax's default when a restore gives none). Non-tensor
+    entries (``step`` ...) are not converted. A 64-bit tensor while JAX's 64-bit types are off is written from
+    numpy, exactly (Orbax restores it as 64-bit only with 64-bit types on).
+
+    Otherwise ``target`` and ``mapping`` are those of :func:`jreshard.load`: the checkpoint has the target's
+    names and structure (nested dicts of its key paths: a flat dict keyed by dotted names stays flat, a list
+    index becomes the key ``"0"``...), its dtypes and shardings; leaves naming saved objects (``"step"``) are
+    written as those objects (they must be values Orbax saves: numbers, strings, numpy arrays).
+
+    Memory: the target's arrays are loaded and written in batches of at most ``max_inflight_bytes`` bytes on
+    this process's devices (default 1 GiB; replicas count once per device), each written and freed before the
+    next is read. An array larger than the bound is a batch of its own and is held whole while written.
+
+    Atomic: ``dest`` must not exist; it appears by one rename when the checkpoint is complete. A conversion
+    interrupted at any point (an exception, Ctrl-C, SIGKILL) leaves no ``dest``, only a hidden work directory
+    (:func:`work_dir_of`) that Orbax and ``ocp.CheckpointManager`` ignore, removed on an exception or Ctrl-C and
+    otherwise by the next conversion into ``dest``. Do not run two conversions into the same ``dest`` at once.
+    ``dest`` must be a local path (with a local path, a rename is atomic). Single JAX process only.
+
+    ``progress=True`` draws a progress bar (bytes, rate, ETA) on stderr; a callable receives a dict of counters
+    (``bytes_done``, ``bytes_total``, ``arrays_done``, ``arrays_total``, ``seconds``) after every batch.
+    ``mesh``, ``io`` and ``storage_options`` are those of :func:`jreshard.load` / :func:`jreshard.open`.
+
+    Example:
+        >>> import os, tempfile, jax, orbax.checkpoint as ocp
+        >>> from jax.sharding import SingleDeviceSharding
+        >>> from jreshard import sample_path
+        >>> from jreshard import convert
+        >>> dest = convert(sample_path(), os.path.join(tempfile.mkdtemp(), "orbax"), max_inflight_bytes=2**20)
+        >>> s = SingleDeviceSharding(jax.devices()[0])
+        >>> abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
+        ...                         ocp.StandardCheckpointer().metadata(dest).item_metadata.tree)
+        >>> restored = ocp.StandardCheckpointer().restore(dest, abstract)
+        >>> restored["model"]["embed"]["weight"].shape
+        (64, 32)
+    """
+    import jax
+
+    from . import open as _open
+
+    dest_s = os.fspath(dest)
+    if "://" in dest_s:
+        raise ConvertError(f"dest {dest_s!r}: convert writes to a local path only (an atomic rename is needed)")
+    if jax.process_count() > 1:
+        raise ConvertError("convert runs in a single JAX process; run it on one host and restore on many")
+    dest_p = Path(os.path.abspath(dest_s))
+    if dest_p.exists() or dest_p.is_symlink():
+        raise ConvertError(f"{dest_p} exists; remove it or convert into a new path")
+    ckpt = source if hasattr(source, "format") and hasattr(source, "load") else _open(
+        source, io=io, storage_options=storage_options)
+    try:
+        return _convert(ckpt, dest_p, target, mapping, max_inflight_bytes, mesh, progress)
+    finally:
+        if ckpt is not source:
+            ckpt.close()
+
+
+# -- the target -----------------------------------------------------------------------------------------
+
+
+def _default_target(ckpt: Any) -> tuple[dict[str, Any], dict[str, tuple[str, ...]], set[str]]:
+    """Every saved tensor on the first device in its saved dtype (flat, by name), the key path of each (its
+    dotted name split), and the names to write from numpy (64-bit types JAX would narrow)."""
+    import jax
+    from jax.sharding import SingleDeviceSharding
+
+    sharding = SingleDeviceSharding(jax.devices()[0])
+    flat, paths, numpy_names = {}, {}, set()
+    for name, info in ckpt.tensors.items():
+        dtype = np.dtype(info.dtype)
+        if np.dtype(jax.dtypes.canonicalize_dtype(dtype)) != dtype:
+            numpy_names.add(name)
+        flat[name] = jax.ShapeDtypeStruct(info.shape, dtype, sharding=sharding)
+        paths[name] = tuple(name.split("."))
+    _check_paths(ckpt.source, paths)
+    return flat, paths, numpy_names
+
+
+def _check_paths(source: str, paths: dict[str, tuple[str, ...]]) -> None:
+    """Refuse names that cannot all be leaves of one nested dict (``a.b`` and ``a.b.c``, or an empty part)."""
+    leaves = set(paths.values())
+    for name, path in paths.items():
+        if any(p == "" for p in path):
+            raise TargetMismatchError(f"{source}: tensor {name!r} has an empty part in its dotted name; give a "
+                                      "target to convert it under another name")
+        for k in range(1, len(path)):
+            if path[:k] in leaves:
+                raise TargetMismatchError(
+                    f"{source}: tensor {'.'.join(path[:k])!r} is also a prefix of {name!r}: they cannot both be "
+                    "leaves of one nested dict; give a target (e.g. a flat dict of their names) to convert them")
+
+
+def _key_paths(target: Any, entries: list[Any], unflatten: Callable[[list[Any]], Any]) -> list[tuple[str, ...]]:
+    """The key path of every target leaf, as strings: the path of leaf ``i`` in ``unflatten(range(n))``."""
+    import jax
+
+    from .targets import key_name
+
+    marks = [_Mark(i) for i in range(len(entries))]
+    flat, _ = jax.tree_util.tree_flatten_with_path(unflatten(marks), is_leaf=lambda x: isinstance(x, _Mark))
+    out: list[tuple[str, ...] | None] = [None] * len(entries)
+    for path, leaf in flat:
+        if isinstance(leaf, _Mark):
+            keys = tuple(key_name(k) for k in path)
+            out[leaf.i] = keys
+    for i, e in enumerate(entries):
+        if out[i] is None or ".".join(out[i]) != e.name:  # e.g. an nnx Variable: fall back to the dotted name
+            out[i] = tuple(e.name.split("."))
+    return out  # type: ignore[return-value]
+
+
+class _Mark:
+    def __init__(self, i: int) -> None:
+        self.i = i
+
+
+def _nest(items: list[tuple[tuple[str, ...], Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path, value in items:
+        d = out
+        for k in path[:-1]:
+            d = d.setdefault(k, {})
+        d[path[-1]] = value
+    return out
+
+
+def _local_bytes(shape: tuple[int, ...], dtype: Any, sharding: Any) -> int:
+    """Bytes an array of this sharding takes on this process's devices (replicas counted per device)."""
+    itemsize = np.dtype(dtype).itemsize
+    if sharding is None:
+        return math.prod(shape) * itemsize
+    total = 0
+    for index in sharding.addressable_devices_indices_map(shape).values():
+        n = 1
+        for s, dim in zip(index, shape):
+            start, stop, _ = s.indices(dim)
+            n *= max(0, stop - start)
+        total += n
+    return total * itemsize
+
+
+def _batches(sizes: list[int], limit: int) -> list[list[int]]:
+    """Indices grouped in order into batches of at most ``limit`` bytes (a larger item is a batch of its own).
+
+    Example:
+        >>> _batches([3, 3, 5, 1, 9, 2], 6)
+        [[0, 1], [2, 3], [4], [5]]
+    """
+    out: list[list[int]] = []
+    cur: list[int] = []
+    size = 0
+    for i, n in enumerate(sizes):
+        if cur and size + n > limit:
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(i)
+        size += n
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _limit(value: Any) -> int:
+    if value is None:
+        return DEFAULT_CONVERT_INFLIGHT
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise InvalidArgumentError(f"max_inflight_bytes must be a positive integer number of bytes, not {value!r}")
+    return int(value)
+
+
+# -- the conversion -------------------------------------------------------------------------------------
+
+
+def _convert(ckpt: Any, dest: Path, target: Any, mapping: Any, max_inflight_bytes: Any, mesh: Any,
+             progress: Any) -> str:
+    import jax
+
+    from .targets import flatten_target
+
+    limit = _limit(max_inflight_bytes)
+    if target is None:
+        if mapping is not None:
+            raise InvalidArgumentError("a mapping needs a target (the names and shardings to convert into)")
+        flat_target, path_of, numpy_names = _default_target(ckpt)
+        entries, unflatten = flatten_target(flat_target)
+        paths = [path_of[e.name] for e in entries]
+    else:
+        entries, unflatten = flatten_target(target, mesh=mesh)
+        paths = _key_paths(target, entries, unflatten)
+        numpy_names = set()
+        flat_target = None
+    sizes = [0 if e.shape is None else _local_bytes(e.shape, e.dtype, e.sharding) for e in entries]
+    totals = [0 if e.shape is None else math.prod(e.shape) * np.dtype(e.dtype).itemsize for e in entries]
+    # Check the whole target (names, shapes, mapping, shardings) before anything is written: a plan reads no
+    # tensor bytes.
+    if target is None:
+        jaxed = {e.name: e.leaf for e in entries if e.name not in numpy_names}
+        if jaxed:
+            ckpt.plan(jaxed, max_inflight_bytes=limit)
+    else:
+        ckpt.plan(target, mapping=mapping, max_inflight_bytes=limit, mesh=mesh)
+
+    work = work_dir_of(dest)
+    top = _top_missing(dest)
+    if work.exists() or work.is_symlink():
+        _rmtree(work)  # left by a killed conversion into the same dest
+    work.mkdir(parents=True)
+    report = _progress_fn(progress)
+    pending: Any = None
+    interrupts = _DeferredInterrupt()
+    try:
+        stage = work / "ckpt"
+        done_bytes, done_arrays, t0 = 0, 0, time.perf_counter()
+        total_bytes = sum(totals)
+        if report:
+            report(_counters(0, total_bytes, 0, len(entries), t0))
+        for batch in _batches(sizes, limit):
+            interrupts.check()
+            values = _load_batch(ckpt, entries, batch, mapping, limit, mesh, numpy_names, flat_target is None)
+            tree = _nest([(paths[i], values[i]) for i in batch])
+            pending = _partial_save_async(stage, tree)
+            pending.result()
+            pending = None
+            if _batch_hook is not None:
+                _batch_hook({"arrays": list(values.values()), "limit": limit,
+                             "nbytes": sum(sizes[i] for i in batch)})
+            for v in values.values():
+                if isinstance(v, jax.Array):
+                    v.delete()
+            del tree, values
+            done_bytes += sum(totals[i] for i in batch)
+            done_arrays += len(batch)
+            if report:
+                report(_counters(done_bytes, total_bytes, done_arrays, len(entries), t0))
+        interrupts.check()
+        _finalize(stage, work, dest, top)
+    except BaseException:
+        if pending is not None:  # a Ctrl-C while Orbax writes in its thread: let it end before removing
+            try:
+                pending.result()
+            except BaseException:  # noqa: BLE001, S110 - the first error is the one raised
+                pass
+        _rmtree(work)
+        raise
+    finally:
+        interrupts.restore()
+    _rmtree(work)
+    return str(dest)
+
+
+class _DeferredInterrupt:
+    """While a conversion runs in the main thread, a first Ctrl-C (SIGINT) is held until the batch being written
+    is complete (Orbax writes in threads of its own, which a KeyboardInterrupt would leave writing into the work
+    directory while it is removed); :meth:`check` then raises KeyboardInterrupt. A second Ctrl-C raises at once."""
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.pending = False
+        self.old: Any = None
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.old = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def check(self) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        import signal
+
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+            self.old = None
+
+
+def _load_batch(ckpt: Any, entries: list[Any], batch: list[int], mapping: Any, limit: int, mesh: Any,
+                numpy_names: set[str], default: bool) -> dict[int, Any]:
+    """The values of the batch's leaves: loaded arrays, numpy arrays (64-bit defaults) and saved objects."""
+    sub = {entries[i].name: entries[i].leaf for i in batch
+           if entries[i].shape is not None and entries[i].name not in numpy_names}
+    out: dict[int, Any] = {}
+    if sub:
+        sub_mapping = None
+        if mapping is not None:
+            from .program import _mapping
+
+            views = _mapping(mapping)
+            sub_mapping = {n: views[n] for n in sub if n in views}
+        # The sub-target is flat by name; its leaves keep their shardings (resolved already).
+        flat = {name: _as_struct(leaf, entries, batch, name) for name, leaf in sub.items()}
+        loaded = ckpt.load(flat, mapping=sub_mapping, max_inflight_bytes=limit, mesh=mesh)
+    else:
+        loaded = {}
+    for i in batch:
+        e = entries[i]
+        if e.name in loaded:
+            out[i] = loaded[e.name]
+        elif e.shape is not None:
+            out[i] = ckpt.read(e.name)
+        else:
+            try:
+                out[i] = ckpt.objects[e.name]
+            except KeyError:
+                raise TargetMismatchError(f"{ckpt.source}: no tensor or object named {e.name!r}") from None
+    return out
+
+
+def _as_struct(leaf: Any, entries: list[Any], batch: list[int], name: str) -> Any:
+    """A target leaf as a plain ``jax.ShapeDtypeStruct`` with its resolved sharding (an nnx Variable or an
+    abstract-mesh leaf becomes one, so that the flat sub-target needs no mesh)."""
+    import jax
+
+    for i in batch:
+        e = entries[i]
+        if e.name == name:
+            return jax.ShapeDtypeStruct(e.shape, e.dtype, sharding=e.sharding)
+    raise AssertionError(name)
+
+
+def _partial_save_async(stage: Path, tree: dict[str, Any]) -> Any:
+    import orbax.checkpoint as ocp
+
+    try:
+        return ocp.v1.partial.save_async(stage, tree)
+    except JReshardError:
+        raise
+    except Exception as e:
+        raise ConvertError(f"Orbax failed to write a batch into {stage}: {type(e).__name__}: {e}") from e
+
+
+def _finalize(stage: Path, work: Path, dest: Path, top: Path) -> None:
+    """Merge the partial saves, move the PyTree into StandardCheckpointer's layout and rename it onto ``dest``."""
+    import orbax.checkpoint as ocp
+
+    try:
+        ocp.v1.partial.finalize(stage)
+    except Exception as e:
+        raise ConvertError(f"Orbax failed to finalize {stage}: {type(e).__name__}: {e}") from e
+    trees = [p for p in stage.iterdir() if p.is_dir() and (p / "_METADATA").exists()]
+    if len(trees) != 1:
+        raise ConvertError(f"{stage}: expected one PyTree directory after finalize, found {sorted(map(str, trees))}")
+    tree_dir = trees[0]
+    meta_path = stage / "_CHECKPOINT_METADATA"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    handler = ocp.StandardCheckpointHandler
+    meta["item_handlers"] = f"{handler.__module__}.{handler.__qualname__}"  # what StandardCheckpointer records
+    now = time.time_ns()
+    meta.setdefault("init_timestamp_nsecs", now)
+    meta["commit_timestamp_nsecs"] = now
+    (tree_dir / "_CHECKPOINT_METADATA").write_text(json.dumps(meta))
+    (tree_dir / "commit_success.txt").write_text(f"Checkpoint commit was successful to {dest}")
+    if dest.parent == top and top.name.isdigit():
+        # dest is an item of a new step directory (``root/7/default``): record it as CheckpointManager does.
+        step_meta = {k: v for k, v in meta.items() if k != "item_handlers"}
+        step_meta["item_handlers"] = {dest.name: meta["item_handlers"]}
+        (work / "out" / top.name).mkdir(parents=True, exist_ok=True)
+        (work / "out" / top.name / "_CHECKPOINT_METADATA").write_text(json.dumps(step_meta))
+    # Build the missing part of dest's path inside the work dir, then create it with one rename.
+    rel = dest.relative_to(top.parent)
+    built = work / "out" / rel
+    built.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(tree_dir, built)
+    _fsync_dir(built)
+    if top.exists() or top.is_symlink():
+        raise ConvertError(f"{top} appeared during the conversion; it is not replaced")
+    os.rename(work / "out" / rel.parts[0], top)
+    _fsync_dir(top.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _rmtree(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# -- progress -------------------------------------------------------------------------------------------
+
+
+def _counters(done: int, total: int, arrays: int, arrays_total: int, t0: float) -> dict[str, Any]:
+    return {"bytes_done": done, "bytes_total": total, "arrays_done": arrays, "arrays_total": arrays_total,
+            "seconds": time.perf_counter() - t0}
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def progress_line(info: dict[str, Any], width: int = 24) -> str:
+    """One line of the progress bar: bar, bytes, arrays, rate and ETA.
+
+    Example:
+        >>> progress_line({"bytes_done": 2**29, "bytes_total": 2**30, "arrays_done": 3, "arrays_total": 6,
+        ...                "seconds": 2.0}, width=10)
+        '[#####.....]  50.0%  512.0 MiB / 1.0 GiB  3/6 arrays  256.0 MiB/s  ETA 0:02'
+    """
+    done, total, secs = info["bytes_done"], max(info["bytes_total"], 1), info["seconds"]
+    frac = min(1.0, done / total)
+    fill = round(frac * width)
+    rate = done / secs if secs > 0 else 0.0
+    if rate > 0 and done < total:
+        eta_s = round((total - done) / rate)
+        eta = f"ETA {eta_s // 60}:{eta_s % 60:02d}"
+    elif done >= total:
+        eta = f"in {secs:.1f} s"
+    else:
+        eta = "ETA --:--"
+    return (f"[{'#' * fill}{'.' * (width - fill)}] {100 * frac:5.1f}%  {_human(done)} / {_human(info['bytes_total'])}"
+            f"  {info['arrays_done']}/{info['arrays_total']} arrays  {_human(rate)}/s  {eta}")
+
+
+def _progress_fn(progress: Any) -> Callable[[dict[str, Any]], None] | None:
+    if callable(progress):
+        return progress
+    if not progress:
+        return None
+
+    def show(info: dict[str, Any]) -> None:
+        end = "\n" if info["bytes_done"] >= info["bytes_total"] else ""
+        sys.stderr.write(f"\rjreshard convert: {progress_line(info)}{end}")
+        sys.stderr.flush()
+
+    return show
