@@ -217,7 +217,7 @@ def _random_cover(rng, ckpt, name) -> dict:
         elif kind == "steps" and n >= 2:
             parts = [v[pre + (slice(0, None, 2),)], v[pre + (slice(1, None, 2),)]]
     parts = [_random_ops(rng, p) for p in parts]
-    if len(parts) >= 2 and len({p.shape for p in parts}) == 1 and rng.random() < 0.5:
+    if len(parts) >= 2 and len({(p.shape, p.dtype) for p in parts}) == 1 and rng.random() < 0.5:
         parts = [jreshard.stack(parts[::-1], axis=rng.randrange(parts[0].ndim + 1))]
     return {f"t{i}": p for i, p in enumerate(parts)}
 
