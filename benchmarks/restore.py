@@ -596,7 +596,22 @@ def _save_dcp_rank(rank: int, world: int, port: int, model: ModelSpec, out_dir: 
     dist.destroy_process_group()
 
 
+def write_dcp_torch_free(model: ModelSpec, paths: Paths) -> None:
+    """The same checkpoint without torch: jreshard.save_dcp of the tensors as JAX arrays split on their first
+    dimension over SAVE_RANKS devices, i.e. the chunks FSDP's Shard(0) gives."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    import jreshard
+
+    mesh = Mesh(np.array(jax.devices()[:SAVE_RANKS]), ("fsdp",))
+    tree = {t.name: jax.device_put(t.rows(), NamedSharding(mesh, PartitionSpec("fsdp"))) for t in model.tensors}
+    jreshard.save_dcp(tree, paths.dcp, overwrite=True)
+
+
 def write_dcp(model: ModelSpec, paths: Paths) -> None:
+    if os.environ.get("JRESHARD_BENCH_WRITER") == "jreshard":
+        return write_dcp_torch_free(model, paths)
     import torch.multiprocessing as mp
 
     mp.spawn(
@@ -684,6 +699,7 @@ def run_child(extra: list[str], args, log: Path, timeout: float) -> tuple[int, s
         str(Path(__file__).resolve()),
         "--size-gib", repr(args.size_gib),
         "--workdir", str(args.workdir),
+        "--writer", args.writer,
         "--jreshard-io", args.jreshard_io,
         "--prefault-gib", repr(args.prefault_gib),
         *(["--max-inflight-bytes", str(args.max_inflight_bytes)] if args.max_inflight_bytes else []),
@@ -1003,6 +1019,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "(repeatable or comma-separated)")
     p.add_argument("--repeat", type=int, default=3,
                    help="runs per contender; the median is reported (default 3)")
+    p.add_argument("--writer", choices=["torch", "jreshard"], default="torch",
+                   help="who writes the DCP checkpoint: torch on 4 gloo ranks (default), or jreshard.save_dcp "
+                        "(no torch; the same Shard(0) chunks)")
     p.add_argument("--workdir", default="/tmp/jreshard-bench",
                    help="cache for the written checkpoints (default /tmp/jreshard-bench)")
     p.add_argument("--cold", action="store_true",
@@ -1040,7 +1059,9 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(args.size_gib)
     if args.prefault_gib is None:
         args.prefault_gib = 2.5 * model.nbytes / GIB + 0.5
-    paths = Paths(Path(args.workdir) / model.key)
+    if args.writer == "jreshard":  # run_child's environment passes the choice on to the writer
+        os.environ["JRESHARD_BENCH_WRITER"] = "jreshard"
+    paths = Paths(Path(args.workdir) / (model.key + ("-torch-free" if args.writer == "jreshard" else "")))
     if args._setup:
         return setup_main(args, model, paths)
     if args._worker:

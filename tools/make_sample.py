@@ -5,6 +5,12 @@ MLP-like state dict of DTensors (Shard(0) / Shard(1) / Replicate on a 1-D mesh o
 bf16 and f32, plus a "step" counter, and saves it with torch.distributed.checkpoint.
 
     python tools/make_sample.py [OUT_DIR]      # default: jreshard/sample/dcp
+    python tools/make_sample.py --torch-free OUT_DIR   # the same tensors written by jreshard.save_dcp
+
+Without torch (``--torch-free``) the same names, shapes, dtypes and (where JAX can express them) the same
+chunks are written by ``jreshard.save_dcp`` from JAX arrays on 4 CPU devices; the values come from numpy
+(``torch_free_tensor``), and ``model.head.weight``'s uneven split (3, 3, 3, 1 rows), which no JAX sharding
+gives, is saved as one chunk.
 
 Data are deterministic (seeded); the values of tensor NAME are
 ``torch.randn(shape, generator=torch.Generator().manual_seed(crc32(NAME)))`` cast to its dtype.
@@ -75,7 +81,50 @@ def _worker(rank: int, out_dir: str, port: int) -> None:
         dist.destroy_process_group()
 
 
+def torch_free_tensor(name: str):
+    """The values of ``name`` in a sample written without torch: seeded numpy normals cast to its dtype."""
+    import ml_dtypes
+    import numpy as np
+
+    shape, dtype, _, _ = SAMPLE[name]
+    values = np.random.default_rng(zlib.crc32(name.encode())).standard_normal(shape, dtype=np.float32)
+    return values.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype))
+
+
+def torch_free_sample(out_dir: str) -> None:
+    """Write the sample with jreshard.save_dcp (JAX arrays on 4 CPU devices; torch is not imported)."""
+    if "jax" not in sys.modules:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={WORLD}".strip()
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    sys.path.insert(0, REPO_ROOT)
+    import jreshard
+
+    devices = np.array(jax.devices()[:WORLD])
+    meshes = {"1d": Mesh(devices, ("x",)), "2d": Mesh(devices.reshape(2, 2), ("a", "b"))}
+    tree: dict = {"step": STEP}
+    for name, (shape, _, mesh, placements) in SAMPLE.items():
+        m = meshes[mesh]
+        spec: list = [None] * len(shape)
+        for axis, p in zip(m.axis_names, placements):
+            if p != "R":
+                spec[int(p[1:])] = axis
+        if any(s is not None and n % m.shape[s] for n, s in zip(shape, spec)):
+            spec = [None] * len(shape)  # an uneven torch.chunk split: no JAX sharding gives it; one chunk
+        tree[name] = jax.device_put(torch_free_tensor(name), NamedSharding(m, PartitionSpec(*spec)))
+    jreshard.save_dcp(tree, out_dir, overwrite=True)
+
+
 def main(argv: list[str]) -> None:
+    if len(argv) > 1 and argv[1] == "--torch-free":
+        out_dir = argv[2] if len(argv) > 2 else DEFAULT_OUT
+        torch_free_sample(out_dir)
+        print(f"wrote {out_dir} without torch: {sorted(os.listdir(out_dir))}")
+        return
     import torch.multiprocessing as mp
 
     os.chdir(REPO_ROOT)  # so the checkpoint_id recorded in .metadata is the relative path
