@@ -203,20 +203,20 @@ def flatten_torch(obj, prefix: str = ""):
         yield prefix[:-1], obj
 
 
-def evaluate(view, arrays: dict) -> np.ndarray:
+def evaluate(view, arrays: dict, casts: bool = True) -> np.ndarray:
     """The reference for a jreshard view: its operations done by numpy on the whole arrays (independent of
-    jreshard's per-box tracing)."""
+    jreshard's per-box tracing). With ``casts=False`` every ``astype`` is skipped (the view of element ids)."""
     op, args = view._op, view._args
     if op == "saved":
         return np.asarray(arrays[args])
-    kids = [evaluate(k, arrays) for k in view._kids]
+    kids = [evaluate(k, arrays, casts) for k in view._kids]
     x = kids[0]
     if op == "transpose":
         return np.transpose(x, args)
     if op == "reshape":
         return x.reshape(args)
     if op == "astype":
-        return x.astype(args)
+        return x.astype(args) if casts else x
     if op == "index":
         return x[args]
     if op == "stack":
@@ -224,3 +224,47 @@ def evaluate(view, arrays: dict) -> np.ndarray:
     if op == "concat":
         return np.concatenate(kids, axis=args)
     raise AssertionError(op)
+
+
+def run_jax_processes(script: str, args_for, tmp_path, nproc: int = 4, timeout_s: float = 420,
+                      **env_extra) -> list[dict]:
+    """Run ``tests/<script>`` in ``nproc`` JAX processes (2 CPU devices each, plus ``env_extra``);
+    ``args_for(i, result_path)`` are the arguments of process i, which writes its result dict (with ``"ok"``)
+    as JSON to ``result_path``. Returns the result dicts, after asserting that every process succeeded."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    env = child_env(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu", OMP_NUM_THREADS=1,
+                    **env_extra)
+    paths = [Path(tmp_path) / f"result{i}.json" for i in range(nproc)]
+    procs = [subprocess.Popen([sys.executable, str(TESTS_DIR / script), *args_for(i, paths[i])], env=env,
+                              cwd=str(REPO_ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(nproc)]
+    deadline = time.monotonic() + timeout_s
+    outputs = []
+    try:
+        for p in procs:
+            try:
+                out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                out, err = "", "TIMEOUT"
+            outputs.append((p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    results = []
+    for i, (rc, out, err) in enumerate(outputs):
+        try:
+            res = json.loads(paths[i].read_text())
+        except (OSError, json.JSONDecodeError):
+            res = None
+        assert rc == 0 and res is not None and res.get("ok"), (
+            f"process {i} failed (rc={rc}):\n{(res or {}).get('traceback', '')}\nstdout:\n{(out or '')[-3000:]}"
+            f"\nstderr:\n{(err or '')[-6000:]}"
+        )
+        results.append(res)
+    return results

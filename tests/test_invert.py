@@ -111,24 +111,7 @@ def test_moe_fused_split_and_casts_invert(moe):  # noqa: F811
 
 def _ids(view, arrays):
     """The view of element ids (numpy, no casts): which saved element every target element comes from."""
-    op, args = view._op, view._args
-    if op == "saved":
-        return arrays[args]
-    kids = [_ids(k, arrays) for k in view._kids]
-    x = kids[0]
-    if op == "transpose":
-        return np.transpose(x, args)
-    if op == "reshape":
-        return x.reshape(args)
-    if op == "astype":
-        return x
-    if op == "index":
-        return x[args]
-    if op == "stack":
-        return np.stack(kids, axis=args)
-    if op == "concat":
-        return np.concatenate(kids, axis=args)
-    raise AssertionError(op)
+    return evaluate(view, arrays, casts=False)
 
 
 def _invertible(mapping: dict, shapes: dict) -> dict:

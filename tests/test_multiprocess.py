@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import time
-
-from tests.helpers import REPO_ROOT, TESTS_DIR, child_env
+from tests.helpers import run_jax_processes
 from tests.torch_writers import free_port
 
 NPROC = 4
 TIMEOUT_S = 420
-
-
-def _result(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def test_four_jax_processes_load_plain_checkpoint(checkpoints, tmp_path):
@@ -46,41 +33,7 @@ PORT_VARIANTS = ("hf", "fsdp")
 def _run_children(script, args_for, tmp_path, timeout_s=TIMEOUT_S) -> list[dict]:
     """Run ``script`` in NPROC JAX processes (2 CPU devices each); ``args_for(i, result_path)`` are the
     arguments of process i. Returns the result dicts, after asserting every process succeeded."""
-    env = child_env(
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
-        JAX_PLATFORMS="cpu",
-        OMP_NUM_THREADS=1,
-    )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(TESTS_DIR / script), *args_for(i, tmp_path / f"result{i}.json")],
-            env=env, cwd=str(REPO_ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for i in range(NPROC)
-    ]
-    deadline = time.monotonic() + timeout_s
-    outputs = []
-    try:
-        for p in procs:
-            try:
-                out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                out, err = "", "TIMEOUT"
-            outputs.append((p.returncode, out, err))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    results = []
-    for i, (rc, out, err) in enumerate(outputs):
-        res = _result(tmp_path / f"result{i}.json")
-        assert rc == 0 and res is not None and res.get("ok"), (
-            f"process {i} failed (rc={rc}):\n{(res or {}).get('traceback', '')}\nstdout:\n{(out or '')[-3000:]}"
-            f"\nstderr:\n{(err or '')[-6000:]}"
-        )
-        results.append(res)
-    return results
+    return run_jax_processes(script, args_for, tmp_path, NPROC, timeout_s)
 
 
 def test_four_jax_processes_port_llama(llama_checkpoints, tmp_path):

@@ -18,7 +18,6 @@ import re
 import struct
 import subprocess
 import sys
-import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from tests.helpers import (
     child_env,
     distinct_indices,
     make_mesh,
+    run_jax_processes,
 )
 from tests.torch_writers import free_port
 
@@ -160,34 +160,9 @@ def _run(args: list, env: dict, what: str, timeout: float = 300) -> dict:
 
 
 def _run_jax_writers(ckpt: Path, tmp: Path) -> list[dict]:
-    env = child_env(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu", JAX_ENABLE_X64=1,
-                    OMP_NUM_THREADS=1)
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, str(TESTS_DIR / "mp_save_child.py"), "jax-writer", str(ckpt), str(port),
-                               str(i), str(NPROC), str(tmp / f"writer{i}.json")],
-                              env=env, cwd=str(REPO_ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(NPROC)]
-    deadline = time.monotonic() + 300
-    outputs = []
-    try:
-        for p in procs:
-            try:
-                out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                out, err = "", "TIMEOUT"
-            outputs.append((p.returncode, out, err))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    results = []
-    for i, (rc, out, err) in enumerate(outputs):
-        path = tmp / f"writer{i}.json"
-        res = json.loads(path.read_text()) if path.exists() else {}
-        assert rc == 0 and res.get("ok"), f"JAX process {i} failed (rc={rc}):\n{res.get('traceback', '')}\n{err[-5000:]}"
-        results.append(res)
-    return results
+    return run_jax_processes("mp_save_child.py", lambda i, out: ["jax-writer", str(ckpt), str(port), str(i), str(NPROC),
+                                                                 str(out)], tmp, NPROC, 300, JAX_ENABLE_X64=1)
 
 
 @dataclass
