@@ -1,16 +1,18 @@
 """Convert a PyTorch checkpoint into a native Orbax checkpoint, batch by batch, atomically.
 
-:func:`convert` loads the target (every saved tensor by default) in batches of at most ``max_inflight_bytes``
-with :func:`jreshard.load`, writes each batch with Orbax's public partial-save API (``ocp.v1.partial.save``) and
-frees it before loading the next, so the whole model is never in memory. ``ocp.v1.partial.finalize`` merges the
-batches into one checkpoint; its tree is then moved into the layout ``ocp.StandardCheckpointer`` writes (the
-PyTree files directly in ``dest``, with a ``_CHECKPOINT_METADATA``), and renamed onto ``dest``.
+:func:`convert` writes Orbax's on-disk format itself, with tensorstore (which Orbax uses): the layout
+``ocp.StandardCheckpointer().save`` writes (zarr arrays in one OCDBT key-value store, ``_METADATA``,
+``_sharding``, ``array_metadatas/``, ``_CHECKPOINT_METADATA``, ``commit_success.txt``), without going through
+Orbax's save. With ``target=None`` each batch of at most ``max_inflight_bytes`` is read into numpy with
+:meth:`Checkpoint.read` (no jax arrays; a larger tensor in slabs of rows); with a target the batch is loaded with
+:meth:`Checkpoint.load` and each addressable shard is written once. Each batch is written and freed before the
+next is read, so the whole model is never in memory.
 
 Atomicity: everything is written under a hidden work directory next to the first missing component of ``dest``
 (``.NAME.jreshard-convert-tmp``), never a name Orbax or an ``ocp.CheckpointManager`` takes for a checkpoint or a
 step; ``dest`` appears in one ``rename(2)`` at the very end. A conversion killed at any point leaves at most that
-work directory, which the next conversion into the same ``dest`` removes. Orbax is imported only when
-:func:`convert` runs.
+work directory, which the next conversion into the same ``dest`` removes. tensorstore is imported only when
+:func:`convert` runs, Orbax only to record a target's ``NamedSharding``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ _batch_hook: Callable[[dict[str, Any]], None] | None = None
 
 
 class ConvertError(JReshardError):
-    """A conversion cannot be done or failed: ``dest`` exists, is not a local path, or Orbax failed to write."""
+    """A conversion cannot be done or failed: ``dest`` exists, is not a local path, or tensorstore failed to write."""
 
 
 def work_dir_of(dest: str | os.PathLike) -> Path:
@@ -64,7 +66,8 @@ def _top_missing(dest: Path) -> Path:
 
 def convert(source: str | os.PathLike, dest: str | os.PathLike, target: Any = None, mapping: Any = None, *,
             max_inflight_bytes: int | None = None, mesh: Any = None, storage_options: dict[str, Any] | None = None,
-            progress: bool | Callable[[dict[str, Any]], None] = False, io: str = "auto") -> str:
+            progress: bool | Callable[[dict[str, Any]], None] = False, io: str = "auto",
+            sync_files: bool = False) -> str:
     """Convert the checkpoint ``source`` (anything :func:`jreshard.open` reads) into a native Orbax checkpoint at
     ``dest``: the layout ``ocp.StandardCheckpointer`` writes, restored by plain Orbax onto any sharding with
     ``ocp.StandardCheckpointer().restore(dest, abstract_tree)``. Returns ``dest`` as an absolute path.
@@ -82,7 +85,12 @@ def convert(source: str | os.PathLike, dest: str | os.PathLike, target: Any = No
 
     Memory: the target's arrays are loaded and written in batches of at most ``max_inflight_bytes`` bytes on
     this process's devices (default 1 GiB; replicas count once per device), each written and freed before the
-    next is read. An array larger than the bound is a batch of its own and is held whole while written.
+    next is read. With ``target=None`` a tensor larger than the bound is read and written in slabs of rows
+    (its zarr chunks); with a target, an array larger than the bound is a batch of its own, held whole.
+
+    ``sync_files=True`` fsyncs every file written (slower: the whole checkpoint goes to disk before the rename);
+    by default the data is left to the page cache, which survives a crash or a SIGKILL of the process but not a
+    power loss.
 
     Atomic: ``dest`` must not exist; it appears by one rename when the checkpoint is complete. A conversion
     interrupted at any point (an exception, Ctrl-C, SIGKILL) leaves no ``dest``, only a hidden work directory
@@ -122,7 +130,7 @@ def convert(source: str | os.PathLike, dest: str | os.PathLike, target: Any = No
     ckpt = source if hasattr(source, "format") and hasattr(source, "load") else _open(
         source, io=io, storage_options=storage_options)
     try:
-        return _convert(ckpt, dest_p, target, mapping, max_inflight_bytes, mesh, progress)
+        return _convert(ckpt, dest_p, target, mapping, max_inflight_bytes, mesh, progress, sync_files)
     finally:
         if ckpt is not source:
             ckpt.close()
@@ -247,7 +255,7 @@ def _limit(value: Any) -> int:
 
 
 def _convert(ckpt: Any, dest: Path, target: Any, mapping: Any, max_inflight_bytes: Any, mesh: Any,
-             progress: Any) -> str:
+             progress: Any, sync_files: bool = False) -> str:
     import jax
 
     from .targets import flatten_target
@@ -289,12 +297,18 @@ def _convert(ckpt: Any, dest: Path, target: Any, mapping: Any, max_inflight_byte
         total_bytes = sum(totals)
         if report:
             report(_counters(0, total_bytes, 0, len(entries), t0))
+        writer = _OrbaxWriter(stage, sync_files)
         for batch in _batches(sizes, limit):
             interrupts.check()
-            values = _load_batch(ckpt, entries, batch, mapping, limit, mesh, numpy_names, flat_target is None)
-            tree = _nest([(paths[i], values[i]) for i in batch])
-            pending = _partial_save_async(stage, tree)
-            pending.result()
+            pending = writer
+            if flat_target is not None:  # target=None: host reads into numpy, no jax arrays
+                values = _write_default_batch(ckpt, entries, batch, paths, limit, writer)
+            else:
+                values = _load_batch(ckpt, entries, batch, mapping, limit, mesh, numpy_names, False)
+                created = {i: writer.start_value(paths[i], values[i]) for i in batch}
+                for i in batch:
+                    writer.write_value(created[i], values[i])
+            writer.wait()
             pending = None
             if _batch_hook is not None:
                 _batch_hook({"arrays": list(values.values()), "limit": limit,
@@ -302,17 +316,18 @@ def _convert(ckpt: Any, dest: Path, target: Any, mapping: Any, max_inflight_byte
             for v in values.values():
                 if isinstance(v, jax.Array):
                     v.delete()
-            del tree, values
+            del values
             done_bytes += sum(totals[i] for i in batch)
             done_arrays += len(batch)
             if report:
                 report(_counters(done_bytes, total_bytes, done_arrays, len(entries), t0))
         interrupts.check()
+        writer.write_metadata()
         _finalize(stage, work, dest, top)
     except BaseException:
-        if pending is not None:  # a Ctrl-C while Orbax writes in its thread: let it end before removing
+        if pending is not None:  # a Ctrl-C while tensorstore writes in its threads: let it end before removing
             try:
-                pending.result()
+                pending.wait()
             except BaseException:  # noqa: BLE001, S110 - the first error is the one raised
                 pass
         _rmtree(work)
@@ -325,8 +340,8 @@ def _convert(ckpt: Any, dest: Path, target: Any, mapping: Any, max_inflight_byte
 
 class _DeferredInterrupt:
     """While a conversion runs in the main thread, a first Ctrl-C (SIGINT) is held until the batch being written
-    is complete (Orbax writes in threads of its own, which a KeyboardInterrupt would leave writing into the work
-    directory while it is removed); :meth:`check` then raises KeyboardInterrupt. A second Ctrl-C raises at once."""
+    is complete (tensorstore writes in threads of its own, which a KeyboardInterrupt would leave writing into the
+    work directory while it is removed); :meth:`check` then raises KeyboardInterrupt. A second Ctrl-C raises at once."""
 
     def __init__(self) -> None:
         import signal
@@ -399,36 +414,215 @@ def _as_struct(leaf: Any, entries: list[Any], batch: list[int], name: str) -> An
     raise AssertionError(name)
 
 
-def _partial_save_async(stage: Path, tree: dict[str, Any]) -> Any:
+# -- the native writer: Orbax's on-disk format, written with tensorstore -----------------------------------
+
+# What ``ocp.StandardCheckpointer().save`` writes (orbax-checkpoint 0.12): each array is a zarr (v2) array in one
+# OCDBT key-value store at the checkpoint's root, keyed by its key path joined with dots (``a.b/.zarray``,
+# ``a.b/0.0``), its chunks its shards (the whole array when unsharded); ``_METADATA`` holds the tree metadata,
+# ``_sharding`` the shardings (base64 of the name -> serialized sharding), ``array_metadatas/process_0`` the write
+# and chunk shapes, ``_strings.json`` string leaves. This OCDBT config is Orbax's (tensorstore_utils).
+_OCDBT_CONFIG = {"max_inline_value_bytes": 1024, "max_decoded_node_bytes": 100000000, "manifest_kind": "single"}
+_OCDBT_TARGET_DATA_FILE_SIZE = 2**31
+_KEY_TYPE_DICT = 2
+# ocp.StandardCheckpointHandler's module and name, as StandardCheckpointer records it (a test checks it).
+_STANDARD_HANDLER = "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"
+
+
+class _OrbaxWriter:
+    """Writes arrays into an Orbax (StandardCheckpointer) PyTree directory with tensorstore: writes are issued
+    asynchronously and :meth:`wait` waits for all of them (one batch); :meth:`write_metadata` writes Orbax's JSON
+    files at the end. Chunks are written uncompressed (Orbax reads any zarr compressor) and, unless
+    ``sync_files``, without an fsync per file."""
+
+    def __init__(self, directory: Path, sync_files: bool) -> None:
+        import tensorstore as ts
+
+        self.ts = ts
+        self.dir = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.context = ts.Context({"file_io_sync": bool(sync_files),
+                                   "cache_pool#ocdbt": {"total_bytes_limit": 100000000}})
+        self.futures: list[Any] = []
+        self.tree: dict[str, Any] = {}
+        self.shardings: dict[str, str] = {}
+        self.array_metadatas: list[dict[str, Any]] = []
+        self.strings: dict[str, str] = {}
+
+    def _kvstore(self, name: str) -> dict[str, Any]:
+        return {"driver": "ocdbt", "base": f"file://{self.dir}", "path": name, "config": _OCDBT_CONFIG,
+                "assume_config": True, "target_data_file_size": _OCDBT_TARGET_DATA_FILE_SIZE,
+                "cache_pool": "cache_pool#ocdbt"}
+
+    def _record(self, path: tuple[str, ...], value_type: str, write_shape: Any = None) -> None:
+        meta: dict[str, Any] = {"value_type": value_type, "skip_deserialize": False}
+        if write_shape is not None:
+            meta["write_shape"] = list(write_shape)
+        self.tree[str(tuple(path))] = {
+            "key_metadata": [{"key": k, "key_type": _KEY_TYPE_DICT} for k in path], "value_metadata": meta}
+
+    def create(self, path: tuple[str, ...], shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...], *,
+               value_type: str = "jax.Array", write_shape: tuple[int, ...] | None = None, sharding: Any = None) -> Any:
+        """Start creating the zarr array of leaf ``path`` (chunks of ``chunks``) and record its metadata; returns
+        a future of the store (creations issued together are committed together)."""
+        name = ".".join(path)
+        dtype = np.dtype(dtype)
+        spec = {"driver": "zarr", "kvstore": self._kvstore(name), "recheck_cached_data": False,
+                "recheck_cached_metadata": False, "store_data_equal_to_fill_value": True,
+                "dtype": dtype.name,
+                "metadata": {"shape": list(shape), "chunks": list(chunks), "compressor": None}}
+        store = self.ts.open(spec, create=True, context=self.context)
+        write_shape = tuple(shape) if write_shape is None else write_shape
+        self._record(path, value_type, write_shape if value_type == "jax.Array" else None)
+        if value_type == "jax.Array":
+            self.array_metadatas.append({"array_metadata": {
+                "param_name": name, "write_shape": list(write_shape), "chunk_shape": list(chunks),
+                "ext_metadata": None}})
+            sm = _sharding_metadata(sharding)
+            if sm is not None:
+                import base64
+
+                self.shardings[base64.b64encode(name.encode()).decode()] = sm
+        return store
+
+    def opened(self, future: Any) -> Any:
+        try:
+            return future.result()
+        except Exception as e:
+            raise ConvertError(f"tensorstore failed to create an array in {self.dir}: {type(e).__name__}: {e}") from e
+
+    def write(self, store: Any, data: np.ndarray, box: tuple[slice, ...] | None = None) -> None:
+        """Start writing ``data`` (kept, unmodified, until :meth:`wait`) into ``store`` (at ``box``)."""
+        target = store if box is None or not box else store[box]
+        self.futures.append(target.write(data, can_reference_source_data_indefinitely=True))
+
+    def start_value(self, path: tuple[str, ...], value: Any) -> Any:
+        """Start creating the array of one leaf of a target (a jax array, a numpy array or a scalar; a string is
+        recorded); :meth:`write_value` then writes it."""
+        import jax
+
+        if isinstance(value, jax.Array):
+            shard_shape = tuple(value.sharding.shard_shape(value.shape))
+            return self.create(path, value.shape, value.dtype, shard_shape, write_shape=shard_shape,
+                               sharding=value.sharding)
+        if isinstance(value, str):
+            self._record(path, "string")
+            self.strings[".".join(path)] = value
+            return None
+        if isinstance(value, np.ndarray):
+            return self.create(path, value.shape, value.dtype, value.shape, value_type="np.ndarray")
+        if isinstance(value, (bool, int, float, complex, np.number, np.bool_)):
+            return self.create(path, (), np.asarray(value).dtype, (), value_type="scalar")
+        raise ConvertError(f"{'.'.join(path)}: a {type(value).__name__} is not a value Orbax saves "
+                           "(numbers, strings, numpy arrays)")
+
+    def write_value(self, created: Any, value: Any) -> None:
+        """Write one leaf into the array :meth:`start_value` created: each addressable shard of a jax array
+        once (replica 0)."""
+        import jax
+
+        if created is None:
+            return
+        store = self.opened(created)
+        if isinstance(value, jax.Array):
+            for shard in value.addressable_shards:
+                if shard.replica_id == 0:
+                    self.write(store, np.asarray(shard.data), tuple(shard.index))
+        else:
+            self.write(store, _contiguous(np.asarray(value)))
+
+    def wait(self) -> None:
+        futures, self.futures = self.futures, []
+        try:
+            for f in futures:
+                f.result()
+        except Exception as e:
+            raise ConvertError(f"tensorstore failed to write into {self.dir}: {type(e).__name__}: {e}") from e
+
+    def write_metadata(self) -> None:
+        """Orbax's JSON files of the PyTree (after every array is written)."""
+        meta = {"tree_metadata": self.tree, "use_ocdbt": True, "use_zarr3": False,
+                "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+        if self.strings:
+            _write_json(self.dir / "_strings.json", self.strings)
+        if self.array_metadatas:
+            (self.dir / "array_metadatas").mkdir(exist_ok=True)
+            _write_json(self.dir / "array_metadatas" / "process_0", {"array_metadatas": self.array_metadatas})
+        _write_json(self.dir / "_sharding", self.shardings)
+        _write_json(self.dir / "_METADATA", meta)
+
+
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a).reshape(a.shape)  # a 0-d array stays 0-d
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj))
+
+
+def _sharding_metadata(sharding: Any) -> str | None:
+    """The serialized sharding Orbax records in ``_sharding`` (NamedSharding and SingleDeviceSharding only)."""
+    from jax.sharding import NamedSharding, SingleDeviceSharding
+
+    if isinstance(sharding, SingleDeviceSharding):  # as Orbax writes it, without importing Orbax (0.3 s)
+        return json.dumps({"sharding_type": "SingleDeviceSharding", "device_str": str(next(iter(sharding.device_set)))})
+    if sharding is None:
+        return None
     import orbax.checkpoint as ocp
 
     try:
-        return ocp.v1.partial.save_async(stage, tree)
-    except JReshardError:
-        raise
-    except Exception as e:
-        raise ConvertError(f"Orbax failed to write a batch into {stage}: {type(e).__name__}: {e}") from e
+        if isinstance(sharding, NamedSharding):
+            return ocp.metadata.NamedShardingMetadata.from_jax_sharding(sharding).to_serialized_string()
+        if isinstance(sharding, SingleDeviceSharding):
+            return ocp.metadata.SingleDeviceShardingMetadata.from_jax_sharding(sharding).to_serialized_string()
+    except Exception:  # noqa: BLE001 - only Orbax's default for a restore without shardings
+        return None
+    return None
+
+
+def _write_default_batch(ckpt: Any, entries: list[Any], batch: list[int], paths: list[tuple[str, ...]],
+                         limit: int, writer: _OrbaxWriter) -> dict[int, Any]:
+    """target=None: each tensor read into numpy (no jax array) and written whole, from the first device's
+    unsharded layout; a tensor larger than ``limit`` is read and written in slabs of rows (its chunks), one slab
+    at a time, so the memory held stays within the bound."""
+    out: dict[int, Any] = {}
+    plans = []
+    for i in batch:  # every array of the batch created at once (one OCDBT commit), then written
+        e = entries[i]
+        shape = tuple(e.shape)
+        dtype = np.dtype(e.dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes <= limit or len(shape) == 0 or shape[0] <= 1:
+            rows = None
+            created = writer.create(paths[i], shape, dtype, shape, sharding=e.sharding)
+        else:
+            rows = max(1, min(shape[0], limit // max(1, nbytes // shape[0])))
+            created = writer.create(paths[i], shape, dtype, (rows, *shape[1:]), write_shape=shape,
+                                    sharding=e.sharding)
+        plans.append((i, e, shape, rows, created))
+    for i, e, shape, rows, created in plans:
+        store = writer.opened(created)
+        if rows is None:
+            data = ckpt.read(e.name)
+            writer.write(store, _contiguous(data))
+            out[i] = data
+            continue
+        for r0 in range(0, shape[0], rows):
+            box = (slice(r0, min(shape[0], r0 + rows)),)
+            writer.wait()  # one slab in memory at a time
+            data = ckpt.read(e.name, box)
+            writer.write(store, _contiguous(data), box)
+            out[i] = data
+    return out
 
 
 def _finalize(stage: Path, work: Path, dest: Path, top: Path) -> None:
-    """Merge the partial saves, move the PyTree into StandardCheckpointer's layout and rename it onto ``dest``."""
-    import orbax.checkpoint as ocp
-
-    try:
-        ocp.v1.partial.finalize(stage)
-    except Exception as e:
-        raise ConvertError(f"Orbax failed to finalize {stage}: {type(e).__name__}: {e}") from e
-    trees = [p for p in stage.iterdir() if p.is_dir() and (p / "_METADATA").exists()]
-    if len(trees) != 1:
-        raise ConvertError(f"{stage}: expected one PyTree directory after finalize, found {sorted(map(str, trees))}")
-    tree_dir = trees[0]
-    meta_path = stage / "_CHECKPOINT_METADATA"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    handler = ocp.StandardCheckpointHandler
-    meta["item_handlers"] = f"{handler.__module__}.{handler.__qualname__}"  # what StandardCheckpointer records
+    """Record the PyTree as StandardCheckpointer does (``_CHECKPOINT_METADATA``, ``commit_success.txt``) and
+    rename it onto ``dest``."""
+    tree_dir = stage
     now = time.time_ns()
-    meta.setdefault("init_timestamp_nsecs", now)
-    meta["commit_timestamp_nsecs"] = now
+    meta = {"item_handlers": _STANDARD_HANDLER,  # what StandardCheckpointer records
+            "metrics": {}, "performance_metrics": {}, "init_timestamp_nsecs": now, "commit_timestamp_nsecs": now,
+            "custom_metadata": {}}
     (tree_dir / "_CHECKPOINT_METADATA").write_text(json.dumps(meta))
     (tree_dir / "commit_success.txt").write_text(f"Checkpoint commit was successful to {dest}")
     if dest.parent == top and top.name.isdigit():

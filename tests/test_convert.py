@@ -65,10 +65,10 @@ def _work_dirs(parent: Path) -> list[str]:
 
 
 def _pending(work: Path) -> int:
-    """Batches Orbax has committed so far in the work directory of a running conversion."""
-    stage = work / "ckpt.partial_save"
+    """Files the OCDBT store of a running conversion has committed so far (each batch adds some)."""
+    stage = work / "ckpt" / "d"
     try:
-        return sum(1 for p in stage.iterdir() if ".pending_" in p.name)
+        return sum(1 for _ in stage.iterdir())
     except OSError:
         return 0
 
@@ -282,3 +282,77 @@ def test_cli_ctrl_c_exits_130_and_removes_partial_output(checkpoints, tmp_path):
     assert proc.returncode == 130, err[-3000:]
     assert "interrupted" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+# -- the native format: what StandardCheckpointer itself writes -------------------------------------------
+
+
+def _kv_items(path: Path) -> dict[str, bytes]:
+    import tensorstore as ts
+
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{path}"}).result()
+    return {k.decode(): kv.read(k).result().value for k in kv.list().result()}
+
+
+def test_native_layout_matches_standard_checkpointer(checkpoints, tmp_path):
+    """A converted checkpoint has the metadata StandardCheckpointer writes for the same tree: the same _METADATA,
+    _sharding, array metadatas (chunks = shards), OCDBT keys and zarr arrays (uncompressed here). Shardings without
+    replicas: Orbax splits a replicated shard among its replicas (smaller chunks), jreshard writes it whole."""
+    refs = checkpoints.reference(VARIANT)
+    mesh = make_mesh("4x2")
+    target = {"params": {"embed": jax.ShapeDtypeStruct(refs["model.embed"].shape, refs["model.embed"].dtype,
+                                                       sharding=NamedSharding(mesh, P("model", "data"))),
+                         "w0": jax.ShapeDtypeStruct((16, 16), np.float32,
+                                                    sharding=NamedSharding(mesh, P("data", "model")))},
+              "step": 0}
+    mapping = {"params.embed": "model.embed", "params.w0": "model.layers.0.w"}
+    ours = tmp_path / "ours"
+    convert(checkpoints.dirs[VARIANT], ours, target, mapping, max_inflight_bytes=1024)
+    with ocp.StandardCheckpointer() as c:
+        restored = c.restore(ours, target)
+        c.save(tmp_path / "theirs", restored)
+    theirs = tmp_path / "theirs"
+    for name in ("_METADATA", "_sharding"):
+        assert json.loads((ours / name).read_text()) == json.loads((theirs / name).read_text()), name
+    key = lambda m: m["array_metadata"]["param_name"]
+    assert sorted(json.loads((ours / "array_metadatas" / "process_0").read_text())["array_metadatas"], key=key) == \
+        sorted(json.loads((theirs / "array_metadatas" / "process_0").read_text())["array_metadatas"], key=key)
+    ok, tk = _kv_items(ours), _kv_items(theirs)
+    assert sorted(ok) == sorted(tk)
+    for k in ok:
+        if k.endswith(".zarray"):
+            a, b = json.loads(ok[k]), json.loads(tk[k])
+            assert a.pop("compressor") is None
+            b.pop("compressor")
+            assert a == b, k
+    assert json.loads((ours / "_CHECKPOINT_METADATA").read_text())["item_handlers"] == \
+        json.loads((theirs / "_CHECKPOINT_METADATA").read_text())["item_handlers"]
+    assert_same(restored["params"]["embed"], refs["model.embed"], "embed")
+    assert_same(restored["params"]["w0"], refs["model.layers.0.w"].astype(np.float32), "w0")
+
+
+def test_slabbed_default_conversion_metadata_and_checkpoint_manager(checkpoints, tmp_path):
+    """target=None with a bound below the largest tensors: those are written in slabs of rows (their chunks);
+    Orbax's metadata gives every saved shape and dtype, and a plain CheckpointManager restores every tensor."""
+    refs = checkpoints.reference(VARIANT)
+    limit = 4096
+    dest = tmp_path / "3" / "default"
+    convert(checkpoints.dirs[VARIANT], dest, max_inflight_bytes=limit)
+    meta = _flat(ocp.StandardCheckpointer().metadata(dest).item_metadata.tree)
+    assert sorted(meta) == sorted(refs)
+    for name, ref in refs.items():
+        assert tuple(meta[name].shape) == ref.shape and np.dtype(meta[name].dtype) == ref.dtype, name
+    chunks = {m["array_metadata"]["param_name"]: m["array_metadata"]["chunk_shape"]
+              for m in json.loads((dest / "array_metadatas" / "process_0").read_text())["array_metadatas"]}
+    big = [n for n, r in refs.items() if r.nbytes > limit and r.ndim and r.shape[0] > 1]
+    assert big
+    for name in big:
+        c = chunks[name]
+        assert c[0] < refs[name].shape[0] and np.prod(c) * refs[name].dtype.itemsize <= limit, (name, c)
+    mesh = make_mesh("2x4")
+    with ocp.CheckpointManager(tmp_path) as mngr:
+        assert mngr.all_steps() == [3]
+        r = mngr.restore(3, args=ocp.args.StandardRestore(_abstract(dest, mesh)))
+    flat = _flat(r)
+    for name, ref in refs.items():
+        assert_same(flat[name], ref, name)
