@@ -157,7 +157,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .write_orbax import convert, work_dir_of
 
     try:
-        dest = convert(args.source, args.dest, max_inflight_bytes=args.max_inflight, progress=not args.quiet)
+        dest = convert(args.source, args.dest, max_inflight_bytes=args.max_inflight, progress=not args.quiet,
+                       sync_files=args.sync)
     except KeyboardInterrupt:
         sys.stderr.write(f"\njreshard: convert interrupted; nothing was left at {args.dest} "
                          f"(partial output in {work_dir_of(args.dest)} removed)\n")
@@ -198,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-inflight", type=parse_size, default="256MiB",
                    help="bytes of arrays loaded at once (default 256MiB; e.g. 1GiB)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--sync", action="store_true",
+                   help="fsync every file before the checkpoint is renamed into place (survives a power loss; slower)")
     p.set_defaults(fn=cmd_convert)
     args = parser.parse_args(argv)
     if args.command in ("demo", "plan"):

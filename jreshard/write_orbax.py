@@ -256,7 +256,6 @@ def _limit(value: Any) -> int:
 
 def _convert(ckpt: Any, dest: Path, target: Any, mapping: Any, max_inflight_bytes: Any, mesh: Any,
              progress: Any, sync_files: bool = False) -> str:
-    import jax
 
     from .targets import flatten_target
 
@@ -313,9 +312,7 @@ def _convert(ckpt: Any, dest: Path, target: Any, mapping: Any, max_inflight_byte
             if _batch_hook is not None:
                 _batch_hook({"arrays": list(values.values()), "limit": limit,
                              "nbytes": sum(sizes[i] for i in batch)})
-            for v in values.values():
-                if isinstance(v, jax.Array):
-                    v.delete()
+            _release(values)
             del values
             done_bytes += sum(totals[i] for i in batch)
             done_arrays += len(batch)
@@ -549,6 +546,16 @@ class _OrbaxWriter:
             _write_json(self.dir / "array_metadatas" / "process_0", {"array_metadatas": self.array_metadatas})
         _write_json(self.dir / "_sharding", self.shardings)
         _write_json(self.dir / "_METADATA", meta)
+
+
+def _release(values: dict[int, Any]) -> None:
+    """Free a written batch's jax arrays now (in a function: no loop variable keeps the last value alive while
+    the next batch is read)."""
+    import jax
+
+    for v in values.values():
+        if isinstance(v, jax.Array):
+            v.delete()
 
 
 def _contiguous(a: np.ndarray) -> np.ndarray:

@@ -174,25 +174,44 @@ def _live_buffer_bytes() -> int:
     return sum(bufs.values())
 
 
-def test_batches_bound_live_arrays(checkpoints, tmp_path, monkeypatch):
-    """Each batch's arrays are written and freed before the next is loaded: the device buffers alive never
-    exceed the bound (or the one array of a batch above it)."""
+@pytest.mark.parametrize("with_target", [False, True])
+def test_batches_bound_live_arrays(checkpoints, tmp_path, monkeypatch, with_target):
+    """Each batch's arrays are written and freed before the next is read: when a batch is written, no array of
+    an earlier batch is alive any more (numpy arrays without a target, jax arrays with one), and a batch holds
+    at most the bound (or the one array above it)."""
+    import gc
+    import weakref
+
     limit = 64 * 1024
     base = _live_buffer_bytes()
+    earlier: list = []
     seen = []
 
     def hook(info):
-        live = _live_buffer_bytes() - base
+        gc.collect()
+        alive = [r for r in earlier if r() is not None]
+        nbytes = sum(a.nbytes for a in info["arrays"])
         largest = max(a.nbytes for a in info["arrays"])
-        seen.append((live, largest, len(info["arrays"])))
+        seen.append((len(alive), nbytes, largest, len(info["arrays"]), _live_buffer_bytes() - base))
+        earlier.extend(weakref.ref(a) for a in info["arrays"] if isinstance(a, (np.ndarray, jax.Array)))
 
     monkeypatch.setattr(jconvert, "_batch_hook", hook)
-    convert(checkpoints.dirs[VARIANT], tmp_path / "o", max_inflight_bytes=limit)
+    target = None
+    if with_target:
+        mesh = make_mesh("2x4")
+        with jreshard.open(checkpoints.dirs[VARIANT]) as ckpt:
+            target = {n: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=NamedSharding(mesh, _spec_for(t.shape, mesh)))
+                      for n, t in ckpt.tensors.items()}
+    convert(checkpoints.dirs[VARIANT], tmp_path / "o", target, max_inflight_bytes=limit)
     assert len(seen) > 5
-    assert any(n > 1 for _, _, n in seen)  # small arrays share batches
-    for live, largest, _ in seen:
+    assert any(n > 1 for *_, n, _ in seen)  # small arrays share batches
+    for alive, nbytes, largest, _, live in seen:
+        assert alive == 0
+        assert nbytes <= max(limit, largest), (nbytes, largest)
         assert live <= max(limit, largest), (live, largest)
-    assert _live_buffer_bytes() - base == 0  # nothing kept
+    gc.collect()
+    assert [r for r in earlier if r() is not None] == []  # nothing kept
+    assert _live_buffer_bytes() - base == 0
 
 
 def test_batches_unit():
@@ -249,11 +268,11 @@ def test_sigkill_midway_leaves_no_checkpoint_and_rerun_succeeds(checkpoints, tmp
 
 
 def test_cli_convert(checkpoints, tmp_path):
-    """``python -m jreshard convert``, with 64-bit types off in the child: its int64/float64 tensors are written
-    exactly (from numpy) and restore as 64-bit here."""
+    """``python -m jreshard convert --sync`` (files fsynced), with 64-bit types off in the child: its
+    int64/float64 tensors are written exactly (from numpy) and restore as 64-bit here."""
     dest = tmp_path / "cli"
     proc = subprocess.run([sys.executable, "-m", "jreshard", "convert", str(checkpoints.dirs[VARIANT]), str(dest),
-                           "--max-inflight", "256KiB"], check=False, cwd=str(REPO_ROOT),
+                           "--max-inflight", "256KiB", "--sync"], check=False, cwd=str(REPO_ROOT),
                           env=child_env(JAX_PLATFORMS="cpu", JAX_ENABLE_X64="0"), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
