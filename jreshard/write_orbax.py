@@ -572,18 +572,14 @@ def _sharding_metadata(sharding: Any) -> str | None:
 
     if isinstance(sharding, SingleDeviceSharding):  # as Orbax writes it, without importing Orbax (0.3 s)
         return json.dumps({"sharding_type": "SingleDeviceSharding", "device_str": str(next(iter(sharding.device_set)))})
-    if sharding is None:
+    if not isinstance(sharding, NamedSharding):
         return None
-    import orbax.checkpoint as ocp
-
     try:
-        if isinstance(sharding, NamedSharding):
-            return ocp.metadata.NamedShardingMetadata.from_jax_sharding(sharding).to_serialized_string()
-        if isinstance(sharding, SingleDeviceSharding):
-            return ocp.metadata.SingleDeviceShardingMetadata.from_jax_sharding(sharding).to_serialized_string()
-    except Exception:  # noqa: BLE001 - only Orbax's default for a restore without shardings
-        return None
-    return None
+        import orbax.checkpoint as ocp
+
+        return ocp.metadata.NamedShardingMetadata.from_jax_sharding(sharding).to_serialized_string()
+    except Exception:  # noqa: BLE001 - no orbax here, or a sharding it cannot describe: the record is optional
+        return None  # (a restore given shardings does not read it)
 
 
 def _write_default_batch(ckpt: Any, entries: list[Any], batch: list[int], paths: list[tuple[str, ...]],
