@@ -16,15 +16,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 import threading
 import urllib.parse
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-from .errors import CheckpointClosedError, MissingDataError, StorageError, TruncatedDataError, UnsafeCheckpointError
+from .errors import (
+    CheckpointClosedError,
+    MissingDataError,
+    StorageError,
+    TruncatedDataError,
+    UnsafeCheckpointError,
+)
 from .gate import checked_name
 
 
@@ -263,20 +271,54 @@ class LocalStore(Store):
 
 
 class KvStore(Store):
-    """Any tensorstore KvStore (``file``, ``gcs``, ``s3``, ``http``, ``memory`` ...), read by byte ranges."""
+    """Any tensorstore KvStore (``file``, ``gcs``, ``s3``, ``http``, ``memory`` ...), read by byte ranges.
 
-    def __init__(self, spec: dict[str, Any], context: Any = None) -> None:
+    ``remote`` (:class:`RemoteOptions`) bounds every request: tensorstore retries a failed request at most
+    ``retries`` times with exponential backoff, and each wait for a result is capped in Python
+    (:meth:`RemoteOptions.wait_s`), so a dead or stalled endpoint ends in a :class:`StorageError` that names
+    the URL and the likely cause instead of a silent hang.
+    """
+
+    def __init__(self, spec: dict[str, Any], context: Any = None, remote: RemoteOptions | None = None) -> None:
         super().__init__()
         import tensorstore as ts
 
         self._ts = ts
         self.spec = spec
+        self.remote = remote or RemoteOptions()
+        self.description = _describe(spec)
+        if context is None and _is_remote(spec):
+            context = ts.Context(self.remote.context_spec())
         try:
-            self.kv = ts.KvStore.open(spec, context=context).result() if context is not None else ts.KvStore.open(spec).result()
+            fut = ts.KvStore.open(spec, context=context) if context is not None else ts.KvStore.open(spec)
+            self.kv = self._wait(fut, "", 0, what="open")
+        except StorageError:
+            raise
         except Exception as e:
             raise StorageError(f"cannot open storage {spec!r}: {e}") from e
-        self.description = _describe(spec)
         self._closed = False
+
+    def _wait(self, fut: Any, key: str, nbytes: int, what: str) -> Any:
+        """``fut.result()`` within :meth:`RemoteOptions.wait_s`; a failure other than a missing key or a short
+        file becomes a StorageError naming the URL and the likely cause."""
+        wait = self.remote.wait_s(nbytes)
+        try:
+            return fut.result(timeout=wait)
+        except TimeoutError:
+            with contextlib.suppress(Exception):
+                fut.cancel()
+            raise StorageError(
+                f"{self.where(key)}: {what} timed out: no result after {wait:.0f} s ({self.remote.describe()}); "
+                "the endpoint accepts connections but does not answer, or stalled mid-transfer. Raise "
+                "storage_options['timeout'] or ['deadline'] for a slow link"
+            ) from None
+        except Exception as e:  # tensorstore raises ValueError and others: all are classified
+            msg = str(e)
+            if _is_short(msg):
+                raise TruncatedDataError(f"{self.where(key)}: {what}: the file is shorter (truncated file?)") from None
+            if "NOT_FOUND" in msg:
+                raise MissingDataError(f"{self.where(key)}: file not found") from None
+            raise StorageError(f"{self.where(key)}: {what} failed: {_cause(msg, self.spec)} [{msg}]") from e
 
     def _open_kv(self) -> Any:
         """The KvStore, or CheckpointClosedError once :meth:`close` was called."""
@@ -300,16 +342,11 @@ class KvStore(Store):
 
     def _result(self, key: str, start: int, stop: int, fut: Any) -> bytes:
         try:
-            res = fut.result()
-        except Exception as e:
-            msg = str(e)
-            if "OUT_OF_RANGE" in msg or "out of range" in msg.lower():
-                raise TruncatedDataError(
-                    f"{self.where(key)}: expected bytes [{start}, {stop}) but the file is shorter (truncated file?)"
-                ) from None
-            if "NOT_FOUND" in msg:
-                raise MissingDataError(f"{self.where(key)}: file not found") from None
-            raise StorageError(f"{self.where(key)}: read of bytes [{start}, {stop}) failed: {msg}") from e
+            res = self._wait(fut, key, stop - start, f"read of bytes [{start}, {stop})")
+        except TruncatedDataError:
+            raise TruncatedDataError(
+                f"{self.where(key)}: expected bytes [{start}, {stop}) but the file is shorter (truncated file?)"
+            ) from None
         if res.state == "missing":
             raise MissingDataError(f"{self.where(key)}: file not found")
         data = res.value  # copies: read once
@@ -331,10 +368,7 @@ class KvStore(Store):
 
     def read_all(self, key: str) -> bytes:
         kv = self._open_kv()
-        try:
-            res = kv.read(key).result()
-        except Exception as e:
-            raise StorageError(f"{self.where(key)}: read failed: {e}") from e
+        res = self._wait(kv.read(key), key, 0, "read")
         if res.state == "missing":
             raise MissingDataError(f"{self.where(key)}: file not found")
         data = res.value
@@ -344,8 +378,8 @@ class KvStore(Store):
     def tail(self, key: str, n: int) -> bytes:
         kv = self._open_kv()
         try:
-            res = kv.read(key, byte_range=slice(-n, None)).result()
-        except Exception:
+            res = self._wait(kv.read(key, byte_range=slice(-n, None)), key, n, f"read of the last {n} bytes")
+        except TruncatedDataError:  # (refused, denied, timed out... raise: a whole read would fail the same way)
             return self.read_all(key)  # shorter than n
         if res.state == "missing":
             raise MissingDataError(f"{self.where(key)}: file not found")
@@ -354,11 +388,172 @@ class KvStore(Store):
         return data
 
     def exists(self, key: str) -> bool:
+        """Whether ``key`` exists. A store that cannot be reached (refused, denied, timed out) raises
+        StorageError rather than answering False."""
         try:
-            res = self.kv.read(key, byte_range=slice(0, 0)).result()
-        except Exception:
+            res = self._wait(self.kv.read(key, byte_range=slice(0, 0)), key, 0, "existence check")
+        except (MissingDataError, TruncatedDataError):
             return False
         return res.state != "missing"
+
+
+# ------------------------------------------------------------------------------------------------
+# Timeouts, retries and error causes of remote stores
+
+#: ``storage_options`` keys that jreshard takes for itself; the others go into the tensorstore spec.
+REMOTE_OPTION_KEYS = ("timeout", "retries", "retry_delay", "max_retry_delay", "deadline", "low_speed_limit")
+
+_REMOTE_DRIVERS = ("http", "s3", "gcs", "gcs_grpc")
+_CURL_ENV_DONE = False
+_CURL_ENV_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class RemoteOptions:
+    """Bounds on remote reads, from ``storage_options`` of :func:`jreshard.open` (see docs/remote.md).
+
+    * ``timeout`` (30 s): connecting, or a transfer moving under ``low_speed_limit`` (1024) bytes/s for this
+      long, fails the attempt (curl settings; see :meth:`configure_curl`);
+    * ``retries`` (3): a failed attempt (connection error, timeout, HTTP 5xx/429) is retried at most this many
+      times, with exponential backoff from ``retry_delay`` (0.5 s) up to ``max_retry_delay`` (5 s);
+    * ``deadline`` (None: automatic): the longest wait in Python for any one request, whatever tensorstore
+      does; automatic is ``(retries + 1) * (timeout + max_retry_delay) + nbytes / (256 KiB/s)``.
+
+    Example:
+        >>> o = RemoteOptions.pop({"timeout": 5, "retries": 1, "endpoint": "x"}); o.timeout, o.retries
+        (5.0, 1)
+        >>> o.wait_s(0)
+        20.0
+    """
+
+    timeout: float = 30.0
+    retries: int = 3
+    retry_delay: float = 0.5
+    max_retry_delay: float = 5.0
+    deadline: float | None = None
+    low_speed_limit: int = 1024
+
+    @classmethod
+    def pop(cls, opts: dict[str, Any]) -> RemoteOptions:
+        """Take jreshard's keys out of ``opts`` (what is left is for the tensorstore spec);
+        InvalidArgumentError for a value out of range."""
+        from .errors import InvalidArgumentError
+
+        kw = {k: opts.pop(k) for k in REMOTE_OPTION_KEYS if k in opts}
+        try:
+            o = cls(timeout=float(kw.get("timeout", cls.timeout)), retries=int(kw.get("retries", cls.retries)),
+                    retry_delay=float(kw.get("retry_delay", cls.retry_delay)),
+                    max_retry_delay=float(kw.get("max_retry_delay", max(cls.max_retry_delay,
+                                                                        float(kw.get("retry_delay", 0))))),
+                    deadline=None if kw.get("deadline") is None else float(kw["deadline"]),
+                    low_speed_limit=int(kw.get("low_speed_limit", cls.low_speed_limit)))
+        except (TypeError, ValueError) as e:
+            raise InvalidArgumentError(f"storage_options: {e}") from None
+        if not (o.timeout > 0 and o.retries >= 0 and 0 <= o.retry_delay <= o.max_retry_delay
+                and (o.deadline is None or o.deadline > 0) and o.low_speed_limit >= 1):
+            raise InvalidArgumentError(
+                "storage_options: need timeout > 0, retries >= 0, 0 <= retry_delay <= max_retry_delay, "
+                f"deadline > 0 and low_speed_limit >= 1; got {o}")
+        return o
+
+    def wait_s(self, nbytes: int) -> float:
+        """The longest Python-side wait for one request of ``nbytes`` bytes."""
+        if self.deadline is not None:
+            return self.deadline
+        return (self.retries + 1) * (self.timeout + self.max_retry_delay) + max(0, nbytes) / 262144
+
+    def context_spec(self) -> dict[str, Any]:
+        """tensorstore context resources: the retry bounds of the http, s3 and gcs drivers. (tensorstore's
+        ``max_retries`` counts retries after the first attempt and must be >= 1; ``retries=0`` relies on
+        the Python-side wait alone for its bound.)"""
+        retry = {"max_retries": max(1, self.retries), "initial_delay": f"{self.retry_delay}s",
+                 "max_delay": f"{self.max_retry_delay}s"}
+        return {"http_request_retries": retry, "s3_request_retries": retry, "gcs_request_retries": retry}
+
+    def describe(self) -> str:
+        return f"timeout={self.timeout:g} s, retries={self.retries}"
+
+    def configure_curl(self) -> None:
+        """Set tensorstore's curl connect timeout and low-speed abort from this store's options. These are
+        environment variables that tensorstore reads once per process, when it makes its first HTTP request:
+        later stores (and a process where tensorstore already made HTTP requests) keep the values in force,
+        and a variable the user already set is kept. The Python-side wait bounds every store regardless."""
+        global _CURL_ENV_DONE
+        with _CURL_ENV_LOCK:
+            if _CURL_ENV_DONE:
+                return
+            _CURL_ENV_DONE = True
+            secs = str(max(1, round(self.timeout)))
+            os.environ.setdefault("TENSORSTORE_CURL_CONNECT_TIMEOUT_SECONDS", secs)
+            os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS", secs)
+            os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES", str(self.low_speed_limit))
+
+
+def _is_remote(spec: dict[str, Any]) -> bool:
+    return spec.get("driver") in _REMOTE_DRIVERS
+
+
+def _is_short(msg: str) -> bool:
+    return "OUT_OF_RANGE" in msg or "out of range" in msg.lower()
+
+
+def _cause(msg: str, spec: dict[str, Any]) -> str:
+    """The likely cause of a failed tensorstore request, in words, from its error message."""
+    low = msg.lower()
+    m = re.search(r"curl_code='(\d+)'", msg)
+    curl = int(m.group(1)) if m else None
+    m = re.search(r"HTTP code (\d{3})|http_response_code='(\d{3})'", msg)
+    status = int(m.group(1) or m.group(2)) if m else None
+    m = re.search(r"<Code>(\w+)</Code>", msg)  # an S3 error document
+    s3code = m.group(1) if m else ""
+    retried = " on every retry" if "retry attempts failed" in low else ""
+    if curl == 7 or "could not connect" in low or "connection refused" in low:
+        return ("connection refused: nothing accepts connections at this host and port (wrong endpoint, or "
+                f"the server is down){retried}")
+    if curl == 6 or "could not resolve" in low:
+        return f"endpoint unreachable: the host name does not resolve (wrong endpoint, or no network){retried}"
+    if curl == 28 or "timeout was reached" in low or "timed out" in low or "too slow" in low:
+        return f"timed out: the endpoint did not answer, or the transfer stalled{retried}"
+    if curl in (35, 51, 58, 60, 77) or "ssl" in low or "certificate" in low:
+        return "TLS handshake or certificate error"
+    if curl is not None:
+        return f"network error (curl code {curl}){retried}"
+    if s3code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"):
+        return f"credentials rejected ({s3code})" + _credentials_hint(spec)
+    if s3code in ("NoSuchBucket", "NoSuchKey"):
+        return f"not found ({s3code}): wrong bucket or path"
+    if status == 403 or s3code == "AccessDenied" or (status is None and "PERMISSION_DENIED" in msg):
+        why = "access denied (HTTP 403): the credentials lack permission"
+        if spec.get("driver") == "s3":
+            why += " (S3 also answers 403 for a missing key when s3:ListBucket is not granted)"
+        return why + _credentials_hint(spec)
+    if status == 401 or "UNAUTHENTICATED" in msg:
+        return "unauthorized (HTTP 401)" + _credentials_hint(spec)
+    if "credential" in low:
+        return "no usable credentials" + _credentials_hint(spec)
+    if status == 404:
+        return "not found (HTTP 404): wrong bucket, host or path"
+    if status is not None and (status >= 500 or status == 429):
+        return f"server error (HTTP {status}){retried}"
+    if status is not None:
+        return f"HTTP {status}"
+    return "storage error"
+
+
+def _credentials_hint(spec: dict[str, Any]) -> str:
+    env = os.environ
+    if spec.get("driver") == "s3":
+        found = (env.get("AWS_ACCESS_KEY_ID") or env.get("AWS_PROFILE") or env.get("AWS_WEB_IDENTITY_TOKEN_FILE")
+                 or os.path.exists(os.path.expanduser(env.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"))))
+        if not found:
+            return ("; no AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE; "
+                    "without them tensorstore reads anonymously)")
+    elif spec.get("driver") in ("gcs", "gcs_grpc"):
+        adc = os.path.expanduser("~/.config/gcloud/application_default_credentials.json")
+        if not (env.get("GOOGLE_APPLICATION_CREDENTIALS") or os.path.exists(adc)):
+            return ("; no Google Cloud credentials found (set GOOGLE_APPLICATION_CREDENTIALS or run "
+                    "`gcloud auth application-default login`)")
+    return ""
 
 
 def _describe(spec: dict[str, Any]) -> str:
@@ -384,6 +579,7 @@ def store_for_directory(location: str, io: str = "auto", storage_options: dict[s
         b'el'
     """
     opts = dict(storage_options or {})
+    remote = RemoteOptions.pop(opts)
     parsed = urllib.parse.urlparse(location)
     scheme = parsed.scheme
     if scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt"):
@@ -392,7 +588,7 @@ def store_for_directory(location: str, io: str = "auto", storage_options: dict[s
             raise MissingDataError(f"{path}: directory not found")
         if io in ("auto", "posix"):
             return LocalStore(path)
-        return KvStore({"driver": "file", "path": path.rstrip("/") + "/", **opts})
+        return KvStore({"driver": "file", "path": path.rstrip("/") + "/", **opts}, remote=remote)
     if io == "posix":
         raise StorageError(f"io='posix' reads local files only, not {location}")
     prefix = parsed.path.lstrip("/")
@@ -416,7 +612,9 @@ def store_for_directory(location: str, io: str = "auto", storage_options: dict[s
     else:
         raise StorageError(f"{location}: unsupported URL scheme {scheme!r} (use a path, file://, gs://, s3://, http(s)://)")
     spec.update(opts)
-    return KvStore(spec)
+    if _is_remote(spec):
+        remote.configure_curl()
+    return KvStore(spec, remote=remote)
 
 
 def local_path(source: str) -> str:
