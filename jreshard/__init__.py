@@ -57,7 +57,7 @@ def open(source: str | os.PathLike, *, io: str = "auto", storage_options: dict[s
 def load(source: str | os.PathLike | Checkpoint, target: Any, *, mapping: Any = None,
          max_inflight_bytes: int | None = None, progress: bool | Callable[[dict[str, Any]], None] = False,
          io: str = "auto", coalesce_gap: int = 256, storage_options: dict[str, Any] | None = None,
-         mesh: Any = None) -> Any:
+         mesh: Any = None, cast: str = "safe") -> Any:
     """Load the tensors named by ``target`` onto their shardings.
 
     ``target`` is a pytree whose leaves are ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)`` or
@@ -71,8 +71,11 @@ def load(source: str | os.PathLike | Checkpoint, target: Any, *, mapping: Any = 
     (:func:`jreshard.saved` with ``.T``, ``.reshape``, indexing, ``.astype``, :func:`jreshard.stack`,
     :func:`jreshard.concat`), as a flat dict or a pytree shaped like the target. A view's shape and dtype must
     equal the target's. Targets absent from it are read from the saved tensor of the same name, and there a
-    target dtype different from the saved one is a cast, done per shard. Every shard is traced back through
-    its view, so each process reads only the saved bytes its devices' shards need.
+    target dtype different from the saved one is a cast, done per shard: by default (``cast="safe"``) only a
+    cast that keeps every value (``np.can_cast(saved, target, "safe")``; bfloat16 to float32 but not float32 to
+    bfloat16), with ``cast="unsafe"`` any (float to int, wider to narrower ...); an explicit ``.astype`` in the
+    mapping is always allowed. Every shard is traced back through its view, so each process reads only the saved
+    bytes its devices' shards need.
 
     Every process reads only the saved bytes that overlap the shards of its own devices; a shard shared by
     several local devices is read once. ``max_inflight_bytes`` bounds the host memory of shards read but not
@@ -92,7 +95,7 @@ def load(source: str | os.PathLike | Checkpoint, target: Any, *, mapping: Any = 
     ckpt = source if isinstance(source, Checkpoint) else open(source, io=io, storage_options=storage_options)
     try:
         return ckpt.load(target, mapping=mapping, max_inflight_bytes=max_inflight_bytes, progress=progress,
-                         coalesce_gap=coalesce_gap, mesh=mesh)
+                         coalesce_gap=coalesce_gap, mesh=mesh, cast=cast)
     finally:
         if ckpt is not source:
             ckpt.close()
@@ -100,7 +103,7 @@ def load(source: str | os.PathLike | Checkpoint, target: Any, *, mapping: Any = 
 
 def plan(source: str | os.PathLike | Checkpoint, target: Any, *, mapping: Any = None,
          max_inflight_bytes: int | None = None, io: str = "auto", coalesce_gap: int = 256,
-         storage_options: dict[str, Any] | None = None, mesh: Any = None) -> Plan:
+         storage_options: dict[str, Any] | None = None, mesh: Any = None, cast: str = "safe") -> Plan:
     """The program :func:`load` runs (same arguments), per JAX process, without reading tensor bytes: bytes its
     shards need, bytes and requests it reads (after merging ranges, in the batches ``max_inflight_bytes``
     makes), per process and per target. For this process it is built by the same function ``load`` uses, so
@@ -118,7 +121,7 @@ def plan(source: str | os.PathLike | Checkpoint, target: Any, *, mapping: Any = 
     ckpt = source if isinstance(source, Checkpoint) else open(source, io=io, storage_options=storage_options)
     try:
         return ckpt.plan(target, mapping=mapping, max_inflight_bytes=max_inflight_bytes, coalesce_gap=coalesce_gap,
-                         mesh=mesh)
+                         mesh=mesh, cast=cast)
     finally:
         if ckpt is not source:
             ckpt.close()

@@ -4,6 +4,7 @@ that joins catalog -> plan -> read -> place."""
 from __future__ import annotations
 
 import functools
+import numbers
 import sys
 import threading
 import time
@@ -19,10 +20,11 @@ from . import program as _program
 from .catalog import Locator, TensorInfo
 from .errors import (
     CheckpointClosedError,
+    InvalidArgumentError,
     ShardingError,
     TargetMismatchError,
 )
-from .plan import Piece, Plan, ProcessPlan, normalize_index
+from .plan import Piece, Plan, ProcessPlan
 from .read import Executor, strided_view
 from .storage import IOStats, Store
 from .targets import flatten_target
@@ -121,24 +123,36 @@ class Checkpoint:
         except KeyError:
             raise TargetMismatchError(_unknown(name, self.format.tensors, self.source)) from None
 
-    def read(self, name: str, index: tuple[slice | int, ...] | None = None, *, coalesce_gap: int = 256) -> np.ndarray:
-        """Read tensor ``name`` (or the box ``index``: a tuple of step-1 slices and integers, as in numpy;
-        integers drop their dimension) into a numpy array, reading only the saved bytes that overlap it (gaps up
-        to ``coalesce_gap`` bytes between them are read through, as in :meth:`load`).
+    def read(self, name: str, index: Any = ..., *, coalesce_gap: int = 256) -> np.ndarray:
+        """``tensor[index]`` as numpy computes it, for numpy's basic indexing: integers (negative ones count
+        from the end), slices with any step (negative ones included), ``...``, ``None`` (a new axis) and tuples
+        of these; the default ``...`` reads the whole tensor. The result is always a new ``np.ndarray`` (a 0-d
+        one where numpy gives a scalar). Fancy indexing (lists, arrays, boolean masks, tuples inside the
+        index) is refused with InvalidArgumentError, as are indices out of range.
+
+        Only the saved bytes the selection needs are read (gaps up to ``coalesce_gap`` bytes between them are
+        read through, as in :meth:`load`): the index is traced through a view of the tensor
+        (``ckpt.saved(name)[index]``) to boxes of saved chunks; strides along dimensions where one box per
+        selected index would be too many, and reversals, are applied on the host to the box read.
 
         Example:
             >>> import jreshard
             >>> ckpt = jreshard.open(jreshard.sample_path())
             >>> ckpt.read("model.embed.weight", (slice(0, 2), slice(0, 3))).shape
             (2, 3)
+            >>> ckpt.read("model.embed.weight", (-1, slice(None, None, -8))).shape
+            (4,)
+            >>> ckpt.read("model.embed.weight", [0, 1])  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            jreshard.errors.InvalidArgumentError: ...: read('model.embed.weight', [0, 1]): a list is fancy indexing, which read does not support; give basic indices (integers, slices, ..., None, or a tuple of them) and index the result with numpy for the rest
         """
         self._check_open()
         info = self.tensor(name)
-        try:
-            box = normalize_index(index, info.shape)
-        except (IndexError, TypeError, ValueError) as e:
-            raise TargetMismatchError(f"{self.source}: tensor {name!r}: bad index {index!r}: {e}") from None
-        target = _program.Target(0, name, self.saved(name), info.shape, info.dtype, None, info.dtype.itemsize, (name,))
+        view_key, host_key = _read_keys(index, info.shape, f"{self.source}: read({name!r}, {index!r})")
+        view = self.saved(name)[view_key]
+        box = tuple((0, n) for n in view.shape)
+        target = _program.Target(0, name, view, view.shape, info.dtype, None, info.dtype.itemsize, (name,))
         step, regions = _program.make_step(target, Piece(name, box, 0, []), box, 0, self.format.tensors)
         executor = Executor(self.store, self.io, coalesce_gap)
         # chunks located and checked before the buffer exists
@@ -150,11 +164,8 @@ class Checkpoint:
             pool = self._pool
         dest = self._run_unit(unit, executor, pool)[0]
         self._check_open()  # closed during the read: fail, as load() does
-        if index is not None and not isinstance(index, tuple):
-            index = (index,)
-        dropped = {d for d, s in enumerate(index or ()) if isinstance(s, (int, np.integer))}
-        if dropped:
-            return dest.reshape(tuple(n for d, n in enumerate(dest.shape) if d not in dropped))
+        if host_key is not None:
+            dest = dest[host_key].copy(order="C")  # the stride/flip left to the host; the box read is dropped
         return dest
 
     def saved_sharding(self, name: str, mesh: Any) -> Any | None:
@@ -192,7 +203,7 @@ class Checkpoint:
         return View("saved", name, (), f"saved({name!r})", info.shape, info.dtype)
 
     def plan(self, target: Any, *, mapping: Any = None, max_inflight_bytes: int | None = None,
-             coalesce_gap: int = 256, mesh: Any = None) -> Plan:
+             coalesce_gap: int = 256, mesh: Any = None, cast: str = "safe") -> Plan:
         """The program :meth:`load` would execute, for every JAX process the target spans, without reading
         tensor bytes (headers only): per process the bytes its shards need, the bytes and requests it reads
         (after merging, in the batches ``max_inflight_bytes`` makes), and per target the same. For this
@@ -207,16 +218,26 @@ class Checkpoint:
             >>> p.bytes_needed == t.nbytes
             True
         """
-        plan, _, _ = self._plan(target, mapping, max_inflight_bytes, coalesce_gap, mesh, local_only=False)
+        plan, _, _ = self._plan(target, mapping, max_inflight_bytes, coalesce_gap, mesh, local_only=False, cast=cast)
         return plan
 
     def _plan(self, target: Any, mapping: Any, max_inflight_bytes: Any, coalesce_gap: int, mesh: Any,
-              local_only: bool) -> tuple[Plan, list, Any]:
+              local_only: bool, cast: str = "safe") -> tuple[Plan, list, Any]:
         import jax
 
         self._check_open()
+        if cast not in ("safe", "unsafe"):
+            raise InvalidArgumentError(f"cast must be 'safe' or 'unsafe', not {cast!r}")
         entries, unflatten = flatten_target(target, mesh=mesh)
-        targets = _program.resolve(self, entries, mapping, self._check_leaf)
+        if not entries:
+            raise InvalidArgumentError(
+                f"{self.source}: the target is {'None' if target is None else f'an empty {type(target).__name__}'}: "
+                "nothing to load. A target is a pytree (a dict, a flax nnx State ...) whose leaves are "
+                "jax.ShapeDtypeStruct(shape, dtype, sharding=...) or jax.Array, each named by its path joined with "
+                "dots after the saved tensor it is read from (e.g. {'model.w': jax.ShapeDtypeStruct((4, 8), "
+                "np.float32, sharding=...)}; ckpt.tensors lists them), and leaves that are not arrays (e.g. "
+                "{'step': 0}) naming saved objects")
+        targets = _program.resolve(self, entries, mapping, self._check_leaf, cast)
         limit = _program.inflight_limit(max_inflight_bytes, targets)
         executor = Executor(self.store, self.io, coalesce_gap)
         this = jax.process_index()
@@ -229,7 +250,7 @@ class Checkpoint:
 
     def load(self, target: Any, *, mapping: Any = None, max_inflight_bytes: int | None = None,
              progress: bool | Callable[[dict[str, Any]], None] = False, coalesce_gap: int = 256,
-             mesh: Any = None) -> Any:
+             mesh: Any = None, cast: str = "safe") -> Any:
         """Load ``target`` (a pytree of ``jax.ShapeDtypeStruct`` with shardings, or ``jax.Array``, or a flax nnx
         state) from this checkpoint, through ``mapping``; see :func:`jreshard.load`. The program run is the one
         :meth:`plan` reports for this process.
@@ -239,6 +260,11 @@ class Checkpoint:
         shard larger than the bound is read in parts, each placed on the shard's device(s) and written into
         the shard there. It must hold one element (saved and cast) of every tensor loaded, else
         InvalidArgumentError. A :meth:`close` before this returns makes it raise CheckpointClosedError.
+
+        A target dtype other than the saved one (for a target read without a mapping entry) is a cast: with
+        ``cast="safe"`` (the default) only one that keeps every value (``np.can_cast(saved, target, "safe")``;
+        with ml_dtypes types, e.g. bfloat16 to float32 but not float32 to bfloat16); ``cast="unsafe"`` allows
+        any (float to int, wider to narrower ...), as does an explicit ``.astype`` in the mapping.
 
         Example:
             >>> import jax, jreshard
@@ -255,7 +281,8 @@ class Checkpoint:
         """
         import jax
 
-        plan, entries, unflatten = self._plan(target, mapping, max_inflight_bytes, coalesce_gap, mesh, local_only=True)
+        plan, entries, unflatten = self._plan(target, mapping, max_inflight_bytes, coalesce_gap, mesh, local_only=True,
+                                              cast=cast)
         program: _program.Program | None = plan._program
         targets = plan._targets
         report = _progress_fn(progress)
@@ -411,6 +438,100 @@ class Checkpoint:
                 if loc.data is None:
                     self._locators[(info.name, cid)] = loc
         return out  # type: ignore[return-value]  # every entry is filled now
+
+
+# read(): at most this many boxes per saved dimension combination are traced for strided slices (one box per
+# selected index); strides along the other dimensions are taken on the host from the bounding box read.
+MAX_TRACED_BOXES = 4096
+
+
+def _read_keys(index: Any, shape: tuple[int, ...], where: str) -> tuple[tuple[Any, ...], tuple[Any, ...] | None]:
+    """numpy basic indexing as ``(view key, host key)``: ``saved(name)[view key]`` selects the elements (strided
+    slices there only while they trace to at most MAX_TRACED_BOXES boxes, else their bounding slice), and
+    ``result[host key]`` (None: nothing to do) takes the remaining strides and reversals.
+    InvalidArgumentError for what basic indexing does not allow or jreshard does not support.
+
+    Example:
+        >>> _read_keys((slice(None, None, -1), None, 2), (4, 5), "x")
+        ((slice(0, 4, None), None, 2), (slice(None, None, -1), slice(None, None, None)))
+        >>> _read_keys(..., (4, 5), "x")
+        ((slice(0, 4, None), slice(0, 5, None)), None)
+    """
+    key = index if isinstance(index, tuple) else (index,)
+    for k in key:
+        if k is None or k is Ellipsis or _is_int(k):
+            continue
+        if isinstance(k, slice):
+            for part in (k.start, k.stop, k.step):
+                if part is not None and not _is_int(part):
+                    raise InvalidArgumentError(f"{where}: slice {k!r} must have integer (or None) bounds and step")
+            if k.step is not None and int(k.step) == 0:
+                raise InvalidArgumentError(f"{where}: slice step cannot be zero")
+            continue
+        if isinstance(k, (bool, np.bool_)):
+            what = "a boolean"
+        elif isinstance(k, np.ndarray):
+            what = "an array"
+        elif isinstance(k, (list, tuple)):
+            what = f"a {type(k).__name__}"
+        else:
+            raise InvalidArgumentError(f"{where}: {type(k).__name__} {k!r} is not an index; give integers, slices, "
+                                       "..., None, or a tuple of them")
+        raise InvalidArgumentError(f"{where}: {what} is fancy indexing, which read does not support; give basic "
+                                   "indices (integers, slices, ..., None, or a tuple of them) and index the result "
+                                   "with numpy for the rest")
+    if sum(1 for k in key if k is Ellipsis) > 1:
+        raise InvalidArgumentError(f"{where}: an index can only have a single ellipsis ('...')")
+    real = sum(1 for k in key if k is not None and k is not Ellipsis)
+    if real > len(shape):
+        raise InvalidArgumentError(f"{where}: too many indices: the tensor has {len(shape)} dimensions but {real} "
+                                   "were indexed")
+    full: list[Any] = []
+    for k in key:
+        full.extend([slice(None)] * (len(shape) - real) if k is Ellipsis else [k])
+    if Ellipsis not in key:
+        full.extend([slice(None)] * (len(shape) - real))
+    # Per entry: (view entry, host entry, boxes traced, |step| where the stride could go to the view).
+    entries: list[list[Any]] = []
+    d = 0
+    for k in full:
+        if k is None:
+            entries.append([None, slice(None), 1, 0])
+            continue
+        size = shape[d]
+        if not isinstance(k, slice):
+            i = int(k)
+            if not -size <= i < size:
+                raise InvalidArgumentError(f"{where}: index {i} is out of bounds for dimension {d} of size {size}")
+            entries.append([i % size, None, 1, 0])
+        else:
+            start, stop, step = slice(*(None if p is None else int(p) for p in (k.start, k.stop, k.step))).indices(size)
+            sel = range(start, stop, step)
+            if len(sel) == 0:
+                entries.append([slice(0, 0), slice(None), 1, 0])
+            elif step == 1:
+                entries.append([slice(start, stop), slice(None), 1, 0])
+            else:
+                lo, hi = min(sel[0], sel[-1]), max(sel[0], sel[-1]) + 1
+                # bounding slice, stride on the host (may move to the view below)
+                entries.append([slice(lo, hi), slice(None, None, step), len(sel), abs(step)])
+        d += 1
+    traced = 1
+    for e in sorted((e for e in entries if e[3] > 1), key=lambda e: -e[3]):
+        if traced * e[2] > MAX_TRACED_BOXES:
+            continue
+        traced *= e[2]
+        e[0] = slice(e[0].start, e[0].stop, e[3])
+        e[1] = slice(None, None, -1 if e[1].step < 0 else None)
+    view_key = tuple(e[0] for e in entries)
+    host_key = tuple(e[1] for e in entries if e[1] is not None)
+    if all(h == slice(None) for h in host_key):
+        return view_key, None
+    return view_key, host_key
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
 
 
 def _cast(buf: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -110,7 +110,8 @@ class TorchCheckpointHandler(ocp.CheckpointHandler):
                                        f"not {type(args).__name__}")
         storage_options = args.storage_options if args.storage_options is not None else self.storage_options
         return load(_source(directory), args.target, mapping=args.mapping, max_inflight_bytes=args.max_inflight_bytes,
-                    progress=self.progress, io=self.io, storage_options=storage_options, mesh=args.mesh)
+                    progress=self.progress, io=self.io, storage_options=storage_options, mesh=args.mesh,
+                    cast=args.cast)
 
     def metadata(self, directory: epath.Path) -> dict[str, Any]:
         """The saved tensors: ``{name: jax.ShapeDtypeStruct(shape, dtype)}`` (no sharding; add one with
@@ -139,7 +140,7 @@ class TorchRestore(ocp.args.CheckpointArgs):
     nnx state); leaf names are the pytree paths joined with dots (a flat dict keyed by saved names works).
     ``mapping``: target names to saved names or views (``jreshard.saved(name).T`` ...). ``max_inflight_bytes``
     bounds host memory; ``storage_options`` are merged into the tensorstore KvStore spec; ``mesh`` resolves
-    abstract meshes of a flax nnx state.
+    abstract meshes of a flax nnx state; ``cast="unsafe"`` allows implicit casts that can change values.
 
     Example:
         >>> import jax, jreshard, orbax.checkpoint as ocp
@@ -157,6 +158,7 @@ class TorchRestore(ocp.args.CheckpointArgs):
     max_inflight_bytes: int | None = None
     storage_options: dict[str, Any] | None = None
     mesh: Any = None
+    cast: str = "safe"
 
 
 # Orbax looks up a save-args class for every handler it is given (``ocp.args.get_registered_args_cls`` raises

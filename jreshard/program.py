@@ -12,6 +12,7 @@ jobs become the exact requests the executor issues (:meth:`jreshard.read.Executo
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import numbers
@@ -124,10 +125,14 @@ class Program:
 # -- targets ------------------------------------------------------------------------------------------
 
 
-def resolve(ckpt: Any, entries: Sequence[TargetLeaf], mapping: Any, check_dtype: Any) -> list[Target | None]:
+def resolve(ckpt: Any, entries: Sequence[TargetLeaf], mapping: Any, check_dtype: Any,
+            cast: str = "safe") -> list[Target | None]:
     """The view every target array is read from: the mapping's entry (its shape and dtype must equal the
-    target's), else the saved tensor of the same name (a different target dtype is a cast, per shard). None for
-    leaves that name saved objects. Missing names are one error listing them all."""
+    target's), else the saved tensor of the same name (a different target dtype is a cast, per shard: with
+    ``cast="safe"`` only one that keeps every value, :func:`cast_is_safe`; ``"unsafe"`` allows any). None for
+    leaves that name saved objects. Missing names are one error listing them all; so are lossy casts."""
+    if cast not in ("safe", "unsafe"):
+        raise InvalidArgumentError(f"cast must be 'safe' or 'unsafe', not {cast!r}")
     views = _mapping(mapping)
     names = {e.name for e in entries}
     unknown = sorted(set(views) - names)
@@ -144,6 +149,7 @@ def resolve(ckpt: Any, entries: Sequence[TargetLeaf], mapping: Any, check_dtype:
 
     out: list[Target | None] = []
     missing: list[str] = []
+    lossy: list[tuple[str, np.dtype, np.dtype]] = []
     for i, entry in enumerate(entries):
         name, shape = entry.name, entry.shape
         if shape is None and (name in views or name in tensors):
@@ -151,6 +157,11 @@ def resolve(ckpt: Any, entries: Sequence[TargetLeaf], mapping: Any, check_dtype:
                 f"{ckpt.source}: target leaf {name!r} is a {type(entry.leaf).__name__}; give a jax.ShapeDtypeStruct "
                 "with a sharding or a jax.Array")
         if name not in views and name not in tensors:
+            if shape is not None and name in objects:
+                raise TargetMismatchError(
+                    f"{ckpt.source}: target {name!r} is an array spec, but {name!r} is a saved object, not a tensor: "
+                    f"read it with ckpt.objects[{name!r}], or make its target leaf a value that is not an array "
+                    f"spec (e.g. {{{name!r}: 0}}), which load replaces by the saved object")
             if shape is not None or name not in objects:
                 missing.append(name)
             out.append(None)  # a saved object (or missing)
@@ -174,18 +185,115 @@ def resolve(ckpt: Any, entries: Sequence[TargetLeaf], mapping: Any, check_dtype:
                     f"{ckpt.source}: tensor {name!r}: target shape {shape} differs from the saved shape {info.shape}")
             view = ckpt.saved(name)
             if dtype != info.dtype:
+                real = info.dtype.kind == "c" and dtype.kind != "c"  # refused by astype below, whatever cast says
+                if cast == "safe" and not real and not cast_is_safe(info.dtype, dtype):
+                    lossy.append((name, info.dtype, dtype))
+                    continue
                 view = view.astype(dtype)  # (refuses complex to real)
         sharding = entry.sharding
         check_dtype(name, shape, dtype, sharding)
         sources = tuple(view.names())
         saved = max(tensors[n].dtype.itemsize for n in sources)
-        cast = any(tensors[n].dtype != dtype for n in sources) or any(v._op == "astype" for v in view.nodes())
-        out.append(Target(i, name, view, shape, dtype, sharding, saved + (dtype.itemsize if cast else 0), sources))
+        casted = any(tensors[n].dtype != dtype for n in sources) or any(v._op == "astype" for v in view.nodes())
+        out.append(Target(i, name, view, shape, dtype, sharding, saved + (dtype.itemsize if casted else 0), sources))
     if missing:
         kinds = {e.name: e.kind for e in entries}
         raise TargetMismatchError(f"{ckpt.source}: {missing_message(missing, kinds)}"
                                   + close_hint(missing[0], [*tensors, *objects]))
+    if lossy:
+        raise TargetMismatchError(f"{ckpt.source}: {lossy_message(lossy)}")
     return out
+
+
+def lossy_message(lossy: Sequence[tuple[str, np.dtype, np.dtype]]) -> str:
+    """The message for implicit casts that can change values (``(target name, saved dtype, target dtype)``).
+
+    Example:
+        >>> import numpy as np
+        >>> print(lossy_message([("w", np.dtype("float32"), np.dtype("int8"))]))  # doctest: +NORMALIZE_WHITESPACE
+        target 'w' is int8 but the saved tensor 'w' is float32, and casting float32 to int8 can change values.
+        Pass cast="unsafe" to load / plan to allow such casts, or ask for this one explicitly in the mapping:
+        mapping={'w': jreshard.saved('w').astype(jnp.int8)}
+    """
+    shown = "; ".join(f"target {n!r} is {dst} but the saved tensor {n!r} is {src}" for n, src, dst in lossy[:8])
+    if len(lossy) > 8:
+        shown += f"; ... and {len(lossy) - 8} more"
+    n, _, dst = lossy[0]
+    pairs = sorted({f"{s} to {d}" for _, s, d in lossy})
+    return (f"{shown}, and casting {', '.join(pairs)} can change values. Pass cast=\"unsafe\" to load / plan to "
+            f"allow such casts, or ask for {'this one' if len(lossy) == 1 else 'each'} explicitly in the mapping: "
+            f"mapping={{{n!r}: jreshard.saved({n!r}).astype(jnp.{dst.name})}}")
+
+
+def cast_is_safe(src: Any, dst: Any) -> bool:
+    """Whether casting ``src`` to ``dst`` keeps every value: for numpy's own dtypes, ``np.can_cast(src, dst,
+    "safe")``; where an ml_dtypes type (bfloat16, float8 ..., int4) is either side, whether every value of
+    ``src`` (all of them are tried: such types have at most 16 bits) is exactly a value of ``dst`` (signed
+    zeros, infinities and NaN included). Wider sources with an ml_dtypes side are not safe.
+
+    Example:
+        >>> import ml_dtypes, numpy as np
+        >>> [cast_is_safe(a, b) for a, b in [(np.float32, np.int8), (ml_dtypes.bfloat16, np.float32),
+        ...                                  (np.float32, ml_dtypes.bfloat16), (np.int8, np.float16)]]
+        [False, True, False, True]
+    """
+    return _cast_is_safe(np.dtype(src), np.dtype(dst))
+
+
+@functools.cache
+def _cast_is_safe(src: np.dtype, dst: np.dtype) -> bool:
+    if src == dst:
+        return True
+    if _builtin(src) and _builtin(dst):
+        return bool(np.can_cast(src, dst, "safe"))
+    values = _all_values(src)
+    if values is None:
+        return False
+    try:
+        with np.errstate(all="ignore"):
+            got = values.astype(dst)
+    except (TypeError, ValueError):  # no such cast
+        return False
+    return _same_values(values, got)
+
+
+def _builtin(dt: np.dtype) -> bool:
+    return dt.kind in "biufc" and type(dt).__module__ == "numpy.dtypes"
+
+
+def _all_values(dt: np.dtype) -> np.ndarray | None:
+    """Every value of a dtype of at most 16 bits (an array of it), else None."""
+    if dt.kind == "b":
+        return np.array([False, True])
+    bits = dt.itemsize * 8
+    try:
+        import ml_dtypes
+
+        try:
+            bits = ml_dtypes.finfo(dt).bits
+        except (ValueError, TypeError):
+            bits = ml_dtypes.iinfo(dt).bits
+    except (ImportError, ValueError, TypeError):
+        pass
+    if bits > 16:
+        return None
+    return np.arange(2**bits, dtype=np.uint8 if dt.itemsize == 1 else np.uint16).view(dt)
+
+
+def _same_values(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether ``a`` and ``b`` hold the same values: equal real and imaginary parts with the same signs of zero,
+    NaN where NaN."""
+    def parts(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with np.errstate(all="ignore"):
+            if x.dtype.kind == "c":
+                return x.real.astype(np.float64), x.imag.astype(np.float64)
+            return x.astype(np.float64), np.zeros(x.shape)
+
+    def same(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return ((x == y) & (np.signbit(x) == np.signbit(y))) | (np.isnan(x) & np.isnan(y))
+
+    (ar, ai), (br, bi) = parts(a), parts(b)
+    return bool(np.all(same(ar, br) & same(ai, bi)))
 
 
 def _sd(shape: tuple[int, ...], dtype: np.dtype) -> str:

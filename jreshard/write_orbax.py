@@ -67,7 +67,7 @@ def _top_missing(dest: Path) -> Path:
 def convert(source: str | os.PathLike, dest: str | os.PathLike, target: Any = None, mapping: Any = None, *,
             max_inflight_bytes: int | None = None, mesh: Any = None, storage_options: dict[str, Any] | None = None,
             progress: bool | Callable[[dict[str, Any]], None] = False, io: str = "auto",
-            sync_files: bool = False) -> str:
+            sync_files: bool = False, cast: str = "safe") -> str:
     """Convert the checkpoint ``source`` (anything :func:`jreshard.open` reads) into a native Orbax checkpoint at
     ``dest``: the layout ``ocp.StandardCheckpointer`` writes, restored by plain Orbax onto any sharding with
     ``ocp.StandardCheckpointer().restore(dest, abstract_tree)``. Returns ``dest`` as an absolute path.
@@ -87,6 +87,9 @@ def convert(source: str | os.PathLike, dest: str | os.PathLike, target: Any = No
     this process's devices (default 1 GiB; replicas count once per device), each written and freed before the
     next is read. With ``target=None`` a tensor larger than the bound is read and written in slabs of rows
     (its zarr chunks); with a target, an array larger than the bound is a batch of its own, held whole.
+
+    ``cast`` is :func:`jreshard.load`'s: a target dtype other than the saved one is a cast, and one that can
+    change values needs ``cast="unsafe"`` (or an ``.astype`` in the mapping).
 
     ``sync_files=True`` fsyncs every file written (slower: the whole checkpoint goes to disk before the rename);
     by default the data is left to the page cache, which survives a crash or a SIGKILL of the process but not a
@@ -130,7 +133,7 @@ def convert(source: str | os.PathLike, dest: str | os.PathLike, target: Any = No
     ckpt = source if hasattr(source, "format") and hasattr(source, "load") else _open(
         source, io=io, storage_options=storage_options)
     try:
-        return _convert(ckpt, dest_p, target, mapping, max_inflight_bytes, mesh, progress, sync_files)
+        return _convert(ckpt, dest_p, target, mapping, max_inflight_bytes, mesh, progress, sync_files, cast)
     finally:
         if ckpt is not source:
             ckpt.close()
@@ -255,7 +258,7 @@ def _limit(value: Any) -> int:
 
 
 def _convert(ckpt: Any, dest: Path, target: Any, mapping: Any, max_inflight_bytes: Any, mesh: Any,
-             progress: Any, sync_files: bool = False) -> str:
+             progress: Any, sync_files: bool = False, cast: str = "safe") -> str:
 
     from .targets import flatten_target
 
@@ -280,7 +283,7 @@ def _convert(ckpt: Any, dest: Path, target: Any, mapping: Any, max_inflight_byte
         if jaxed:
             ckpt.plan(jaxed, max_inflight_bytes=limit)
     else:
-        ckpt.plan(target, mapping=mapping, max_inflight_bytes=limit, mesh=mesh)
+        ckpt.plan(target, mapping=mapping, max_inflight_bytes=limit, mesh=mesh, cast=cast)
 
     work = work_dir_of(dest)
     top = _top_missing(dest)
@@ -303,7 +306,7 @@ def _convert(ckpt: Any, dest: Path, target: Any, mapping: Any, max_inflight_byte
             if flat_target is not None:  # target=None: host reads into numpy, no jax arrays
                 values = _write_default_batch(ckpt, entries, batch, paths, limit, writer)
             else:
-                values = _load_batch(ckpt, entries, batch, mapping, limit, mesh, numpy_names, False)
+                values = _load_batch(ckpt, entries, batch, mapping, limit, mesh, numpy_names, False, cast)
                 created = {i: writer.start_value(paths[i], values[i]) for i in batch}
                 for i in batch:
                     writer.write_value(created[i], values[i])
@@ -368,7 +371,7 @@ class _DeferredInterrupt:
 
 
 def _load_batch(ckpt: Any, entries: list[Any], batch: list[int], mapping: Any, limit: int, mesh: Any,
-                numpy_names: set[str], default: bool) -> dict[int, Any]:
+                numpy_names: set[str], default: bool, cast: str = "safe") -> dict[int, Any]:
     """The values of the batch's leaves: loaded arrays, numpy arrays (64-bit defaults) and saved objects."""
     sub = {entries[i].name: entries[i].leaf for i in batch
            if entries[i].shape is not None and entries[i].name not in numpy_names}
@@ -382,7 +385,7 @@ def _load_batch(ckpt: Any, entries: list[Any], batch: list[int], mapping: Any, l
             sub_mapping = {n: views[n] for n in sub if n in views}
         # The sub-target is flat by name; its leaves keep their shardings (resolved already).
         flat = {name: _as_struct(leaf, entries, batch, name) for name, leaf in sub.items()}
-        loaded = ckpt.load(flat, mapping=sub_mapping, max_inflight_bytes=limit, mesh=mesh)
+        loaded = ckpt.load(flat, mapping=sub_mapping, max_inflight_bytes=limit, mesh=mesh, cast=cast)
     else:
         loaded = {}
     for i in batch:

@@ -1530,7 +1530,7 @@ def _plant(what: str) -> None:
             del a
         return orig_open(*args, **kwargs)
 
-    def read(self, name, index=None):
+    def read(self, name, index=...):
         out = orig_read(self, name, index)
         if what == "wrong" and out.size:
             out = out.copy()

@@ -296,7 +296,7 @@ def test_load_with_dtype_cast(checkpoints, meshes, variant, io):
     # f32 -> bf16 (round to nearest even, as ml_dtypes does)
     ref = refs["d1.s0"]
     targets["d1.s0"] = jax.ShapeDtypeStruct(ref.shape, ml_dtypes.bfloat16, sharding=NamedSharding(mesh, P("data")))
-    out = jreshard.load(checkpoints.dirs[variant], targets, io=io)
+    out = jreshard.load(checkpoints.dirs[variant], targets, io=io, cast="unsafe")  # lossy casts among them
     for name, t in targets.items():
         assert refs[name].dtype != np.dtype(t.dtype)
         check_loaded_array(out[name], t, refs[name], f"cast {variant}:{name} -> {np.dtype(t.dtype)}")

@@ -401,8 +401,8 @@ def test_x64_off_a_64_bit_target_is_refused_before_reading(wide_file, x64_off, n
             assert repr(name) in msg and narrow in msg, msg
             assert 'jax.config.update("jax_enable_x64", True)' in msg and "JAX_ENABLE_X64=1" in msg, msg
         assert ckpt.io_stats.bytes_read == before  # refused before any byte was read
-        # An explicit narrower dtype is a cast the caller asked for: allowed.
-        out = ckpt.load(_one_device(ckpt, name, np.dtype(narrow)))[name]
+        # An explicit narrower dtype with cast="unsafe" is a cast the caller asked for: allowed.
+        out = ckpt.load(_one_device(ckpt, name, np.dtype(narrow)), cast="unsafe")[name]
         assert out.dtype == np.dtype(narrow)
         assert_same(np.asarray(out), arrays[name].astype(np.dtype(narrow)), name)
         # A 32-bit tensor is not concerned.
@@ -438,7 +438,7 @@ def test_x64_off_in_a_fresh_process(wide_file):
         "    ckpt.load({'ids': jax.ShapeDtypeStruct((4,), np.int64, sharding=s)})\n"
         "except jreshard.TargetMismatchError as e:\n"
         "    print('refused', 'ids' in str(e))\n"
-        "out = ckpt.load({'ids': jax.ShapeDtypeStruct((4,), np.int32, sharding=s)})['ids']\n"
+        "out = ckpt.load({'ids': jax.ShapeDtypeStruct((4,), np.int32, sharding=s)}, cast='unsafe')['ids']\n"
         "print(out.dtype, int(out[0]))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], env=child_env(JAX_PLATFORMS="cpu"), cwd=str(REPO_ROOT),

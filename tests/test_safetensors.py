@@ -367,7 +367,7 @@ def test_load_with_cast(numpy_file, meshes):
     path, expected = numpy_file
     mesh = meshes["2x4"]
     t = jax.ShapeDtypeStruct((32, 16), np.float16, sharding=NamedSharding(mesh, P("data", "model")))
-    out = jreshard.load(path, {"emb": t})
+    out = jreshard.load(path, {"emb": t}, cast="unsafe")  # float32 -> float16 may round: asked for
     check_loaded_array(out["emb"], t, expected["emb"], "emb as float16")
 
 
