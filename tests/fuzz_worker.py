@@ -1327,7 +1327,6 @@ class Runner:
         self.case_dir = env.work / "case"
         self.fail_dir = env.work / "failures"
         self.t0 = time.monotonic()
-        self.rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def fresh(self) -> Path:
         if self.case_dir.exists():
@@ -1347,6 +1346,9 @@ class Runner:
         sys.stdout.flush()
         sys.stderr.flush()
         t0 = time.monotonic()
+        # A forked child's peak RSS starts at this process's current RSS (not at its earlier peak, which may be
+        # far higher): the child's growth is measured from here.
+        rss_at_fork = _rss_now()
         pid = os.fork()
         if pid == 0:  # child
             code = 3
@@ -1394,7 +1396,7 @@ class Runner:
             for step, what in res["outcome"].items():
                 k = f"{step}:{what}"
                 self.outcomes[k] = self.outcomes.get(k, 0) + 1
-        if rusage is not None and rusage.ru_maxrss * 1024 > self.rss0 + RSS_LIMIT:
+        if rusage is not None and rusage.ru_maxrss * 1024 > rss_at_fork + RSS_LIMIT:
             problems.append({"kind": "memory", "step": "case", "type": "rss", "where": "peak RSS",
                              "msg": f"child peaked at {rusage.ru_maxrss / 2**20:.2f} GiB RSS", "frames": []})
         for p in problems:
@@ -1506,6 +1508,15 @@ def _copy_regular(src: Path, dst: Path) -> None:
             os.symlink(os.readlink(p), dst / p.name)
         elif stat.S_ISFIFO(st_.st_mode):
             os.mkfifo(dst / p.name)
+
+
+def _rss_now() -> int:
+    """This process's resident set size now, in bytes (``VmRSS``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
 
 
 def _plant(what: str) -> None:
