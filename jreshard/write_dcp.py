@@ -446,10 +446,16 @@ def _write_metadata(directory: Path, leaves: list[_Leaf], checkpoint_id: Path) -
         os.replace(tmp, directory / METADATA)
     except OSError as e:
         raise StorageError(f"{directory / METADATA}: cannot write: {e}") from None
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Make ``directory``'s entries (a rename into it) durable, where the file system allows (best effort).
+
+    Example:
+        >>> import tempfile
+        >>> fsync_dir(tempfile.gettempdir())
+    """
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -495,7 +501,7 @@ def _save_single(final: Path, leaves: list[_Leaf], items: list[_Item]) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)  # absent, or an empty directory
-        _fsync_dir(parent)
+        fsync_dir(parent)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InvalidArgumentError, JReshardError, TargetMismatchError
+from .write_dcp import fsync_dir as _fsync_dir
 
 __all__ = ["DEFAULT_CONVERT_INFLIGHT", "ConvertError", "convert", "work_dir_of"]
 
@@ -647,19 +648,6 @@ def _finalize(stage: Path, work: Path, dest: Path, top: Path) -> None:
         raise ConvertError(f"{top} appeared during the conversion; it is not replaced")
     os.rename(work / "out" / rel.parts[0], top)
     _fsync_dir(top.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _rmtree(path: Path) -> None:
