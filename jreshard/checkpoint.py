@@ -568,18 +568,24 @@ def _update_fn(mesh: Any) -> Callable[..., Any]:
                    donate_argnums=0)
 
 
-def _progress_fn(progress: Any) -> Callable[[dict[str, Any]], None] | None:
+def _load_line(info: dict[str, Any]) -> str:
+    done, total = info["bytes_done"], max(info["bytes_total"], 1)
+    rate = done / max(info["seconds"], 1e-9) / 2**30
+    return f"{done / 2**30:7.3f} / {total / 2**30:.3f} GiB ({100 * done / total:5.1f}%), {rate:.2f} GiB/s"
+
+
+def _progress_fn(progress: Any, line: Callable[[dict[str, Any]], str] = _load_line,
+                 label: str = "jreshard") -> Callable[[dict[str, Any]], None] | None:
+    """``progress`` as a callback: a callable as it is, True as a ``\r``-updated line on stderr (``line`` of
+    the counters after ``label``), False as None."""
     if callable(progress):
         return progress
     if not progress:
         return None
 
     def show(info: dict[str, Any]) -> None:
-        done, total = info["bytes_done"], max(info["bytes_total"], 1)
-        rate = done / max(info["seconds"], 1e-9) / 2**30
-        end = "\n" if done >= total else ""
-        sys.stderr.write(f"\rjreshard: {done / 2**30:7.3f} / {total / 2**30:.3f} GiB ({100 * done / total:5.1f}%), "
-                         f"{rate:.2f} GiB/s{end}")
+        end = "\n" if info["bytes_done"] >= info["bytes_total"] else ""
+        sys.stderr.write(f"\r{label}: {line(info)}{end}")
         sys.stderr.flush()
 
     return show

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -307,7 +306,7 @@ def _convert(ckpt: Any, dest: Path, target: Any, mapping: Any, max_inflight_byte
             if flat_target is not None:  # target=None: host reads into numpy, no jax arrays
                 values = _write_default_batch(ckpt, entries, batch, paths, limit, writer)
             else:
-                values = _load_batch(ckpt, entries, batch, mapping, limit, mesh, numpy_names, False, cast)
+                values = _load_batch(ckpt, entries, batch, mapping, limit, mesh, cast)
                 created = {i: writer.start_value(paths[i], values[i]) for i in batch}
                 for i in batch:
                     writer.write_value(created[i], values[i])
@@ -372,47 +371,34 @@ class _DeferredInterrupt:
 
 
 def _load_batch(ckpt: Any, entries: list[Any], batch: list[int], mapping: Any, limit: int, mesh: Any,
-                numpy_names: set[str], default: bool, cast: str = "safe") -> dict[int, Any]:
-    """The values of the batch's leaves: loaded arrays, numpy arrays (64-bit defaults) and saved objects."""
-    sub = {entries[i].name: entries[i].leaf for i in batch
-           if entries[i].shape is not None and entries[i].name not in numpy_names}
-    out: dict[int, Any] = {}
-    if sub:
+                cast: str) -> dict[int, Any]:
+    """The values of a batch of a user target's leaves: loaded arrays and saved objects."""
+    import jax
+
+    # A flat sub-target by name; its leaves are plain ShapeDtypeStructs with the shardings already resolved (an
+    # nnx Variable or an abstract-mesh leaf becomes one, so that no mesh is needed).
+    arrays = {entries[i].name: jax.ShapeDtypeStruct(entries[i].shape, entries[i].dtype, sharding=entries[i].sharding)
+              for i in batch if entries[i].shape is not None}
+    loaded: dict[str, Any] = {}
+    if arrays:
         sub_mapping = None
         if mapping is not None:
             from .program import _mapping
 
             views = _mapping(mapping)
-            sub_mapping = {n: views[n] for n in sub if n in views}
-        # The sub-target is flat by name; its leaves keep their shardings (resolved already).
-        flat = {name: _as_struct(leaf, entries, batch, name) for name, leaf in sub.items()}
-        loaded = ckpt.load(flat, mapping=sub_mapping, max_inflight_bytes=limit, mesh=mesh, cast=cast)
-    else:
-        loaded = {}
+            sub_mapping = {n: views[n] for n in arrays if n in views}
+        loaded = ckpt.load(arrays, mapping=sub_mapping, max_inflight_bytes=limit, mesh=mesh, cast=cast)
+    out: dict[int, Any] = {}
     for i in batch:
-        e = entries[i]
-        if e.name in loaded:
-            out[i] = loaded[e.name]
-        elif e.shape is not None:
-            out[i] = ckpt.read(e.name)
-        else:
-            try:
-                out[i] = ckpt.objects[e.name]
-            except KeyError:
-                raise TargetMismatchError(f"{ckpt.source}: no tensor or object named {e.name!r}") from None
+        name = entries[i].name
+        if name in loaded:
+            out[i] = loaded[name]
+            continue
+        try:
+            out[i] = ckpt.objects[name]
+        except KeyError:
+            raise TargetMismatchError(f"{ckpt.source}: no tensor or object named {name!r}") from None
     return out
-
-
-def _as_struct(leaf: Any, entries: list[Any], batch: list[int], name: str) -> Any:
-    """A target leaf as a plain ``jax.ShapeDtypeStruct`` with its resolved sharding (an nnx Variable or an
-    abstract-mesh leaf becomes one, so that the flat sub-target needs no mesh)."""
-    import jax
-
-    for i in batch:
-        e = entries[i]
-        if e.name == name:
-            return jax.ShapeDtypeStruct(e.shape, e.dtype, sharding=e.sharding)
-    raise AssertionError(name)
 
 
 # -- the native writer: Orbax's on-disk format, written with tensorstore -----------------------------------
@@ -697,14 +683,6 @@ def progress_line(info: dict[str, Any], width: int = 24) -> str:
 
 
 def _progress_fn(progress: Any) -> Callable[[dict[str, Any]], None] | None:
-    if callable(progress):
-        return progress
-    if not progress:
-        return None
+    from .checkpoint import _progress_fn as progress_fn
 
-    def show(info: dict[str, Any]) -> None:
-        end = "\n" if info["bytes_done"] >= info["bytes_total"] else ""
-        sys.stderr.write(f"\rjreshard convert: {progress_line(info)}{end}")
-        sys.stderr.flush()
-
-    return show
+    return progress_fn(progress, line=progress_line, label="jreshard convert")
