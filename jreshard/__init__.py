@@ -20,6 +20,8 @@ from .sources import open_source
 from .storage import IOStats
 from .layout import Replicate, Shard, StridedShard, TorchLayout, torch_layout
 from .rename import rename
+from .rules import ALL_TENSORS as _ALL_TENSORS
+from .rules import parse_rules, target_for
 from .views import View, concat, saved, stack
 from .inverse import invert
 from .write_dcp import save_dcp
@@ -54,11 +56,12 @@ def open(source: str | os.PathLike, *, io: str = "auto", storage_options: dict[s
     return Checkpoint(source, fmt, store, io)
 
 
-def load(source: str | os.PathLike | Checkpoint, target: Any, *, mapping: Any = None,
+def load(source: str | os.PathLike | Checkpoint, target: Any = _ALL_TENSORS, *, mapping: Any = None,
          max_inflight_bytes: int | None = None, progress: bool | Callable[[dict[str, Any]], None] = False,
          io: str = "auto", coalesce_gap: int = 256, storage_options: dict[str, Any] | None = None,
-         mesh: Any = None, cast: str = "safe") -> Any:
-    """Load the tensors named by ``target`` onto their shardings.
+         mesh: Any = None, cast: str = "safe", rules: Any = None) -> Any:
+    """Load the tensors named by ``target`` onto their shardings, or, without ``target``, every saved tensor
+    onto ``mesh``.
 
     ``target`` is a pytree whose leaves are ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)`` or
     ``jax.Array`` (whose shape, dtype and sharding are taken), or a flax nnx state (abstract or not; its
@@ -82,6 +85,13 @@ def load(source: str | os.PathLike | Checkpoint, target: Any, *, mapping: Any = 
     yet placed (default 2 GiB); ``progress=True`` prints progress to stderr, or give a callable that receives
     a dict of counters. ``coalesce_gap`` merges reads whose gap is at most that many bytes.
 
+    Without ``target`` (omitted, not None: an explicit None or ``{}`` is an error), every saved tensor is
+    loaded, with its saved dtype, onto ``mesh`` (required then, or set by ``jax.set_mesh``), each with the
+    ``PartitionSpec`` of the first of ``rules`` whose pattern is found in its name (:func:`target_for`;
+    ``rules=None`` shards dim ``i`` over mesh axis ``i`` where it divides), into a flat dict keyed by saved
+    name. Saved objects (``step`` ...) are not included: read them from ``ckpt.objects``. ``rules`` with a
+    ``target`` is an error.
+
     Example:
         >>> import jax, numpy as np, jreshard
         >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -91,23 +101,28 @@ def load(source: str | os.PathLike | Checkpoint, target: Any, *, mapping: Any = 
         >>> out = jreshard.load(ckpt, {t.name: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=NamedSharding(mesh, P("x")))})
         >>> out[t.name].shape
         (64, 32)
+        >>> everything = jreshard.load(ckpt, mesh=mesh, rules={r"\\.weight$": "x"})
+        >>> len(everything) == len(ckpt.tensors), everything[t.name].sharding.spec
+        (True, P('x',))
     """
     ckpt = source if isinstance(source, Checkpoint) else open(source, io=io, storage_options=storage_options)
     try:
         return ckpt.load(target, mapping=mapping, max_inflight_bytes=max_inflight_bytes, progress=progress,
-                         coalesce_gap=coalesce_gap, mesh=mesh, cast=cast)
+                         coalesce_gap=coalesce_gap, mesh=mesh, cast=cast, rules=rules)
     finally:
         if ckpt is not source:
             ckpt.close()
 
 
-def plan(source: str | os.PathLike | Checkpoint, target: Any, *, mapping: Any = None,
+def plan(source: str | os.PathLike | Checkpoint, target: Any = _ALL_TENSORS, *, mapping: Any = None,
          max_inflight_bytes: int | None = None, io: str = "auto", coalesce_gap: int = 256,
-         storage_options: dict[str, Any] | None = None, mesh: Any = None, cast: str = "safe") -> Plan:
+         storage_options: dict[str, Any] | None = None, mesh: Any = None, cast: str = "safe",
+         rules: Any = None) -> Plan:
     """The program :func:`load` runs (same arguments), per JAX process, without reading tensor bytes: bytes its
     shards need, bytes and requests it reads (after merging ranges, in the batches ``max_inflight_bytes``
     makes), per process and per target. For this process it is built by the same function ``load`` uses, so
-    the report is what runs. ``print(plan)`` shows a table.
+    the report is what runs. ``print(plan)`` shows a table. Without ``target``, every saved tensor onto
+    ``mesh`` by ``rules``, as in :func:`load`.
 
     Example:
         >>> import jax, jreshard
@@ -121,7 +136,7 @@ def plan(source: str | os.PathLike | Checkpoint, target: Any, *, mapping: Any = 
     ckpt = source if isinstance(source, Checkpoint) else open(source, io=io, storage_options=storage_options)
     try:
         return ckpt.plan(target, mapping=mapping, max_inflight_bytes=max_inflight_bytes, coalesce_gap=coalesce_gap,
-                         mesh=mesh, cast=cast)
+                         mesh=mesh, cast=cast, rules=rules)
     finally:
         if ckpt is not source:
             ckpt.close()
@@ -144,5 +159,5 @@ __all__ = [
     "TruncatedDataError", "InconsistentCheckpointError", "TargetMismatchError", "ShardingError", "StorageError",
     "CheckpointClosedError", "InvalidArgumentError", "OutOfMemoryError", "View", "saved", "stack", "concat",
     "rename", "torch_layout", "TorchLayout", "Shard", "Replicate", "StridedShard", "invert", "save_safetensors",
-    "save_dcp", "convert", "ConvertError",
+    "save_dcp", "convert", "ConvertError", "target_for", "parse_rules",
 ]

@@ -3,12 +3,13 @@ that joins catalog -> plan -> read -> place."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import numbers
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from types import MappingProxyType
 from typing import Any
@@ -26,6 +27,7 @@ from .errors import (
 )
 from .plan import Piece, Plan, ProcessPlan
 from .read import Executor, strided_view
+from .rules import ALL_TENSORS, resolve_target
 from .storage import IOStats, Store
 from .targets import flatten_target
 from .views import View
@@ -78,6 +80,53 @@ class Checkpoint:
         total = sum(t.nbytes for t in self.format.tensors.values())
         return (f"<jreshard.Checkpoint {self.format.format_name} {self.source!r}: {len(self.format.tensors)} tensors, "
                 f"{total / 2**30:.3f} GiB, {len(getattr(self.format, 'object_refs', {}))} objects>")
+
+    def _repr_html_(self) -> str:
+        """For notebooks: the tensors (name, dtype, shape, size, saved chunks and the grid they form; the first
+        MAX_HTML_ROWS, then "... N more") and below them the saved objects, every name and value escaped."""
+        from html import escape
+
+        from .errors import JReshardError
+        from .plan import MAX_HTML_ROWS, _human
+        from .spec import saved_grid
+
+        tensors = self.format.tensors
+        refs = list(getattr(self.format, "object_refs", {}))
+        total = sum(t.nbytes for t in tensors.values())
+        out = [(f"<div><p><b>jreshard.Checkpoint</b> {escape(str(self.format.format_name))} "
+                f"<code>{escape(self.source)}</code>: {len(tensors)} tensors, {_human(total)}, {len(refs)} objects</p>"),
+               ("<table><tr><th>tensor</th><th>dtype</th><th>shape</th><th>size</th><th>chunks</th>"
+                "<th>saved grid</th></tr>")]
+        for name, info in list(tensors.items())[:MAX_HTML_ROWS]:
+            grid = saved_grid(info) if info.shape else None
+            layout = "" if not info.shape else "irregular" if grid is None else "\u00d7".join(
+                str(len(c) - 1) for c in grid)
+            out.append(f"<tr><td>{escape(name)}</td><td>{escape(str(info.dtype))}</td><td>{escape(str(info.shape))}"
+                       f"</td><td>{_human(info.nbytes)}</td><td>{len(info.chunks)}</td><td>{layout}</td></tr>")
+        if len(tensors) > MAX_HTML_ROWS:
+            out.append(f'<tr><td colspan="6">\u2026 {len(tensors) - MAX_HTML_ROWS} more</td></tr>')
+        out.append("</table>")
+        if refs:
+            values: Mapping[str, Any] = {}
+            note = ""
+            if self._closed:
+                note = "closed: values not read"
+            else:
+                try:
+                    values = self.objects
+                except JReshardError as e:
+                    note = f"values not read: {e}"
+            out.append("<table><tr><th>object</th><th>value</th></tr>")
+            for name in refs[:MAX_HTML_ROWS]:
+                value = f"{values[name]!r:.80}" if name in values else ""
+                out.append(f"<tr><td>{escape(name)}</td><td><code>{escape(value)}</code></td></tr>")
+            if len(refs) > MAX_HTML_ROWS:
+                out.append(f'<tr><td colspan="2">\u2026 {len(refs) - MAX_HTML_ROWS} more</td></tr>')
+            out.append("</table>")
+            if note:
+                out.append(f"<p>{escape(note)}</p>")
+        out.append("</div>")
+        return "\n".join(out)
 
     def close(self) -> None:
         """Release open files and threads. Idempotent, and safe from any thread (a ``progress`` callback
@@ -202,12 +251,13 @@ class Checkpoint:
         info = self.tensor(name)
         return View("saved", name, (), f"saved({name!r})", info.shape, info.dtype)
 
-    def plan(self, target: Any, *, mapping: Any = None, max_inflight_bytes: int | None = None,
-             coalesce_gap: int = 256, mesh: Any = None, cast: str = "safe") -> Plan:
+    def plan(self, target: Any = ALL_TENSORS, *, mapping: Any = None, max_inflight_bytes: int | None = None,
+             coalesce_gap: int = 256, mesh: Any = None, cast: str = "safe", rules: Any = None) -> Plan:
         """The program :meth:`load` would execute, for every JAX process the target spans, without reading
         tensor bytes (headers only): per process the bytes its shards need, the bytes and requests it reads
         (after merging, in the batches ``max_inflight_bytes`` makes), and per target the same. For this
         process it is exactly what ``load`` runs: ``load`` builds the same program with the same function.
+        Without ``target``, every saved tensor onto ``mesh`` by ``rules``, as in :meth:`load`.
 
         Example:
             >>> import jax, jreshard
@@ -218,6 +268,7 @@ class Checkpoint:
             >>> p.bytes_needed == t.nbytes
             True
         """
+        target = resolve_target(self, target, mesh, rules)
         plan, _, _ = self._plan(target, mapping, max_inflight_bytes, coalesce_gap, mesh, local_only=False, cast=cast)
         return plan
 
@@ -244,16 +295,19 @@ class Checkpoint:
         plans, program = _program.build(self, targets, limit=limit, io_executor=executor, local_only=local_only,
                                         keep=this)
         self._check_open()
-        return _program.report(self, plans, this, targets, program), entries, unflatten
+        plan = _program.report(self, plans, this, targets, program)
+        plan._catalog = self.format.tensors  # shared, for Plan.picture
+        return plan, entries, unflatten
 
     # -- loading ----------------------------------------------------------------------------------
 
-    def load(self, target: Any, *, mapping: Any = None, max_inflight_bytes: int | None = None,
+    def load(self, target: Any = ALL_TENSORS, *, mapping: Any = None, max_inflight_bytes: int | None = None,
              progress: bool | Callable[[dict[str, Any]], None] = False, coalesce_gap: int = 256,
-             mesh: Any = None, cast: str = "safe") -> Any:
+             mesh: Any = None, cast: str = "safe", rules: Any = None) -> Any:
         """Load ``target`` (a pytree of ``jax.ShapeDtypeStruct`` with shardings, or ``jax.Array``, or a flax nnx
         state) from this checkpoint, through ``mapping``; see :func:`jreshard.load`. The program run is the one
-        :meth:`plan` reports for this process.
+        :meth:`plan` reports for this process. Without ``target``: every saved tensor (not the saved objects)
+        onto ``mesh`` by ``rules`` (:func:`jreshard.target_for`), as a flat dict keyed by saved name.
 
         ``max_inflight_bytes`` (default 2 GiB) bounds the host bytes read but not yet placed on devices, cast
         buffers included, whatever the sharding: shards that fit are read in batches of whole shards, and a
@@ -281,6 +335,7 @@ class Checkpoint:
         """
         import jax
 
+        target = resolve_target(self, target, mesh, rules)
         plan, entries, unflatten = self._plan(target, mapping, max_inflight_bytes, coalesce_gap, mesh, local_only=True,
                                               cast=cast)
         program: _program.Program | None = plan._program
@@ -301,7 +356,7 @@ class Checkpoint:
                 report({"bytes_done": done, "bytes_total": total, "seconds": time.perf_counter() - t0,
                         "bytes_read": self.store.stats.bytes_read})
 
-        with ThreadPoolExecutor(executor.threads) as pool:
+        with ThreadPoolExecutor(executor.threads) as pool, _closing(report):
             for batch in program.batches if program is not None else ():
                 if batch.in_parts:  # shards larger than the bound
                     for i, dev, arr in self._load_in_parts(batch, executor, pool, advance):
@@ -568,27 +623,162 @@ def _update_fn(mesh: Any) -> Callable[..., Any]:
                    donate_argnums=0)
 
 
+PROGRESS_EVERY_S = 10.0  # progress=True without a terminal: a line at most this often, and a final one
+
+
 def _load_line(info: dict[str, Any]) -> str:
-    done, total = info["bytes_done"], max(info["bytes_total"], 1)
-    rate = done / max(info["seconds"], 1e-9) / 2**30
-    return f"{done / 2**30:7.3f} / {total / 2**30:.3f} GiB ({100 * done / total:5.1f}%), {rate:.2f} GiB/s"
+    """One progress line of a load: percent, bytes, rate and ETA (or the time taken, at the end).
+
+    Example:
+        >>> _load_line({"bytes_done": 3 * 2**20, "bytes_total": 4 * 2**20, "seconds": 3.0})
+        ' 75.0%  3.00 MiB / 4.00 MiB  1.00 MiB/s  ETA 0:01'
+        >>> _load_line({"bytes_done": 0, "bytes_total": 0, "seconds": 0.5})
+        '100.0%  0 B / 0 B  0 B/s  in 0.5 s'
+    """
+    from .plan import _human
+
+    done, total, secs = info["bytes_done"], info["bytes_total"], info["seconds"]
+    frac = 1.0 if total <= 0 else min(1.0, done / total)
+    rate = done / secs if secs > 0 else 0.0
+    if done >= total:
+        eta = f"in {secs:.1f} s"
+    elif rate > 0:
+        left = round((total - done) / rate)
+        eta = f"ETA {left // 60}:{left % 60:02d}"
+    else:
+        eta = "ETA --:--"
+    return f"{100 * frac:5.1f}%  {_human(done)} / {_human(total)}  {_human(round(rate))}/s  {eta}"
 
 
 def _progress_fn(progress: Any, line: Callable[[dict[str, Any]], str] = _load_line,
                  label: str = "jreshard") -> Callable[[dict[str, Any]], None] | None:
-    """``progress`` as a callback: a callable as it is, True as a ``\r``-updated line on stderr (``line`` of
-    the counters after ``label``), False as None."""
+    """``progress`` as a callback of the counters (``bytes_done``, ``bytes_total``, ``seconds`` ...): a callable
+    as it is, False as None, and True as a reporter on stderr: a ``rich`` progress bar (bytes, rate, ETA) when
+    stderr is a terminal (or this runs in a notebook with ipywidgets) and rich is importable, else plain
+    ``\\n``-terminated lines, ``label: line(counters)``: the first report, then at most one every
+    PROGRESS_EVERY_S seconds, and the final one when ``bytes_done`` reaches ``bytes_total``. A reporter has
+    ``close()``, which ends its display (call it however the work ends; :func:`_closing`)."""
     if callable(progress):
         return progress
     if not progress:
         return None
+    if _rich_ok(sys.stderr):
+        return _RichProgress(label, sys.stderr)
+    return _LineProgress(label, line)
 
-    def show(info: dict[str, Any]) -> None:
-        end = "\n" if info["bytes_done"] >= info["bytes_total"] else ""
-        sys.stderr.write(f"\r{label}: {line(info)}{end}")
+
+class _LineProgress:
+    """Progress as plain lines on (the current) ``sys.stderr``: the first report, then one at most every ``every``
+    seconds, and the final one, each ending in a newline (a log file gets lines, not one long ``\\r``-joined
+    line)."""
+
+    def __init__(self, label: str, line: Callable[[dict[str, Any]], str], every: float | None = None) -> None:
+        self.label, self.line = label, line
+        self.every = PROGRESS_EVERY_S if every is None else every
+        self.last: float | None = None
+        self.finished = False
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        final = info["bytes_done"] >= info["bytes_total"]
+        now = time.monotonic()
+        if self.finished or not (final or self.last is None or now - self.last >= self.every):
+            return
+        self.last, self.finished = now, final
+        sys.stderr.write(f"{self.label}: {self.line(info)}\n")
         sys.stderr.flush()
 
-    return show
+    def close(self) -> None:
+        pass
+
+
+class _RichProgress:
+    """Progress as a rich progress bar on ``stream``: bytes, percent, rate and ETA (and arrays, for convert),
+    started at the first report, refreshed at most ten times a second, stopped at the end or by ``close``."""
+
+    def __init__(self, label: str, stream: Any) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self.label = label
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                            DownloadColumn(binary_units=True), TransferSpeedColumn(), TimeRemainingColumn(),
+                            TextColumn("{task.fields[extra]}"), console=Console(file=stream), auto_refresh=False,
+                            redirect_stdout=False, redirect_stderr=False)
+        self.task: Any = None
+        self.last = 0.0
+        self.closed = False
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        import atexit
+
+        done, total = info["bytes_done"], info["bytes_total"]
+        if self.closed or total <= 0:
+            return
+        extra = f"{info['arrays_done']}/{info['arrays_total']} arrays" if "arrays_done" in info else ""
+        if self.task is None:
+            self.bar.start()
+            atexit.register(self.close)  # a display never left half-drawn, even if nobody calls close
+            self.task = self.bar.add_task(self.label, total=total, extra=extra)
+        self.bar.update(self.task, completed=done, total=total, extra=extra)
+        now = time.monotonic()
+        if done >= total:
+            self.close()
+        elif now - self.last >= 0.1:
+            self.last = now
+            self.bar.refresh()
+
+    def close(self) -> None:
+        import atexit
+
+        if self.closed:
+            return
+        self.closed = True
+        if self.task is not None:
+            self.bar.refresh()
+            self.bar.stop()
+            atexit.unregister(self.close)
+
+
+@contextlib.contextmanager
+def _closing(report: Any) -> Iterator[None]:
+    """Close a progress reporter (if it has ``close``) however the block ends."""
+    try:
+        yield
+    finally:
+        close = getattr(report, "close", None)
+        if close is not None:
+            close()
+
+
+def _rich_ok(stream: Any) -> bool:
+    """Whether ``progress=True`` draws a rich progress bar: rich importable, and ``stream`` a terminal, or this a
+    notebook kernel with ipywidgets (which rich needs there)."""
+    import importlib.util
+
+    if importlib.util.find_spec("rich") is None:
+        return False
+    if _in_notebook():
+        return importlib.util.find_spec("ipywidgets") is not None
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def _in_notebook() -> bool:
+    """Whether this runs in a Jupyter (or Colab) kernel."""
+    ipython = sys.modules.get("IPython")
+    get = getattr(ipython, "get_ipython", None)
+    shell = get() if get is not None else None
+    return shell is not None and hasattr(shell, "kernel")
 
 
 def _unknown(name: str, known: Mapping[str, Any], source: str) -> str:

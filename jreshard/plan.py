@@ -281,11 +281,30 @@ class ProcessPlan:
 
 
 @dataclass
+class TensorPlan:
+    """What one target costs this process: ``pieces`` (its distinct shards here), ``bytes_needed`` (saved
+    dtype), ``bytes_to_read`` (its share of the requests that feed it: a request feeding several targets is
+    split by the bytes each takes from it, so that the shares add up to the process's ``bytes_to_read``) and
+    ``num_reads`` (the requests that feed it: one feeding several targets counts for each)."""
+
+    name: str
+    pieces: int = 0
+    bytes_needed: int = 0
+    bytes_to_read: int = 0
+    num_reads: int = 0
+
+    @property
+    def amplification(self) -> float:
+        return self.bytes_to_read / self.bytes_needed if self.bytes_needed else 1.0
+
+
+@dataclass
 class Plan:
     """The work of a load, computed without reading tensor bytes (only headers).
 
     ``processes`` maps every JAX process the target spans to its :class:`ProcessPlan`; ``bytes_needed``,
-    ``bytes_to_read`` and ``num_reads`` are those of this process.
+    ``bytes_to_read`` and ``num_reads`` are those of this process. :meth:`by_tensor` splits this process's
+    reads by target, and :meth:`picture` draws a target's shards over the saved chunks.
     """
 
     processes: dict[int, ProcessPlan]
@@ -296,6 +315,8 @@ class Plan:
     # What load executes for this process (jreshard.program.Program), and the resolved targets.
     _program: Any = field(default=None, repr=False, compare=False)
     _targets: list[Any] = field(default_factory=list, repr=False, compare=False)
+    # The saved tensors by name (the checkpoint's catalog, shared, not copied), for pictures.
+    _catalog: Any = field(default=None, repr=False, compare=False)
 
     @property
     def local(self) -> ProcessPlan:
@@ -313,6 +334,12 @@ class Plan:
     def num_reads(self) -> int:
         return self.local.num_reads
 
+    def __repr__(self) -> str:
+        local = self.local
+        return (f"<jreshard.Plan{f' for {self.source!r}' if self.source else ''}: {len(self.processes)} process(es); "
+                f"process {self.this_process}: {local.pieces} shards, needed {_human(local.bytes_needed)}, read "
+                f"{_human(local.bytes_to_read)} in {local.num_reads} requests ({local.amplification:.2f}x)>")
+
     def __str__(self) -> str:
         lines = [f"jreshard plan for {self.source}" if self.source else "jreshard plan",
                  f"{'process':>8} {'shards':>7} {'needed':>12} {'to read':>12} {'reads':>8} {'ampl.':>6}"]
@@ -326,15 +353,156 @@ class Plan:
             lines.append(f"{same} of {len(self.as_saved)} tensors have target shards equal to their saved chunks")
         return "\n".join(lines)
 
+    def by_tensor(self) -> dict[str, TensorPlan]:
+        """This process's work per target (:class:`TensorPlan`), from the program it runs: shards and bytes
+        needed, and each request's bytes shared among the targets it feeds.
+
+        Example:
+            >>> import jax, jreshard
+            >>> from jax.sharding import SingleDeviceSharding
+            >>> ckpt = jreshard.open(jreshard.sample_path())
+            >>> t = ckpt.tensors["model.embed.weight"]
+            >>> p = ckpt.plan({t.name: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=SingleDeviceSharding(jax.devices()[0]))})
+            >>> r = p.by_tensor()[t.name]
+            >>> (r.pieces, r.bytes_needed == t.nbytes, r.bytes_to_read == p.bytes_to_read, r.num_reads == p.num_reads)
+            (1, True, True, True)
+        """
+        out = {name: TensorPlan(name, e.get("pieces", 0), e.get("bytes_needed", 0))
+               for name, e in self.local.tensors.items()}
+        if self._program is None:
+            return out
+
+        def share(nbytes: int, weights: dict[str, int]) -> None:
+            """``nbytes`` of one request split among the targets by weight (largest remainders), one read each."""
+            total = sum(weights.values())
+            if not weights or total <= 0:
+                return
+            parts = {n: nbytes * w // total for n, w in weights.items()}
+            rest = nbytes - sum(parts.values())
+            for n in sorted(weights, key=lambda n: -(nbytes * weights[n] % total))[:rest]:
+                parts[n] += 1
+            for n, b in parts.items():
+                tp = out.setdefault(n, TensorPlan(n))
+                tp.bytes_to_read += b
+                tp.num_reads += 1
+
+        for batch in self._program.batches:
+            for unit in batch.units:
+                owner: dict[int, str] = {}
+                for step in unit.steps:
+                    for slot in range(step.slot, step.slot + 1 + len(step.temps)):
+                        owner[slot] = step.target.name
+                prepared = unit.prepared
+                for (_, start, stop), job in zip(prepared.staged_requests, prepared.staged):
+                    share(stop - start, {owner[job.slot]: 1})
+                for requests, feeds in prepared.groups:
+                    for (_, start, stop), feed in zip(requests, feeds):
+                        weights: dict[str, int] = {}
+                        for job, runs in feed:
+                            weights[owner[job.slot]] = weights.get(owner[job.slot], 0) + runs.nbytes
+                        share(stop - start, weights)
+                whole: dict[tuple[str, int], dict[str, int]] = {}
+                sizes: dict[tuple[str, int], int] = {}
+                for r in unit.deferred:  # compressed items, read whole once per unit
+                    key = (r.info.name, r.overlap.chunk_id)
+                    sizes[key] = r.info.chunks[r.overlap.chunk_id].whole_read_nbytes
+                    w = whole.setdefault(key, {})
+                    w[owner[r.slot]] = w.get(owner[r.slot], 0) + math.prod(r.overlap.size)
+                for key, weights in whole.items():
+                    share(sizes[key], weights)
+        return out
+
+    def picture(self, name: str, saved: str | None = None) -> Any:
+        """The :class:`~jreshard.picture.LayoutPicture` of target ``name``: the saved chunks of the tensor it
+        is read from, and the target's shards on every process (for a mapped target, each shard's boxes traced
+        back onto the saved tensor; ``saved`` picks which saved tensor for a target read from several, by
+        default the first), with the bytes this process needs and reads for it. Draw it with ``.text()``,
+        ``.svg()`` or ``.save_png(path)``; in a notebook it shows as SVG.
+
+        Example:
+            >>> import jax, numpy as np, jreshard
+            >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+            >>> ckpt = jreshard.open(jreshard.sample_path())
+            >>> mesh = Mesh(np.array(jax.devices()[:1]), ("x",))
+            >>> t = ckpt.tensors["model.embed.weight"]
+            >>> p = ckpt.plan({t.name: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=NamedSharding(mesh, P("x")))})
+            >>> print("\\n".join(p.picture(t.name).caption()))  # the sample's chunks are zstd-compressed: read whole
+            model.embed.weight  bfloat16 (64, 32)
+            saved: 4 chunks (4x1 grid); target: 1 shard on 1 device; needed 4.00 KiB, read 10.16 KiB (2.54x)
+            rows: dim 0 (64), columns: dim 1 (32)
+        """
+        from .errors import InvalidArgumentError, TargetMismatchError
+        from .picture import target_picture
+        from .program import close_hint
+
+        targets = {t.name: t for t in self._targets if t is not None}
+        if name not in targets:
+            raise TargetMismatchError(f"{self.source or 'plan'}: no target array named {name!r} in this plan "
+                                      f"({len(targets)} targets)" + close_hint(name, targets))
+        if self._catalog is None:
+            raise InvalidArgumentError("this Plan has no catalog to draw from; make it with jreshard.plan or "
+                                       "Checkpoint.plan")
+        tp = self.by_tensor().get(name)
+        return target_picture(targets[name], self._catalog, saved,
+                              bytes_needed=tp.bytes_needed if tp else 0, bytes_read=tp.bytes_to_read if tp else 0,
+                              process=self.this_process if len(self.processes) > 1 else None)
+
     def _repr_html_(self) -> str:
+        """A table per process, a table per target of this process (``MAX_HTML_ROWS`` at most), and the picture
+        of the target that reads the most bytes beyond those it needs (or, when none does, the largest)."""
+        from html import escape
+
         rows = "".join(
             f"<tr><td>{pid}{' (this)' if pid == self.this_process else ''}</td><td>{p.pieces}</td>"
             f"<td>{_human(p.bytes_needed)}</td><td>{_human(p.bytes_to_read)}</td><td>{p.num_reads}</td>"
             f"<td>{p.amplification:.2f}</td></tr>"
             for pid, p in sorted(self.processes.items())
         )
-        return ("<table><tr><th>process</th><th>shards</th><th>needed</th><th>to read</th><th>reads</th>"
-                f"<th>amplification</th></tr>{rows}</table>")
+        title = f"jreshard plan for <code>{escape(self.source)}</code>" if self.source else "jreshard plan"
+        out = [f"<div><p><b>{title}</b></p>",
+               ("<table><tr><th>process</th><th>shards</th><th>needed</th><th>to read</th><th>reads</th>"
+                f"<th>amplification</th></tr>{rows}</table>")]
+        if self.as_saved:
+            out.append(f"<p>{sum(self.as_saved.values())} of {len(self.as_saved)} tensors have target shards equal "
+                       "to their saved chunks</p>")
+        per = self.by_tensor()
+        targets = {t.name: t for t in self._targets if t is not None}
+        if per:
+            body = []
+            for name, tp in list(per.items())[:MAX_HTML_ROWS]:
+                t = targets.get(name)
+                shape = escape(str(t.shape)) if t is not None else ""
+                dtype = escape(str(t.dtype)) if t is not None else ""
+                body.append(f"<tr><td>{escape(name)}</td><td>{dtype}</td><td>{shape}</td><td>{tp.pieces}</td>"
+                            f"<td>{_human(tp.bytes_needed)}</td><td>{_human(tp.bytes_to_read)}</td>"
+                            f"<td>{tp.num_reads}</td><td>{tp.amplification:.2f}</td></tr>")
+            if len(per) > MAX_HTML_ROWS:
+                body.append(f'<tr><td colspan="8">\u2026 {len(per) - MAX_HTML_ROWS} more</td></tr>')
+            out.append(f"<p>targets on process {self.this_process}</p><table><tr><th>target</th><th>dtype</th>"
+                       "<th>shape</th><th>shards</th><th>needed</th><th>to read</th><th>reads</th>"
+                       f"<th>amplification</th></tr>{''.join(body)}</table>")
+        drawable = [n for n in per if n in targets]
+        if drawable and self._catalog is not None:
+            # Worst: the most bytes read beyond those needed (a tiny vector read with its whole chunk can have a
+            # larger amplification, but costs little).
+            worst = max(drawable, key=lambda n: (per[n].bytes_to_read - per[n].bytes_needed, per[n].amplification))
+            if per[worst].bytes_to_read > per[worst].bytes_needed:
+                tp = per[worst]
+                why = (f"the target that reads the most beyond what it needs ({_human(tp.bytes_to_read)} for "
+                       f"{_human(tp.bytes_needed)}, amplification {tp.amplification:.2f})")
+            else:
+                worst = max(drawable, key=lambda n: per[n].bytes_needed)
+                why = "the largest target"
+            try:
+                svg = self.picture(worst).svg(width=480)
+            except Exception as e:  # noqa: BLE001 - a report draws what it can
+                svg = f"<p>(no picture: {escape(str(e))})</p>"
+            out.append(f"<p>{escape(worst)}: {why}</p>{svg}")
+        out.append("</div>")
+        return "\n".join(out)
+
+
+MAX_HTML_ROWS = 50  # rows of a notebook table before "... N more"
 
 
 def _human(n: int) -> str:
