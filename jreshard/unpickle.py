@@ -16,12 +16,18 @@ Beyond the list itself (see ``docs/security.md``):
   only (no object, structured or subarray dtypes), bytes of exactly the right length, and ``dtype`` state
   (BUILD) limited to a byte order; the decoder never hands a pickle a real ``numpy.dtype`` or ``ndarray`` to
   modify;
+* training-state objects are rebuilt the same way, from checked plain data into stand-ins that are replaced
+  after decoding: ``io.BytesIO`` (a new stream over a copy of its bytes), ``defaultdict`` (plain default
+  factories only) and ``Counter``, numpy's ``RandomState`` / ``Generator`` / bit generators (kept as data,
+  :class:`NumpyRandomState`; no numpy code runs on the pickle's values), ``torch.device`` (its string);
 * a pickle whose tuples could nest deeply (CPython's tuple hash recurses in C without a guard) is decoded
   on a thread with a stack large enough for the deepest nesting its size allows.
 """
 
 from __future__ import annotations
 
+import builtins as builtins_module
+import collections
 import io
 import pathlib
 import pickle
@@ -32,7 +38,12 @@ from typing import Any, Callable
 import numpy as np
 
 from .dtypes import TORCH_DTYPES, TORCH_STORAGES, TorchDtype
-from .errors import CheckpointFormatError, JReshardError, UnsafeCheckpointError
+from .errors import (
+    CheckpointFormatError,
+    InconsistentCheckpointError,
+    JReshardError,
+    UnsafeCheckpointError,
+)
 from .gate import _short, check_view, checked_int, checked_shape
 from .pickle_scan import check_opcodes
 
@@ -295,6 +306,11 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, bac
     return _tensor_ref(storage, storage_offset, size, stride, dtype)
 
 
+def _rebuild_tensor(storage, storage_offset, size, stride):
+    """torch < 1.0's rebuild (no requires_grad, no hooks): the dtype is the storage's."""
+    return _rebuild_tensor_v2(storage, storage_offset, size, stride)
+
+
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
     if not isinstance(data, TensorRef):
         raise _fail("a parameter is rebuilt from something that is not a tensor")
@@ -364,7 +380,9 @@ class NumpyArray(_Sealed):
     def __init__(self) -> None:
         object.__setattr__(self, "array", None)
 
-    def __setstate__(self, state: Any) -> None:
+    def __setstate__(self, state: Any, native: bool = True) -> None:
+        """BUILD of ``_reconstruct``: like numpy's ``ndarray.__setstate__``, an array saved in the other byte
+        order comes back in the machine's (``native``); ``_frombuffer`` (protocol 5) keeps the saved order."""
         if self.array is not None or type(state) is not tuple or len(state) not in (4, 5):
             raise UnsafeCheckpointError(f"{_current().where}: unexpected numpy array state {_short(state)}; refused")
         shape, dtype, fortran, raw = state[-4:]
@@ -378,6 +396,8 @@ class NumpyArray(_Sealed):
                         f"{len(raw) if isinstance(raw, (bytes, bytearray)) else type(raw).__name__}")
         _current().charge(nbytes, f"a numpy array of {nbytes} bytes")
         array = np.frombuffer(raw, dt).copy().reshape(shape, order="F" if fortran else "C")
+        if native and not dt.isnative:
+            array = array.astype(dt.newbyteorder("="), order="K")
         object.__setattr__(self, "array", array)
 
 
@@ -408,7 +428,7 @@ def _numpy_frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> NumpyA
         raise UnsafeCheckpointError(f"{_current().where}: numpy array without a plain dtype; refused")
     array = NumpyArray()
     _current().stubs += 1
-    array.__setstate__((shape, dtype, order == "F", buffer))
+    array.__setstate__((shape, dtype, order == "F", buffer), native=False)
     return array
 
 
@@ -492,8 +512,15 @@ def _bytes(value: Any = b"", encoding: Any = None) -> bytes:
     return _bytes_of(value, encoding, "bytes")
 
 
-def _codecs_encode(value: Any, encoding: Any = "utf-8") -> bytes:
-    return _bytes_of(value, encoding, "_codecs.encode")
+def _codecs_encode(value: Any, encoding: Any = "utf-8", errors: Any = "strict") -> bytes:
+    """``_codecs.encode(str, "latin1")``: how pickle protocol 2 (torch.save's default) stores ``bytes``. Any
+    other encoding, errors mode or argument type is refused (it is not how a pickler writes bytes)."""
+    if not isinstance(value, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise UnsafeCheckpointError(
+            f"{_current().where}: _codecs.encode({_short(value)}, {_short(encoding)}) is not allowed; only "
+            "_codecs.encode(str, 'latin1'), the way pickle protocol 2 stores bytes"
+        )
+    return _bytes_of(value, "latin1", "_codecs.encode")
 
 
 def _numbers(*args: Any, what: str, kinds: tuple[type, ...]) -> tuple:
@@ -523,6 +550,299 @@ def _path(flavour: type) -> Callable[..., str]:
     return path
 
 
+# --------------------------------------------------------------------------------------------
+# Training-state objects: devices, byte streams, counting dicts, numpy random generators
+
+
+def _torch_device(kind: Any, index: Any = None) -> str:
+    """``torch.device(type[, index])`` -> the string torch prints for it (``"cuda:0"``, ``"cpu"``)."""
+    if (not isinstance(kind, str) or not 0 < len(kind) <= 64
+            or not all(c.isascii() and (c.isalnum() or c in "_:") for c in kind)):
+        raise _fail(f"torch.device({_short(kind)}) is not a device name")
+    name, _, idx = kind.partition(":")
+    if idx and (index is not None or not idx.isdigit()):
+        raise _fail(f"torch.device({_short(kind)}, {_short(index)}) is not a device")
+    if index is not None:
+        index = checked_int(index, "torch.device index", _current().where, hi=2**31)
+        return f"{name}:{index}"
+    return kind
+
+
+class PickledBytesIO(_Sealed, metaclass=_Frozen):
+    """``io.BytesIO`` as a pickle builds it (NEWOBJ, then BUILD with ``(bytes, position, dict)``); replaced
+    after decoding by a fresh ``io.BytesIO`` over a copy of the bytes."""
+
+    __slots__ = ("built", "data", "pos")
+    __hash__ = None  # type: ignore[assignment]
+
+    def __new__(cls, initial: Any = b"") -> PickledBytesIO:  # noqa: PYI034
+        self = object.__new__(cls)
+        object.__setattr__(self, "data", _bytes_of(initial, None, "io.BytesIO"))
+        object.__setattr__(self, "pos", 0)
+        object.__setattr__(self, "built", False)
+        _current().stubs += 1
+        return self
+
+    def __init__(self, initial: Any = b"") -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        if (self.built or type(state) is not tuple or len(state) != 3 or type(state[0]) not in (bytes, bytearray)
+                or type(state[1]) is not int or state[2] not in (None, {})):
+            raise UnsafeCheckpointError(f"{_current().where}: unexpected io.BytesIO state {_short(state)}; refused")
+        if not 0 <= state[1] <= len(state[0]):
+            raise _fail(f"io.BytesIO position {state[1]} outside its {len(state[0])} bytes")
+        _current().charge(len(state[0]), "io.BytesIO")
+        object.__setattr__(self, "data", bytes(state[0]))
+        object.__setattr__(self, "pos", state[1])
+        object.__setattr__(self, "built", True)
+
+    def value(self) -> io.BytesIO:
+        out = io.BytesIO(self.data)
+        out.seek(self.pos)
+        return out
+
+
+class _PickledDict(dict):
+    """A dict subclass a pickle fills with SETITEM(S) (``collections.defaultdict``, ``Counter``): no
+    ``__dict__``, no attribute writes, no BUILD; replaced by the real class after decoding."""
+
+    __slots__ = ("factory",)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise UnsafeCheckpointError(f"{_current().where}: a pickle tried to modify {type(self).__name__}.{key}")
+
+    def __setstate__(self, state: Any) -> None:
+        raise UnsafeCheckpointError(f"{_current().where}: a pickle tried to set the state of {type(self).__name__} "
+                                    "(BUILD); refused")
+
+
+class PickledDefaultDict(_PickledDict):
+    __slots__ = ()
+
+
+class PickledCounter(_PickledDict):
+    __slots__ = ()
+
+
+# Default factories a pickled defaultdict may name, by the allow-list entry that names them.
+_FACTORIES: dict[str, Any] = {f"{b}.{n}": getattr(builtins_module, n) for b in ("builtins", "__builtin__")
+                              for n in ("set", "frozenset", "bytes", "bytearray", "complex")}
+_FACTORIES.update({"collections.OrderedDict": collections.OrderedDict, "collections.Counter": collections.Counter,
+                   "collections.defaultdict": collections.defaultdict})
+_FACTORY_TYPES = (list, dict, int, float, str, tuple, bool)
+
+
+def _defaultdict(factory: Any = None, *rest: Any) -> PickledDefaultDict:
+    if rest:
+        raise _fail("collections.defaultdict with more than a default factory")
+    if factory is None:
+        real = None
+    elif isinstance(factory, _Token) and factory.value in _FACTORY_TYPES:
+        real = factory.value
+    elif isinstance(factory, Guarded) and factory._name in _FACTORIES:
+        real = _FACTORIES[factory._name]
+    else:
+        raise UnsafeCheckpointError(
+            f"{_current().where}: collections.defaultdict with the default factory {_short(factory)} is not allowed "
+            "(None, list, dict, set, int, float, str, tuple, bool, OrderedDict, Counter or defaultdict only)"
+        )
+    out = PickledDefaultDict()
+    object.__setattr__(out, "factory", real)
+    _current().stubs += 1
+    return out
+
+
+def _counter(items: Any = None) -> PickledCounter:
+    out = PickledCounter(_items(items, "collections.Counter") if items is not None else ())
+    _current().stubs += 1
+    return out
+
+
+_BIT_GENERATORS = ("MT19937", "PCG64", "PCG64DXSM", "Philox", "SFC64")
+
+
+@dataclass(frozen=True)
+class NumpyRandomState:
+    """A pickled ``numpy.random.RandomState``, ``Generator`` or bit generator, decoded as plain data: no numpy
+    code runs on the pickle's values while decoding. :meth:`restore` makes the numpy object when asked.
+
+    * ``kind``: ``"RandomState"``, ``"Generator"`` or ``"BitGenerator"``;
+    * ``bit_generator``: ``"MT19937"``, ``"PCG64"``, ``"PCG64DXSM"``, ``"Philox"`` or ``"SFC64"``;
+    * ``state``: for a RandomState what ``get_state(legacy=False)`` returns (the MT19937 key and position, and
+      the cached gaussian); otherwise what ``bit_generator.state`` returns;
+    * ``seed_sequence``: the bit generator's ``SeedSequence`` as ``{"entropy", "spawn_key", "pool_size",
+      "n_children_spawned"}``, when the pickle holds one (numpy >= 1.25), else None.
+
+    Example:
+        >>> s = NumpyRandomState("Generator", "PCG64", np.random.PCG64(5).state)
+        >>> int(s.restore().integers(100)) == int(np.random.Generator(np.random.PCG64(5)).integers(100))
+        True
+    """
+
+    kind: str
+    bit_generator: str
+    state: Any
+    seed_sequence: dict[str, Any] | None = None
+
+    def restore(self) -> Any:
+        """The numpy object (``RandomState``, ``Generator`` or bit generator) in this state. numpy checks the
+        state's values; one it refuses is a CheckpointFormatError."""
+        import numpy.random as npr
+
+        try:
+            seed = None
+            if self.seed_sequence is not None:
+                seed = npr.SeedSequence(**self.seed_sequence)
+            bit_gen = getattr(npr, self.bit_generator)(seed)
+            if self.kind == "RandomState":
+                rs = npr.RandomState(bit_gen)
+                rs.set_state(self.state)
+                return rs
+            bit_gen.state = self.state
+            return npr.Generator(bit_gen) if self.kind == "Generator" else bit_gen
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError, RuntimeError) as e:
+            raise CheckpointFormatError(f"numpy refuses the saved {self.kind} state: {type(e).__name__}: "
+                                        f"{_short(str(e))}") from None
+
+
+class _BitGeneratorClass(_Sealed):
+    """A numpy bit generator class named by a pickle (``numpy.random._pcg64.PCG64``); never called."""
+
+    __slots__ = ("name",)
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, name: str) -> None:
+        object.__setattr__(self, "name", name)
+
+    def __repr__(self) -> str:
+        return f"<numpy.random.{self.name}>"
+
+
+class _SeedSequenceClass(_Sealed):
+    __slots__ = ()
+    __hash__ = None  # type: ignore[assignment]
+
+
+class NumpySeedSequence(_Sealed):
+    """``numpy.random.SeedSequence`` as Cython's pickle helper and BUILD make it; kept as its fields."""
+
+    __slots__ = ("fields",)
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "fields", None)
+        _current().stubs += 1
+
+    def __setstate__(self, state: Any) -> None:
+        # (entropy, n_children_spawned, pool, pool_size, spawn_key), in Cython's order of the fields
+        if self.fields is not None or type(state) is not tuple or len(state) != 5:
+            raise UnsafeCheckpointError(f"{_current().where}: unexpected SeedSequence state {_short(state)}; refused")
+        entropy, spawned, _pool, pool_size, spawn_key = state
+        where = _current().where
+        if not (entropy is None or type(entropy) is int or (type(entropy) in (list, tuple) and len(entropy) <= 4096
+                                                             and all(type(e) is int for e in entropy))):
+            if not (isinstance(entropy, NumpyArray) and entropy.array is not None and entropy.array.dtype.kind in "iu"
+                    and entropy.array.ndim == 1):
+                raise _fail(f"SeedSequence entropy {_short(entropy)} is not an integer or a list of them")
+            entropy = [int(e) for e in entropy.array]
+        if type(spawn_key) not in (list, tuple) or len(spawn_key) > 4096 or not all(type(k) is int for k in spawn_key):
+            raise _fail(f"SeedSequence spawn key {_short(spawn_key)} is not a tuple of integers")
+        fields = {"entropy": entropy, "spawn_key": tuple(spawn_key),
+                  "pool_size": checked_int(pool_size, "SeedSequence pool size", where, lo=4, hi=2**16),
+                  "n_children_spawned": checked_int(spawned, "SeedSequence children", where)}
+        object.__setattr__(self, "fields", fields)
+
+
+def _seed_sequence_unpickle(cls: Any, checksum: Any, state: Any = None) -> NumpySeedSequence:
+    """Cython's ``__pyx_unpickle_SeedSequence(cls, checksum, state)``."""
+    if not isinstance(cls, _SeedSequenceClass) or type(checksum) is not int:
+        raise UnsafeCheckpointError(f"{_current().where}: __pyx_unpickle_SeedSequence of {_short(cls)}; refused")
+    out = NumpySeedSequence()
+    if state is not None:
+        out.__setstate__(state)
+    return out
+
+
+class NumpyBitGenerator(_Sealed):
+    """A numpy bit generator as ``__bit_generator_ctor`` and BUILD make it: its name, state and seed sequence."""
+
+    __slots__ = ("name", "seed_seq", "state")
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, name: str) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "state", None)
+        object.__setattr__(self, "seed_seq", None)
+        _current().stubs += 1
+
+    def __setstate__(self, state: Any) -> None:
+        seed_seq = None
+        if type(state) is tuple and len(state) == 2:  # numpy >= 1.25: (state, seed sequence)
+            state, seed_seq = state
+        if self.state is not None or type(state) is not dict or state.get("bit_generator") != self.name:
+            raise UnsafeCheckpointError(f"{_current().where}: unexpected state of a numpy {self.name} bit generator "
+                                        f"{_short(state)}; refused")
+        if seed_seq is not None and not (isinstance(seed_seq, NumpySeedSequence) and seed_seq.fields is not None):
+            raise _fail(f"a numpy bit generator's seed sequence is {_short(seed_seq)}")
+        object.__setattr__(self, "state", state)
+        object.__setattr__(self, "seed_seq", seed_seq)
+
+
+class NumpyGenerator(_Sealed):
+    """A ``numpy.random.RandomState`` or ``Generator`` as numpy's pickle constructors and BUILD make it."""
+
+    __slots__ = ("bit_gen", "kind", "state")
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, kind: str, bit_gen: NumpyBitGenerator) -> None:
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "bit_gen", bit_gen)
+        object.__setattr__(self, "state", None)
+        _current().stubs += 1
+
+    def __setstate__(self, state: Any) -> None:
+        # RandomState: the legacy state dict (MT19937 key and position, cached gaussian); a Generator of
+        # numpy < 1.25: its bit generator's state
+        if self.state is not None or type(state) is not dict or state.get("bit_generator") != self.bit_gen.name:
+            raise UnsafeCheckpointError(f"{_current().where}: unexpected numpy {self.kind} state {_short(state)}; "
+                                        "refused")
+        object.__setattr__(self, "state", state)
+
+
+def _bit_generator_ctor(bit_generator: Any = "MT19937") -> NumpyBitGenerator:
+    if isinstance(bit_generator, _BitGeneratorClass):
+        return NumpyBitGenerator(bit_generator.name)
+    if isinstance(bit_generator, str) and bit_generator in _BIT_GENERATORS:
+        return NumpyBitGenerator(bit_generator)
+    raise UnsafeCheckpointError(f"{_current().where}: numpy bit generator {_short(bit_generator)} is not one of "
+                                f"{', '.join(_BIT_GENERATORS)}; refused")
+
+
+def _generator_ctor(kind: str) -> Callable[..., NumpyGenerator]:
+    def ctor(bit_generator_name: Any = "MT19937", bit_generator_ctor: Any = None) -> NumpyGenerator:
+        if bit_generator_ctor is not None and not (isinstance(bit_generator_ctor, Guarded)
+                                                   and bit_generator_ctor._fn is _bit_generator_ctor):
+            raise UnsafeCheckpointError(f"{_current().where}: numpy {kind} made by {_short(bit_generator_ctor)}; "
+                                        "refused")
+        bit_gen = (bit_generator_name if isinstance(bit_generator_name, NumpyBitGenerator)
+                   else _bit_generator_ctor(bit_generator_name))
+        return NumpyGenerator(kind, bit_gen)
+
+    return ctor
+
+
+def _random_state(obj: NumpyGenerator | NumpyBitGenerator, depth: int, memo: dict[int, Any]) -> NumpyRandomState:
+    bit_gen = obj if isinstance(obj, NumpyBitGenerator) else obj.bit_gen
+    state = obj.state if isinstance(obj, NumpyGenerator) and obj.state is not None else bit_gen.state
+    if state is None:
+        raise _fail(f"a numpy {bit_gen.name} generator without its state")
+    seed = bit_gen.seed_seq.fields if bit_gen.seed_seq is not None else None
+    kind = obj.kind if isinstance(obj, NumpyGenerator) else "BitGenerator"
+    return NumpyRandomState(kind, bit_gen.name, _resolve(state, depth + 1, memo),
+                            None if seed is None else dict(seed))
+
+
 def _build_allowed() -> dict[tuple[str, str], Any]:
     allowed: dict[tuple[str, str], Any] = {}
     md = "torch.distributed.checkpoint.metadata"
@@ -535,13 +855,21 @@ def _build_allowed() -> dict[tuple[str, str], Any]:
         ("torch.distributed.checkpoint.filesystem", "SerializationFormat"): _enum("SerializationFormat"),
         ("torch", "Size"): _torch_size,
         ("torch.serialization", "_get_layout"): _get_layout,
+        ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
         ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
         ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
         ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
         ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
         ("numpy", "dtype"): _numpy_dtype,
         ("collections", "OrderedDict"): _ordered_dict,
+        ("collections", "defaultdict"): _defaultdict,
+        ("collections", "Counter"): _counter,
         ("_codecs", "encode"): _codecs_encode,
+        ("torch", "device"): _torch_device,
+        ("numpy.random._pickle", "__bit_generator_ctor"): _bit_generator_ctor,
+        ("numpy.random._pickle", "__generator_ctor"): _generator_ctor("Generator"),
+        ("numpy.random._pickle", "__randomstate_ctor"): _generator_ctor("RandomState"),
+        ("numpy.random.bit_generator", "__pyx_unpickle_SeedSequence"): _seed_sequence_unpickle,
     }
     for path_cls in ("PosixPath", "PurePosixPath", "Path"):
         functions[("pathlib", path_cls)] = _path(pathlib.PurePosixPath)
@@ -566,6 +894,17 @@ def _build_allowed() -> dict[tuple[str, str], Any]:
     allowed[("torch.storage", "UntypedStorage")] = StorageType(None)
     # Classes a pickle may name (e.g. a dtype stored in a config) but never call or modify.
     allowed[("numpy", "ndarray")] = _Token(np.ndarray)
+    for cls_name in ("BytesIO",):
+        allowed[("_io", cls_name)] = allowed[("io", cls_name)] = PickledBytesIO
+    for builtins in ("builtins", "__builtin__"):  # default factories of a defaultdict; never called
+        for builtin_type in _FACTORY_TYPES:
+            allowed[(builtins, builtin_type.__name__)] = _Token(builtin_type)
+    allowed[("__builtin__", "long")] = _Token(int)  # protocol 2 names int and str by their Python 2 names
+    allowed[("__builtin__", "unicode")] = _Token(str)
+    for module, name in (("_mt19937", "MT19937"), ("_pcg64", "PCG64"), ("_pcg64", "PCG64DXSM"), ("_philox", "Philox"),
+                         ("_sfc64", "SFC64")):
+        allowed[(f"numpy.random.{module}", name)] = _BitGeneratorClass(name)
+    allowed[("numpy.random.bit_generator", "SeedSequence")] = _SeedSequenceClass()
     for np_type in ("float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool_"):
         allowed[("numpy", np_type)] = _Token(getattr(np, np_type))
     for cls_name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType", "Int16DType",
@@ -581,14 +920,18 @@ class SafeUnpickler(pickle.Unpickler):
     """A pickle.Unpickler whose globals come only from :data:`ALLOWED`.
 
     ``where`` names the file (and entry) in error messages. Persistent ids of torch.save archives
-    (``('storage', StorageType, key, location, numel)``) become :class:`StorageRef`; a pickle with
-    persistent ids where none are expected is refused.
+    (``('storage', StorageType, key, location, numel)``; with ``allow_storages="legacy"`` those of the legacy
+    format, ``('storage', StorageType, key, location, numel, view_metadata)``) become :class:`StorageRef`; a
+    pickle with persistent ids where none are expected is refused. ``storages``, when given, collects the
+    storage of each key; one key named with two dtypes or sizes is refused (torch.save never writes that).
     """
 
-    def __init__(self, data: bytes, where: str, allow_storages: bool = False) -> None:
+    def __init__(self, data: bytes, where: str, allow_storages: bool | str = False,
+                 storages: dict[str, StorageRef] | None = None) -> None:
         super().__init__(io.BytesIO(data))
         self.where = where
         self.allow_storages = allow_storages
+        self.storages = storages
 
     def find_class(self, module: str, name: str) -> Any:
         try:
@@ -602,15 +945,35 @@ class SafeUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> Any:
         if not self.allow_storages:
             raise UnsafeCheckpointError(f"{self.where}: unexpected persistent id {_short(pid)} in pickle")
-        if not (type(pid) is tuple and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], StorageType)
-                and isinstance(pid[2], str) and 0 < len(pid[2]) <= 256):
+        legacy = self.allow_storages == "legacy"
+        if legacy and type(pid) is tuple and pid and pid[0] == "module":
+            raise CheckpointFormatError(
+                f"{self.where}: the file holds a pickled torch.nn.Module (torch.save(model)); jreshard reads state "
+                "dicts: save model.state_dict() instead"
+            )
+        if not (type(pid) is tuple and len(pid) == (6 if legacy else 5) and pid[0] == "storage"
+                and isinstance(pid[1], StorageType) and isinstance(pid[2], str) and 0 < len(pid[2]) <= 256):
             raise CheckpointFormatError(f"{self.where}: unsupported persistent id {_short(pid)}")
-        _, storage_type, key, _location, numel = pid
-        return StorageRef(key, storage_type.dtype, checked_int(numel, "storage size", self.where))
+        _, storage_type, key, _location, numel = pid[:5]
+        if legacy and pid[5] is not None:
+            raise CheckpointFormatError(
+                f"{self.where}: storage {key!r} is a view of another storage (written by torch < 1.0); not supported"
+            )
+        ref = StorageRef(key, storage_type.dtype, checked_int(numel, "storage size", self.where))
+        if self.storages is not None:
+            seen = self.storages.setdefault(key, ref)
+            if seen != ref:
+                raise InconsistentCheckpointError(
+                    f"{self.where}: storage {key!r} is named as {seen.numel} x {seen.dtype or 'bytes'} and as "
+                    f"{ref.numel} x {ref.dtype or 'bytes'}"
+                )
+        return ref
 
 
-def safe_loads(data: bytes, where: str, allow_storages: bool = False, bounded: bool = True) -> Any:
-    """Decode ``data`` with the allow-listed unpickler.
+def safe_loads(data: bytes, where: str, allow_storages: bool | str = False, bounded: bool = True, *,
+               storages: dict[str, StorageRef] | None = None) -> Any:
+    """Decode ``data`` with the allow-listed unpickler (``allow_storages`` and ``storages``: see
+    :class:`SafeUnpickler`).
 
     With ``bounded`` (the default) the result nests at most MAX_DEPTH containers deep (deeper is a
     CheckpointFormatError), so that walking or printing it is safe; a caller that reads a known structure
@@ -625,7 +988,7 @@ def safe_loads(data: bytes, where: str, allow_storages: bool = False, bounded: b
     check_opcodes(data, where)
     levels = sum(data.count(op) for op in _TUPLE_OPS)
     if levels <= _SAFE_LEVELS:
-        return _decode(data, where, allow_storages, bounded)
+        return _decode(data, where, allow_storages, bounded, storages)
     # Tuples may nest deeper than a normal stack holds while they are hashed (dict keys, set members):
     # decode on a thread whose stack holds the deepest nesting this pickle's size allows.
     stack = max(8 * 2**20, levels * _STACK_PER_LEVEL + 4 * 2**20)
@@ -635,7 +998,7 @@ def safe_loads(data: bytes, where: str, allow_storages: bool = False, bounded: b
 
     def run() -> None:
         try:
-            out.append((True, _decode(data, where, allow_storages, bounded)))
+            out.append((True, _decode(data, where, allow_storages, bounded, storages)))
         except BaseException as e:  # handed to the caller's thread
             out.append((False, e))
 
@@ -658,12 +1021,13 @@ def safe_loads(data: bytes, where: str, allow_storages: bool = False, bounded: b
 _STACK_LOCK = threading.Lock()
 
 
-def _decode(data: bytes, where: str, allow_storages: bool, bounded: bool = True) -> Any:
+def _decode(data: bytes, where: str, allow_storages: bool | str, bounded: bool = True,
+            storages: dict[str, StorageRef] | None = None) -> Any:
     decode = _Decode(where, 64 * 2**20 + 8 * len(data))
     previous = getattr(_state, "decode", None)
     _state.decode = decode
     try:
-        obj = SafeUnpickler(data, where, allow_storages).load()
+        obj = SafeUnpickler(data, where, allow_storages, storages).load()
         if decode.stubs or bounded:
             obj = _resolve(obj, 0, {})
         return obj
@@ -677,9 +1041,14 @@ def _decode(data: bytes, where: str, allow_storages: bool, bounded: bool = True)
         _state.decode = previous
 
 
+_CONTAINERS = (list, dict, tuple, PickledOrderedDict, set, frozenset, PickledDefaultDict, PickledCounter, NumpyGenerator,
+               NumpyBitGenerator, NumpySeedSequence)
+
+
 def _resolve(obj: Any, depth: int, memo: dict[int, Any]) -> Any:
-    """Replace numpy stand-ins (and class tokens) in a decoded object by what they stand for, in place in
-    lists, dicts and records (tuples are rebuilt where they change). Shared objects are visited once."""
+    """Replace stand-ins (numpy arrays and dtypes, class tokens, byte streams, defaultdicts and Counters, numpy
+    random generators) in a decoded object by what they stand for, in place in lists, dicts and records (tuples
+    are rebuilt where they change). Shared objects are visited once."""
     kind = type(obj)
     if kind is NumpyArray:
         if obj.array is None:
@@ -689,13 +1058,31 @@ def _resolve(obj: Any, depth: int, memo: dict[int, Any]) -> Any:
         return obj.dtype
     if kind is _Token:
         return obj.value
-    if kind not in (list, dict, tuple, PickledOrderedDict, set, frozenset) and not isinstance(obj, Record):
+    if kind is PickledBytesIO:
+        return obj.value()  # a fresh stream for each place the pickle puts it
+    if kind is _BitGeneratorClass:
+        return f"numpy.random.{obj.name}"
+    if kind not in _CONTAINERS and not isinstance(obj, Record):
         return obj
     key = id(obj)
     if key in memo:
         return memo[key]
     if depth > MAX_DEPTH:
         raise _fail(f"the pickle nests containers deeper than {MAX_DEPTH} levels")
+    if kind is NumpyGenerator or kind is NumpyBitGenerator:
+        memo[key] = _random_state(obj, depth, memo)
+        return memo[key]
+    if kind is NumpySeedSequence:
+        if obj.fields is None:
+            raise _fail("a numpy SeedSequence without its state")
+        memo[key] = dict(obj.fields)
+        return memo[key]
+    if kind is PickledDefaultDict or kind is PickledCounter:
+        real: dict = collections.defaultdict(obj.factory) if kind is PickledDefaultDict else collections.Counter()
+        memo[key] = real
+        for k, v in obj.items():
+            real[k] = _resolve(v, depth + 1, memo)
+        return real
     memo[key] = obj
     if kind is list:
         for i, v in enumerate(obj):

@@ -1856,6 +1856,89 @@ def oracle_torchsave(buf: bytes) -> dict[str, np.ndarray]:
         return {}
 
 
+class _LegacyOracleUnpickler(_OracleUnpickler):
+    """The recording unpickler, for the legacy format's persistent ids (six fields, no storage views)."""
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (type(pid) is tuple and len(pid) == 6 and pid[0] == "storage" and isinstance(pid[1], _Tok)
+                and isinstance(pid[2], str) and pid[5] is None):
+            raise pickle.UnpicklingError("oracle: unexpected persistent id")
+        seen = self.seen.setdefault(pid[2], (pid[1].name, pid[4]))
+        if seen != (pid[1].name, pid[4]):
+            raise pickle.UnpicklingError("oracle: one storage named two ways")
+        return ("storage", pid[1].name, pid[2], pid[4])
+
+
+def legacy_parts(buf: bytes) -> tuple[list[int], list[str], list[tuple[str, int, int]]] | None:
+    """Where the five pickles of a legacy torch.save file end, its storage keys, and (key, offset of its count,
+    count) of each storage, by Python's pickle and the counts in the file (None if it is not well formed)."""
+    try:
+        f = io.BytesIO(buf)
+        ends: list[int] = []
+        seen: dict[str, Any] = {}
+        for _ in range(5):
+            u = _LegacyOracleUnpickler(f)  # never Python's own unpickler: it would import what a pickle names
+            u.seen = seen
+            keys = u.load()
+            ends.append(f.tell())
+        if type(keys) is not list or not all(type(k) is str for k in keys) or set(keys) != set(seen):
+            return None
+        table, pos = [], ends[4]
+        for k in keys:
+            count = struct.unpack_from("<q", buf, pos)[0]
+            table.append((k, pos, count))
+            pos += 8 + max(count, 0) * ST_DTYPES[STORAGE_DTYPES[seen[k][0]]].itemsize
+        return ends, keys, table
+    except Exception:  # noqa: BLE001  (whatever this decoder cannot read is not well formed)
+        return None
+
+
+def oracle_legacy(buf: bytes) -> dict[str, np.ndarray]:
+    """What a legacy torch.save file holds, decoded with Python's pickle and numpy (torch's rules by hand): {name:
+    array} of each tensor whose view lies inside its storage ({} when the file is not plainly readable)."""
+    try:
+        f = io.BytesIO(buf)
+
+        def load() -> Any:
+            u = _LegacyOracleUnpickler(f)  # never Python's own unpickler: it would import what a pickle names
+            u.seen = {}
+            return u.load(), u.seen
+
+        if load()[0] != 0x1950A86A20F9469CFC6C or load()[0] != 1001 or type(load()[0]) is not dict:
+            return {}
+        obj, seen = load()
+        keys = load()[0]
+        if type(keys) is not list or len(set(keys)) != len(keys) or set(keys) != set(seen):
+            return {}
+        data = {}
+        for k in keys:
+            sname, numel = seen[k]
+            dtype = ST_DTYPES[STORAGE_DTYPES[sname]].newbyteorder("<")
+            head = f.read(8)
+            if len(head) != 8 or struct.unpack("<q", head)[0] != numel or not _nat(numel):
+                return {}
+            raw = f.read(numel * dtype.itemsize)
+            if len(raw) != numel * dtype.itemsize:
+                return {}
+            data[k] = np.frombuffer(raw, dtype)
+        out = {}
+        for name, leaf in _flatten_decoded(obj):
+            if not isinstance(leaf, _View) or type(leaf.storage) is not tuple:
+                continue
+            store = data[leaf.storage[2]]
+            size, stride, off = tuple(leaf.size), tuple(leaf.stride), leaf.offset
+            if not (all(_nat(x) for x in size + stride + (off,)) and len(size) == len(stride) <= 64):
+                continue
+            if math.prod(size) and off + sum((n - 1) * t for n, t in zip(size, stride)) >= len(store):
+                continue
+            view = np.lib.stride_tricks.as_strided(store[off:] if math.prod(size) else store[:0], size,
+                                                   tuple(t * store.itemsize for t in stride))
+            out[name] = np.array(view, order="C").astype(store.dtype.newbyteorder("="))
+        return out
+    except Exception:  # noqa: BLE001  (whatever this decoder cannot read is not plainly readable)
+        return {}
+
+
 def oracle_dir(d: Path, kind: str) -> dict[str, np.ndarray]:
     """The independent decoding of every regular safetensors / torch.save file in ``d`` (names found in more
     than one file are left out)."""
@@ -1868,6 +1951,8 @@ def oracle_dir(d: Path, kind: str) -> dict[str, np.ndarray]:
             got = oracle_safetensors(p.read_bytes())
         elif kind == "torchsave" and p.suffix in (".pt", ".bin"):
             got = oracle_torchsave(p.read_bytes())
+        elif kind == "legacy" and p.suffix in (".pt", ".bin"):
+            got = oracle_legacy(p.read_bytes())
         else:
             continue
         for k, v in got.items():
@@ -1951,6 +2036,14 @@ class Families:
             (d / src.name).write_bytes(finish_zip(zip_entries(src.read_bytes()), {}))
             r.run({"mode": "open", "path": str(d / src.name), "expect": "pt:small", "preserve": True,
                    "label": "torch.save small, zip rewritten unchanged"}, ["rebuild zip (control)"])
+        if family == "legacy":
+            for k in ("legacy_small", "legacy_big"):
+                if k in self.inp.pt:
+                    d = r.fresh()
+                    path = self._pt_copy(k, d)
+                    r.run({"mode": "open", "path": str(path), "expect": f"pt:{k}", "preserve": True,
+                           "oracle": oracle_dir(d, "legacy"), "label": f"legacy torch.save {k} unchanged"},
+                          ["none (control)"])
         if family == "pickles":
             r.run({"mode": "loads", "data": self.r.env.benign_pickle, "label": "benign pickle"}, ["none (control)"])
         self.explicit(family)
@@ -2259,6 +2352,53 @@ class Families:
                     "oracle": oracle_dir(d, "torchsave"),
                     "rng": draw(st.integers(0, 2**32)), "label": f"torch.save {key}"}, descs)
 
+    # -- legacy torch.save files (torch < 1.6's format) ------------------------------------------------
+
+    def legacy(self, draw: Callable) -> None:
+        key = draw(st.sampled_from([k for k in ("legacy_small", "legacy_small", "legacy_big") if k in self.inp.pt]))
+        d = self.r.fresh()
+        path = self._pt_copy(key, d)
+        buf = path.read_bytes()
+        parts = legacy_parts(buf)
+        if parts is None:
+            reject()
+        ends, keys, table = parts
+        kind = draw(st.sampled_from(["pickle", "pickle", "pickle", "keys", "count", "count", "flip", "truncate",
+                                     "insert"]))
+        if kind == "pickle":  # a structure-aware mutation of one of the five pickles (mostly the state dict)
+            i = draw(st.sampled_from([3, 3, 3, 4, 0, 1, 2]))
+            start = ends[i - 1] if i else 0
+            pk, ds = mutate_pickle(draw, buf[start:ends[i]])
+            new, descs = buf[:start] + pk + buf[ends[i]:], [f"pickle {i + 1}: " + "; ".join(ds)]
+        elif kind == "keys":
+            new_keys = draw(st.one_of(st.permutations(keys).map(list), st.just(keys[:-1]), st.just(keys + keys[:1]),
+                                      st.just(keys + ["1"]), st.just([k.encode() for k in keys]), st.just({})))
+            new = buf[:ends[3]] + pickle.dumps(new_keys, protocol=2) + buf[ends[4]:]
+            descs = [f"storage key list {str(new_keys)[:100]}"]
+        elif kind == "count":
+            k, off, count = draw(st.sampled_from(table))
+            value = draw(st.one_of(int_values(count), st.integers(-(2**63), 2**63 - 1)))
+            value = max(-(2**63), min(2**63 - 1, value))
+            new = bytearray(buf)
+            struct.pack_into("<q", new, off, value)
+            new, descs = bytes(new), [f"count of storage {k} {count} -> {value}"]
+        elif kind == "flip":
+            new = bytearray(buf)
+            for _ in range(draw(st.integers(1, 4))):
+                new[draw(st.integers(0, ends[4] - 1))] ^= 1 << draw(st.integers(0, 7))
+            new, descs = bytes(new), ["bit flips in the pickles"]
+        elif kind == "truncate":
+            cut = draw(st.integers(0, len(buf) - 1))
+            new, descs = buf[:cut], [f"truncate at {cut}/{len(buf)}"]
+        else:
+            at = draw(st.integers(0, ends[4]))
+            new = buf[:at] + draw(st.binary(min_size=1, max_size=16)) + buf[at:]
+            descs = [f"insert bytes at {at}"]
+        path.write_bytes(new)
+        self.r.run({"mode": "open", "path": str(path), "io": self._io(draw), "expect": f"pt:{key}",
+                    "oracle": oracle_dir(d, "legacy"), "rng": draw(st.integers(0, 2**32)),
+                    "label": f"legacy torch.save {key}"}, descs)
+
     # -- hand-built pickles ----------------------------------------------------------------------------
 
     def pickles(self, draw: Callable) -> None:
@@ -2310,7 +2450,7 @@ class Families:
 # main
 # ================================================================================================
 
-FAMILIES = ("dcp_metadata", "dcp_items", "safetensors", "torchsave", "pickles")
+FAMILIES = ("dcp_metadata", "dcp_items", "safetensors", "torchsave", "pickles", "legacy")
 
 
 def vm_peak() -> str:

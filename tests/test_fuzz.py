@@ -6,8 +6,8 @@ another exception type, a crash by signal, a hang, or a memory blow-up.
 
 The mutations and checks live in ``tests/fuzz_worker.py``, run here as a child process (no torch, no jax) under
 an address-space limit and a wall-clock limit; the worker runs each case in a forked grandchild, so a crash is
-reported with the input that caused it. This module writes the torch originals (``torch.save`` files; the DCP
-checkpoints come from the ``checkpoints`` fixture) and hands their paths to the worker.
+reported with the input that caused it. This module writes the torch originals (``torch.save`` files, zip and
+legacy; the DCP checkpoints come from the ``checkpoints`` fixture) and hands their paths to the worker.
 
 ``--fuzz-long`` multiplies the number of cases by 50; ``JRESHARD_FUZZ_SEED`` picks another seed (default fixed,
 so that a failure reproduces). Each family's failures are printed with the input's description and the path of a
@@ -33,7 +33,7 @@ TESTS_DIR = Path(__file__).resolve().parent
 WORKER = TESTS_DIR / "fuzz_worker.py"
 
 # Generated cases per family in the default run (plus a few unmutated controls each); x LONG_FACTOR with --fuzz-long.
-CASES = {"dcp_metadata": 40, "dcp_items": 40, "safetensors": 50, "torchsave": 50, "pickles": 70}
+CASES = {"dcp_metadata": 40, "dcp_items": 40, "safetensors": 50, "torchsave": 50, "pickles": 70, "legacy": 40}
 LONG_FACTOR = 50
 SEED = int(os.environ.get("JRESHARD_FUZZ_SEED", "20240917"))
 CASE_TIMEOUT = 30  # seconds one case may take before it is reported as a hang
@@ -108,6 +108,11 @@ def fuzz_corpus(checkpoints, tmp_path_factory) -> Path:
     for key, state in (("small", small), ("big", big_state)):
         path = root / f"{key}.pt"
         torch.save(state, path)
+        names, objects = _save_reference(state, root / f"ref_{key}")
+        pt[key] = {"path": str(path), "ref": str(root / f"ref_{key}"), "names": names, "objects": objects}
+    for key, state in (("legacy_small", small), ("legacy_big", big_state)):  # torch < 1.6's format
+        path = root / f"{key}.pt"
+        torch.save(state, path, _use_new_zipfile_serialization=False)
         names, objects = _save_reference(state, root / f"ref_{key}")
         pt[key] = {"path": str(path), "ref": str(root / f"ref_{key}"), "names": names, "objects": objects}
     single = root / "hf_single"

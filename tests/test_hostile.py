@@ -88,9 +88,10 @@ def test_plain_numpy_array_decodes_exactly():
 def test_numpy_values_of_every_protocol(proto):
     values = {"a": np.arange(12, dtype=">i4").reshape(3, 4), "f": np.asfortranarray(np.ones((2, 3))),
               "s": np.float32(1.5), "d": np.dtype("f2"), "e": np.zeros((0, 3)), "rng": ("MT19937", np.arange(5, dtype=np.uint32))}
-    out = safe_loads(pickle.dumps(values, protocol=proto), "numpy values")
-    for k in ("a", "f", "e"):
-        assert out[k].dtype == values[k].dtype and out[k].shape == values[k].shape
+    data = pickle.dumps(values, protocol=proto)
+    out, numpy_reads = safe_loads(data, "numpy values"), pickle.loads(data)
+    for k in ("a", "f", "e"):  # byte order as numpy restores it: native below protocol 5, the saved one at 5
+        assert out[k].dtype == numpy_reads[k].dtype and out[k].shape == values[k].shape
         np.testing.assert_array_equal(out[k], values[k])
     assert out["f"].flags["F_CONTIGUOUS"]
     assert out["s"] == np.float32(1.5) and out["d"] == np.dtype("f2")
@@ -185,6 +186,13 @@ def test_build_on_shared_standins_is_refused(module, name, state, tmp_path):
     # one 1 MiB bytes object turned into a bytearray 1000 times (repetition through the memo)
     b"\x80\x02(" + b"B" + struct.pack("<I", 2**20) + b"\x00" * 2**20 + b"q\x000"
     + (_glob("builtins", "bytearray") + b"h\x00\x85R") * 1000 + b"l.",
+    # ... and into an io.BytesIO 1000 times (BUILD copies its bytes)
+    b"\x80\x02(" + b"B" + struct.pack("<I", 2**20) + b"\x00" * 2**20 + b"q\x000"
+    + (_glob("_io", "BytesIO") + b")\x81(h\x00K\x00Ntb") * 1000 + b"l.",
+    # a numpy array whose shape claims 2**40 float64 from 8 bytes
+    _array_pickle(_dtype_pickle("f8", PLAIN_F8_STATE), (2**20, 2**20), b"\x00" * 8),
+    # a Counter of a billion-element range
+    b"\x80\x02" + _glob("collections", "Counter") + _glob("builtins", "range") + b"J\x00\xca\x9a\x3b\x85R\x85R.",
 ])
 def test_tiny_pickles_cannot_allocate_gigabytes(data, tmp_path):
     (tmp_path / "bomb.pkl").write_bytes(data)
@@ -231,6 +239,112 @@ def test_deep_lists_are_refused_not_returned():
         safe_loads(data, "deep lists")
 
 
+# Training-state objects (byte strings, streams, devices, counting dicts, numpy random generators): each
+# constructor checks what it is given; tricks through them are refused.
+RND = "numpy.random._pickle"
+_MT = _glob("numpy.random._mt19937", "MT19937")
+_BITGEN = _glob(RND, "__bit_generator_ctor") + _MT + b"\x85R"  # an MT19937 bit generator, no state yet
+
+
+def _mt_state(name: str = "MT19937") -> bytes:
+    return b"}(" + _str("bit_generator") + _str(name) + _str("state") + b"}(" + _str("pos") + b"K\x01uu"
+
+
+# What each refusal below says (the case is refused for its own reason, not by accident).
+_TRICK_MATCHES = [
+    "_codecs.encode", "_codecs.encode", "_codecs.encode", "_codecs.encode", "_codecs.encode", "_codecs.encode",
+    "not one of MT19937", "not one of MT19937", "Generator made by", "RandomState made by", "not one of MT19937",
+    "__pyx_unpickle_SeedSequence of", "SeedSequence entropy", "state of a numpy MT19937",
+    "state of a numpy MT19937", "RandomState state", "without its state", "default factory", "default factory",
+    "default factory", "default factory", "PickledDefaultDict \\(BUILD\\)", "PickledDefaultDict \\(BUILD\\)",
+    "more than a default factory", "PickledCounter \\(BUILD\\)", "Counter of", "position 3 outside",
+    "io.BytesIO state", "io.BytesIO state", "io.BytesIO state", "io.BytesIO\\(", "BytesIO", "io.BytesIO\\(",
+    "is not a device", "device index", "is not a device", "not a device name", "device index", "not a device name",
+]
+
+
+@pytest.mark.parametrize("data,match", list(zip([
+    # _codecs.encode: only (str, "latin1"), the way protocol 2 writes bytes
+    b"\x80\x02" + _glob("_codecs", "encode") + _str("abc") + _str("rot13") + b"\x86R.",
+    b"\x80\x02" + _glob("_codecs", "encode") + _str("abc") + _str("utf-8") + b"\x86R.",
+    b"\x80\x02" + _glob("_codecs", "encode") + _str("616263") + _str("hex") + b"\x86R.",
+    b"\x80\x02" + _glob("_codecs", "encode") + b"C\x03abc" + _str("latin1") + b"\x86R.",
+    b"\x80\x02" + _glob("_codecs", "encode") + _str("abc") + _str("latin1") + _str("ignore") + b"\x87R.",
+    b"\x80\x02" + _glob("_codecs", "encode") + _str("abc") + b"\x85R.",
+    # numpy's random constructors: only numpy's bit generators, and numpy's own constructor
+    b"\x80\x02" + _glob(RND, "__bit_generator_ctor") + _glob("builtins", "set") + b"\x85R.",
+    b"\x80\x02" + _glob(RND, "__bit_generator_ctor") + _str("os.system") + b"\x85R.",
+    b"\x80\x02" + _glob(RND, "__generator_ctor") + _str("MT19937") + _glob("builtins", "bytearray") + b"\x86R.",
+    b"\x80\x02" + _glob(RND, "__randomstate_ctor") + _str("MT19937") + _glob(NP, "_reconstruct") + b"\x86R.",
+    b"\x80\x02" + _glob(RND, "__randomstate_ctor") + _glob("numpy", "ndarray") + b"\x85R.",
+    b"\x80\x02" + _glob("numpy.random.bit_generator", "__pyx_unpickle_SeedSequence") + _glob("numpy", "ndarray")
+    + b"K\x00N\x87R.",
+    b"\x80\x02" + _glob("numpy.random.bit_generator", "__pyx_unpickle_SeedSequence")
+    + _glob("numpy.random.bit_generator", "SeedSequence") + b"K\x00(" + _str("x") + b"K\x00NK\x04)t\x87R.",
+    # a state naming another generator, a second BUILD, a state that is not a dict
+    b"\x80\x02" + _BITGEN + _mt_state("PCG64") + b"b.",
+    b"\x80\x02" + _BITGEN + _mt_state() + b"b" + _mt_state() + b"b.",
+    b"\x80\x02" + _glob(RND, "__randomstate_ctor") + _BITGEN + b"\x85R]b.",
+    # an unbuilt generator is not returned half-made
+    b"\x80\x02" + _BITGEN + b".",
+    # defaultdict: only plain default factories; no BUILD
+    b"\x80\x02" + _glob("collections", "defaultdict") + _glob("torch._utils", "_rebuild_tensor_v2") + b"\x85R.",
+    b"\x80\x02" + _glob("collections", "defaultdict") + _glob("pathlib", "PosixPath") + b"\x85R.",
+    b"\x80\x02" + _glob("collections", "defaultdict") + _glob("numpy", "ndarray") + b"\x85R.",
+    b"\x80\x02" + _glob("collections", "defaultdict") + _glob("torch", "device") + b"\x85R.",
+    b"\x80\x02" + _glob("collections", "defaultdict") + _glob("builtins", "list") + b"\x85R}" + _str("x")
+    + b"K\x01sb.",
+    b"\x80\x02" + _glob("collections", "defaultdict") + b")R(N}" + _str("default_factory") + _glob("builtins", "set")
+    + b"stb.",
+    b"\x80\x02" + _glob("collections", "defaultdict") + b"N]\x86R.",
+    b"\x80\x02" + _glob("collections", "Counter") + b")R}" + _str("__missing__") + b"K\x01sb.",
+    b"\x80\x02" + _glob("collections", "Counter") + _str("abc") + b"\x85R.",
+    # io.BytesIO: state (bytes, position <= size, no attributes), once
+    b"\x80\x02" + _glob("_io", "BytesIO") + b")\x81(C\x02abK\x03Ntb.",
+    b"\x80\x02" + _glob("_io", "BytesIO") + b")\x81(C\x02abK\x00}" + _str("read") + b"K\x01stb.",
+    b"\x80\x02" + _glob("_io", "BytesIO") + b")\x81(C\x02abK\x00Ntb(C\x02abK\x00Ntb.",
+    b"\x80\x02" + _glob("_io", "BytesIO") + b")\x81(" + _str("ab") + b"K\x00Ntb.",
+    b"\x80\x02" + _glob("_io", "BytesIO") + _str("text") + b"\x85R.",
+    b"\x80\x02" + _glob("_io", "BytesIO") + b"C\x01aC\x01b\x86\x81.",
+    b"\x80\x02" + _glob("_io", "BytesIO") + b"K\x05\x85R.",
+    # torch.device: a device name and a non-negative index
+    b"\x80\x02" + _glob("torch", "device") + _str("cuda:x") + b"\x85R.",
+    b"\x80\x02" + _glob("torch", "device") + _str("cuda") + b"J\xff\xff\xff\xff\x86R.",
+    b"\x80\x02" + _glob("torch", "device") + _str("cuda:0") + b"K\x01\x86R.",
+    b"\x80\x02" + _glob("torch", "device") + b"K\x05\x85R.",
+    b"\x80\x02" + _glob("torch", "device") + _str("cuda") + b"\x8a\x0d" + b"\x01" * 13 + b"\x86R.",
+    b"\x80\x02" + _glob("torch", "device") + _str("../../x") + b"\x85R.",
+], _TRICK_MATCHES, strict=True)))
+def test_training_state_constructors_refuse_tricks(data, match):
+    with pytest.raises(errors.JReshardError, match=match):
+        safe_loads(data, "trick")
+
+
+def test_training_state_constructors_decode_their_own_pickles():
+    """The controls of the cases above: the well-formed pickles they were cut from decode."""
+    out = safe_loads(b"\x80\x02" + _glob("_io", "BytesIO") + b")\x81(C\x02abK\x01Ntb.", "ok")
+    assert type(out) is io.BytesIO and out.getvalue() == b"ab" and out.tell() == 1
+    assert safe_loads(b"\x80\x02" + _glob("torch", "device") + _str("cuda") + b"K\x03\x86R.", "ok") == "cuda:3"
+    assert safe_loads(b"\x80\x02" + _glob("_codecs", "encode") + _str("ab\xff") + _str("latin1") + b"\x86R.",
+                      "ok") == b"ab\xff"
+    dd = safe_loads(b"\x80\x02" + _glob("collections", "defaultdict") + _glob("builtins", "list") + b"\x85R.", "ok")
+    assert type(dd) is collections.defaultdict and dd.default_factory is list
+    gen = safe_loads(b"\x80\x02" + _BITGEN + _mt_state() + b"b.", "ok")
+    assert (gen.kind, gen.bit_generator, gen.state["state"]) == ("BitGenerator", "MT19937", {"pos": 1})
+
+
+def test_numpy_random_state_restore_checks_the_state():
+    from jreshard.unpickle import NumpyRandomState
+
+    bad = NumpyRandomState("RandomState", "MT19937", {"bit_generator": "MT19937", "state": {"key": np.zeros(3, np.uint32),
+                                                                                           "pos": 0}})
+    with pytest.raises(errors.CheckpointFormatError):
+        bad.restore()
+    good = np.random.RandomState(2)
+    state = NumpyRandomState("RandomState", "MT19937", good.get_state(legacy=False))
+    assert state.restore().randint(1000) == good.randint(1000)
+
+
 # Hypothesis: random programs over the allow-list: decode to a value or a jreshard error, never anything else.
 _ARGS = st.sampled_from([b"N", b"K\x07", b"J\xff\xff\xff\xff", b"\x8a\x09" + b"\xff" * 9, _str("f8"), _str("O"),
                          _str("../x"), b"C\x04abcd", b"]", b"}", b")", b"G" + struct.pack(">d", 2.5),
@@ -239,7 +353,13 @@ _GLOBALS = st.sampled_from(STANDINS + [("builtins", "bytearray"), ("builtins", "
                                        ("builtins", "complex"), (NP, "_reconstruct"), (NP, "scalar"),
                                        ("numpy", "dtype"), ("torch._utils", "_rebuild_tensor_v3"),
                                        ("pathlib", "PosixPath"), ("_codecs", "encode"),
-                                       ("torch.distributed.checkpoint.filesystem", "_StorageInfo")])
+                                       ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                                       ("_io", "BytesIO"), ("torch", "device"), ("collections", "defaultdict"),
+                                       ("collections", "Counter"), (RND, "__bit_generator_ctor"),
+                                       (RND, "__generator_ctor"), (RND, "__randomstate_ctor"),
+                                       ("numpy.random._pcg64", "PCG64"), ("builtins", "list"),
+                                       ("numpy.random.bit_generator", "__pyx_unpickle_SeedSequence"),
+                                       ("numpy.random.bit_generator", "SeedSequence")])
 
 
 @st.composite

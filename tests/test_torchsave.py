@@ -1,9 +1,11 @@
 """torch.save archives (``.pt`` / ``.pth`` / ``.bin``) written by torch itself: flat and nested state dicts,
 views and shared storages, every dtype, Hugging Face style sharded ``pytorch_model-0000X-of-0000N.bin`` with
-``pytorch_model.bin.index.json``, the legacy (non-zip) format, and hostile pickles.
+``pytorch_model.bin.index.json``, and hostile pickles.
 
-Expected values come from ``torch.load(..., weights_only=True)``, flattened with dots (nested dicts, and
-lists/tuples that hold tensors or containers; lists of plain values stay whole), never from jreshard.
+Expected values come from ``torch.load(..., weights_only=True)``, named by torch's own ``flatten_state_dict``
+(DCP's rule: nested dicts joined with dots, lists walked when they hold tensors or containers, tuples and lists of
+plain values kept whole), never from jreshard. The legacy format has its own module,
+``tests/test_legacy_torchsave.py``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import io as _io
 import json
 import os
 import pickle
-import re
 import subprocess
 import sys
 import zipfile
@@ -28,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 import jreshard
 from jreshard import errors
 
-from tests.helpers import MESH_SHAPES, check_catalog, flatten_torch, assert_same, box_nbytes, check_loaded_array, make_mesh, spec_fits, SPECS, random_tensor, torch_bits
+from tests.helpers import MESH_SHAPES, check_catalog, assert_same, box_nbytes, check_loaded_array, make_mesh, spec_fits, SPECS, random_tensor, torch_bits
 
 IOS = ("posix", "tensorstore")
 
@@ -66,6 +67,13 @@ def to_numpy(t) -> np.ndarray:
     return torch_bits(t, NP_DTYPES[str(t.dtype).removeprefix("torch.")])
 
 
+def torch_flatten(obj):
+    """(name, leaf) pairs of a torch.load result, named by DCP's own flatten_state_dict."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+
+    return flatten_state_dict(obj)[0].items()
+
+
 def torch_reference(*paths):
     """({name: numpy array}, {name: object}) of what torch.load(weights_only=True) reads from ``paths``."""
     import torch
@@ -73,7 +81,7 @@ def torch_reference(*paths):
     tensors, objects = {}, {}
     for p in paths:
         obj = torch.load(str(p), weights_only=True, map_location="cpu")
-        for name, leaf in flatten_torch(obj):
+        for name, leaf in torch_flatten(obj):
             if isinstance(leaf, torch.Tensor):
                 tensors[name] = to_numpy(leaf)
             else:
@@ -184,9 +192,6 @@ def files(tmp_path_factory):
     torch.save(model.state_dict(), single / "pytorch_model.bin")
     out["single"] = single
 
-    # legacy (non-zip) format
-    torch.save({"w": torch.ones(3, 4)}, d / "legacy.pt", _use_new_zipfile_serialization=False)
-    out["legacy"] = d / "legacy.pt"
     return out
 
 
@@ -202,7 +207,6 @@ def test_fixture_archives_are_zip_with_shared_storage(files):
     # big, alias, t, tail, col, strided, row, elem, expanded-base share storages: far fewer storages than entries
     assert len(storages) <= 6, storages
     assert b"_rebuild_parameter" in pkl
-    assert not zipfile.is_zipfile(files["legacy"])
     assert os.path.getsize(files["flat"]) > 64 * 1024 and os.path.getsize(files["small"]) < 64 * 1024
 
 
@@ -435,21 +439,6 @@ def test_load_with_objects_in_target(files, meshes):
 # ---------------------------------------------------------------------------------------------
 # refused inputs
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("io", IOS)
-def test_legacy_format(files, tmp_path, io):
-    with pytest.raises(errors.CheckpointFormatError) as ei:
-        jreshard.open(files["legacy"], io=io)
-    msg = str(ei.value)
-    assert re.search(r"re-?sav|save it again|torch\.save\(", msg, re.I), msg
-    assert "legacy" in msg.lower() or "zip" in msg.lower()
-    # also as the pytorch_model.bin of a directory
-    d = tmp_path / "legacy_dir"
-    d.mkdir()
-    (d / "pytorch_model.bin").write_bytes(files["legacy"].read_bytes())
-    with pytest.raises(errors.CheckpointFormatError):
-        jreshard.open(d, io=io)
 
 
 @pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")

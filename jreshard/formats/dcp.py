@@ -22,10 +22,10 @@ from ..errors import CheckpointFormatError, InconsistentCheckpointError, Missing
 from ..plan import c_strides
 from ..storage import LocalStore, Store
 from ..gate import _short, checked_int, checked_name, checked_shape, decoding
-from ..unpickle import (MAX_DEPTH, MAX_ENTRIES, BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex,
-                        StorageInfo, TensorRef, TensorStorageMetadata, safe_loads)
+from ..unpickle import (BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, StorageInfo, TensorRef,
+                        TensorStorageMetadata, safe_loads)
 from .safetensors import Header, load_json, read_headers
-from .torchsave import MAX_INFLATED, SMALL_BLOB, Blob, open_archives
+from .torchsave import MAX_INFLATED, SMALL_BLOB, Blob, materialize, open_archives
 
 METADATA = ".metadata"
 
@@ -229,38 +229,6 @@ class DCPSource:
             for name, archive, where in zip(names, open_archives(self.store, [r.blob for r in refs], wheres), wheres):
                 out[name] = materialize(archive.obj, archive, self.store, where)
         return out
-
-
-MAX_OBJECT_TENSOR = 64 * 2**20  # a tensor inside a saved object is made dense only up to this (or its storage's size)
-
-
-def materialize(obj: Any, archive: Any, store: Store, where: str, depth: int = 0,
-                count: list[int] | None = None) -> Any:
-    """Replace TensorRefs inside a decoded object by numpy arrays read from its archive. Nesting deeper than
-    MAX_DEPTH, more than MAX_ENTRIES entries, or a tensor whose dense size exceeds both its storage and
-    MAX_OBJECT_TENSOR (a zero-stride view of one element claiming gigabytes) are refused."""
-    from ..read import read_locator_whole
-
-    count = count if count is not None else [0]
-    count[0] += 1
-    if depth > MAX_DEPTH or count[0] > MAX_ENTRIES:
-        raise CheckpointFormatError(f"{where}: the saved object nests deeper than {MAX_DEPTH} levels or has more "
-                                    f"than {MAX_ENTRIES} entries")
-    if isinstance(obj, TensorRef):
-        dtype = obj.dtype.numpy(where)
-        loc = archive.locator(obj, where)
-        dense = math.prod(obj.size) * dtype.itemsize
-        if dense > max(loc.storage_nbytes, MAX_OBJECT_TENSOR):
-            raise CheckpointFormatError(f"{where}: a tensor in the object would take {dense} bytes from a storage of "
-                                        f"{loc.storage_nbytes}; refused")
-        return read_locator_whole(store, loc, obj.size, dtype)
-    if isinstance(obj, dict):
-        return type(obj)((k, materialize(v, archive, store, where, depth + 1, count)) for k, v in obj.items())
-    if isinstance(obj, list):
-        return [materialize(v, archive, store, where, depth + 1, count) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(materialize(v, archive, store, where, depth + 1, count) for v in obj)
-    return obj
 
 
 def _chunk_locator(obj: Any, archive: Any, tensor: TensorInfo, chunk: Chunk, where: str) -> Locator:

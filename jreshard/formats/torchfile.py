@@ -1,9 +1,11 @@
 """``torch.save`` files (``.pt``, ``.pth``, ``pytorch_model.bin``) and their sharded index
 (``pytorch_model.bin.index.json``), read torch-free.
 
-Nested state dicts are flattened with dots the way DCP flattens them (``model.layers.0.w``); tensors become
-one-chunk tensors located inside the archive (views and shared storages included), everything else
-becomes an object.
+Both formats torch.save has written: the zip archive (torch >= 1.6, :mod:`.torchsave`) and the legacy format
+(:mod:`.torchlegacy`); a sharded index may list files of either. Nested state dicts are named the way DCP
+flattens them (``model.layers.0.w``; see :func:`~jreshard.formats.torchsave.flatten_state`); tensors become
+one-chunk tensors located inside their file (views and shared storages included), everything else becomes an
+object.
 """
 
 from __future__ import annotations
@@ -15,12 +17,10 @@ from ..catalog import Chunk, Locator, TensorInfo
 from ..errors import CheckpointFormatError, InconsistentCheckpointError, MissingDataError
 from ..gate import checked_name, decoding
 from ..storage import LocalStore, Store
-from .safetensors import read_index
 from ..unpickle import TensorRef
-from .torchsave import TAIL, Archive, Blob, iter_tensors, open_archives
-
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-
+from .safetensors import read_index
+from .torchlegacy import open_legacy
+from .torchsave import TAIL, Blob, flatten_state, materialize, open_archives
 
 def _size(store: Store, key: str) -> int:
     """Size of ``key``; for remote stores, derived from the zip end records of a suffix read."""
@@ -29,7 +29,7 @@ def _size(store: Store, key: str) -> int:
     tail = store.tail(key, TAIL)
     pos = tail.rfind(b"PK\x05\x06")
     if pos < 0 or pos + 22 > len(tail):
-        raise _not_zip(store, key, tail)
+        raise _not_zip(store, key)
     (_, _, _, _, count, cd_size, cd_off, comment) = struct.unpack_from("<IHHHHIIH", tail, pos)
     if pos >= 20 and tail[pos - 20 : pos - 16] == b"PK\x06\x07":
         # zip64 end records (torch always writes them): the record at eocd64_off is followed by the locator.
@@ -38,12 +38,8 @@ def _size(store: Store, key: str) -> int:
     return cd_off + cd_size + 22 + comment
 
 
-def _not_zip(store: Store, key: str, head: bytes) -> CheckpointFormatError:
-    return CheckpointFormatError(
-        f"{store.where(key)}: not a torch.save zip archive. If it was written by torch.save with "
-        "_use_new_zipfile_serialization=False (the legacy format), load it in torch and save it again with "
-        "torch.save(obj, path) (torch >= 1.6 writes the zip format), or export it with safetensors."
-    )
+def _not_zip(store: Store, key: str) -> CheckpointFormatError:
+    return CheckpointFormatError(f"{store.where(key)}: not a torch.save zip archive (no zip end record)")
 
 
 class TorchSaveSource:
@@ -65,17 +61,22 @@ class TorchSaveSource:
             files = sorted(set(expected.values()))
         assert files is not None
         files = [checked_name(f, store.description) for f in files]
-        heads = store.read_ranges([(f, 0, min(4, _size(store, f))) for f in files])
-        for f, head in zip(files, heads):
-            if head != b"PK\x03\x04":
-                raise _not_zip(store, f, head)
-        blobs = [Blob(f, 0, _size(store, f)) for f in files]
-        archives = open_archives(store, blobs, [store.where(f) for f in files])
+        local = isinstance(store, LocalStore)
+        sizes = {f: store.size(f) for f in files} if local else {}
+        heads = store.read_ranges([(f, 0, min(4, sizes[f]) if local else 4) for f in files])
+        zips = [f for f, head in zip(files, heads) if head == b"PK\x03\x04"]
+        blobs = [Blob(f, 0, sizes[f] if local else _size(store, f)) for f in zips]
+        opened: dict[str, Any] = dict(zip(zips, open_archives(store, blobs, [store.where(f) for f in zips])))
+        for f in files:  # the legacy format (and refusals of what is neither)
+            if f not in opened:
+                opened[f] = open_legacy(store, f, store.where(f), sizes.get(f))
         self.tensors: dict[str, TensorInfo] = {}
         self.objects_: dict[str, Any] = {}
-        self._refs: dict[str, tuple[Archive, TensorRef]] = {}
-        for f, archive in zip(files, archives):
-            for name, leaf in iter_tensors(archive.obj):
+        self._refs: dict[str, tuple[Any, TensorRef]] = {}
+        self._object_files: dict[str, Any] = {}
+        for f in files:
+            archive = opened[f]
+            for name, leaf in flatten_state(archive.obj):
                 where = f"{store.where(f)} (entry {name!r})"
                 if name in self.tensors or name in self.objects_:
                     raise InconsistentCheckpointError(f"{where}: name stored twice")
@@ -88,6 +89,7 @@ class TorchSaveSource:
                     self.tensors[name] = TensorInfo(name, leaf.size, dtype, (Chunk((0,) * len(leaf.size), leaf.size, ref=name),))
                 else:
                     self.objects_[name] = leaf
+                    self._object_files[name] = archive
         missing = sorted(n for n in expected if n not in self.tensors and n not in self.objects_)
         if missing:
             raise MissingDataError(f"{store.where(index or '')}: entries listed in the index are missing: {missing[:5]}")
@@ -98,4 +100,11 @@ class TorchSaveSource:
             return [self._refs[info.name][0].locator(self._refs[info.name][1], info.name) for info, _ in items]
 
     def read_objects(self, names: Sequence[str]) -> dict[str, Any]:
-        return {n: self.objects_[n] for n in names}
+        """The saved objects as users get them (tensors inside them read, torch dtypes as numpy dtypes: see
+        :func:`~jreshard.formats.torchsave.materialize`)."""
+        out = {}
+        with decoding(self.store.description):
+            for n in names:
+                archive = self._object_files[n]
+                out[n] = materialize(self.objects_[n], archive, self.store, f"{archive.where} (object {n!r})")
+        return out

@@ -9,18 +9,21 @@ local header of every storage entry. Payloads themselves are never read here.
 
 from __future__ import annotations
 
+import collections
+import math
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import zstandard
 
 from ..catalog import Locator
-from ..dtypes import TorchDtype
+from ..dtypes import TORCH_DTYPES, TorchDtype
 from ..errors import CheckpointFormatError, InconsistentCheckpointError, TruncatedDataError
 from ..gate import check_view
 from ..storage import Store
-from ..unpickle import MAX_DEPTH, MAX_ENTRIES, StorageRef, TensorRef, safe_loads
+from ..unpickle import MAX_DEPTH, MAX_ENTRIES, PickledOrderedDict, StorageRef, TensorRef, safe_loads
 
 MAX_INFLATED = 2**30  # a compressed item with no declared size (a saved object) inflates to at most this
 INFLATE_STEP = 16 * 2**20
@@ -358,21 +361,125 @@ def _finish(a: Archive) -> None:
     a._tails.clear()
 
 
-def iter_tensors(obj: Any, prefix: str = "", depth: int = 0, count: list[int] | None = None) -> Iterator[tuple[str, Any]]:
-    """Flatten nested dicts/lists/tuples the way DCP flattens state dicts: ``a.b.0.c``; yields (name, leaf).
-    Nesting deeper than MAX_DEPTH or more than MAX_ENTRIES leaves (a pickle can share one container many
-    times) is refused."""
-    count = count if count is not None else [0]
-    if depth > MAX_DEPTH:
-        raise CheckpointFormatError(f"state dict nests deeper than {MAX_DEPTH} levels at {prefix[:200]!r}")
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from iter_tensors(v, f"{prefix}{k}.", depth + 1, count)
-    elif isinstance(obj, (list, tuple)) and any(isinstance(v, (TensorRef, dict, list, tuple)) for v in obj):
+def flatten_state(obj: Any) -> Iterator[tuple[str, Any]]:
+    """(name, leaf) of a decoded torch.save object, named the way DCP's ``flatten_state_dict`` names a state
+    dict (``torch/distributed/checkpoint/_traverse.py``), so that the same dict saved with ``torch.save`` and
+    with ``dcp.save`` has the same names:
+
+    * a mapping (dict, OrderedDict, defaultdict ...) is walked: ``{"a": {"b": x}}`` is ``a.b`` (keys by
+      ``str(key)``); an empty mapping names nothing;
+    * a list is walked by index (``a.0``, ``a.1``) when it holds a tensor, a mapping, or a list walked by this
+      rule; otherwise it is one leaf (``[1, 2]``, ``[[1, 2], [3]]``, ``[]``);
+    * anything else is one leaf: tensors, plain values, and tuples, whatever they hold (a tuple holding
+      tensors is an object whose tensors are read when the object is);
+    * the saved object itself is walked like a value, except that a tuple at the top is walked like a list
+      (``torch.save((a, b))`` names ``0`` and ``1``; DCP saves only dicts); a bare tensor or value saved alone
+      is named ``""``, the name JAX gives a pytree that is a single leaf.
+
+    Nesting deeper than MAX_DEPTH, or more than MAX_ENTRIES leaves, is refused.
+
+    Example:
+        >>> dict(flatten_state({"model": {"w": 1}, "opt": [{"lr": 0.1}], "ids": [1, 2], "betas": (0.9, 0.99)}))
+        {'model.w': 1, 'opt.0.lr': 0.1, 'ids': [1, 2], 'betas': (0.9, 0.99)}
+        >>> dict(flatten_state(5))
+        {'': 5}
+    """
+    count = [0]
+    if type(obj) is tuple and not _is_leaf(list(obj), 0):
         for i, v in enumerate(obj):
-            yield from iter_tensors(v, f"{prefix}{i}.", depth + 1, count)
+            yield from _flatten(v, str(i), 1, count)
+    else:
+        yield from _flatten(obj, "", 0, count)
+
+
+def _is_leaf(value: Any, depth: int) -> bool:
+    """DCP's ``_is_terminal``: a list is a leaf unless it holds a tensor, a mapping or a non-leaf list."""
+    if isinstance(value, Mapping):
+        return False
+    if not isinstance(value, list):
+        return True
+    if depth > MAX_DEPTH:
+        raise CheckpointFormatError(f"state dict nests deeper than {MAX_DEPTH} levels")
+    for v in value:
+        if isinstance(v, (TensorRef, Mapping)) or (isinstance(v, list) and not _is_leaf(v, depth + 1)):
+            return False
+    return True
+
+
+def _flatten(obj: Any, name: str, depth: int, count: list[int]) -> Iterator[tuple[str, Any]]:
+    if depth > MAX_DEPTH:
+        raise CheckpointFormatError(f"state dict nests deeper than {MAX_DEPTH} levels at {name[:200]!r}")
+    prefix = f"{name}." if depth else ""
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from _flatten(v, f"{prefix}{k}", depth + 1, count)
+    elif not _is_leaf(obj, depth):
+        for i, v in enumerate(obj):
+            yield from _flatten(v, f"{prefix}{i}", depth + 1, count)
     else:
         count[0] += 1
         if count[0] > MAX_ENTRIES:
             raise CheckpointFormatError(f"state dict has more than {MAX_ENTRIES} entries")
-        yield prefix[:-1], obj
+        yield name, obj
+
+
+iter_tensors = flatten_state  # the former name
+
+
+# ------------------------------------------------------------------------------------------------
+# Saved objects as users get them
+
+MAX_OBJECT_TENSOR = 64 * 2**20  # a tensor inside a saved object is made dense only up to this (or its storage's size)
+
+
+def materialize(obj: Any, archive: Any, store: Store, where: str, depth: int = 0,
+                count: list[int] | None = None) -> Any:
+    """A decoded object as users get it: tensors inside it read into numpy arrays from ``archive`` (anything
+    with ``locator(tensor, name)``), ``torch.float32`` and the other torch dtypes as numpy / ml_dtypes dtypes
+    (a dtype numpy has no counterpart for, such as ``torch.complex32``, stays a ``TorchDtype``), OrderedDicts
+    as ``collections.OrderedDict``. Nesting deeper than MAX_DEPTH, more than MAX_ENTRIES entries, or a tensor
+    whose dense size exceeds both its storage and MAX_OBJECT_TENSOR (a zero-stride view of one element
+    claiming gigabytes) are refused."""
+    from ..read import read_locator_whole
+
+    count = count if count is not None else [0]
+    count[0] += 1
+    if depth > MAX_DEPTH or count[0] > MAX_ENTRIES:
+        raise CheckpointFormatError(f"{where}: the saved object nests deeper than {MAX_DEPTH} levels or has more "
+                                    f"than {MAX_ENTRIES} entries")
+    kind = type(obj)
+    if kind is TensorRef:
+        dtype = obj.dtype.numpy(where)
+        loc = archive.locator(obj, where)
+        dense = math.prod(obj.size) * dtype.itemsize
+        if dense > max(loc.storage_nbytes, MAX_OBJECT_TENSOR):
+            raise CheckpointFormatError(f"{where}: a tensor in the object would take {dense} bytes from a storage of "
+                                        f"{loc.storage_nbytes}; refused")
+        return read_locator_whole(store, loc, obj.size, dtype)
+    if kind is TorchDtype:
+        return obj if TORCH_DTYPES.get(obj.name) is None else TORCH_DTYPES[obj.name]
+    if kind is StorageRef:
+        raise CheckpointFormatError(f"{where}: a bare torch storage saved as an object is not supported")
+
+    def each(values: Any) -> Iterator[Any]:
+        return (materialize(v, archive, store, where, depth + 1, count) for v in values)
+
+    if kind is list:
+        return list(each(obj))
+    if kind is tuple:
+        return tuple(each(obj))
+    if kind is PickledOrderedDict:
+        out = collections.OrderedDict(zip(each(obj.keys()), each(obj.values())))
+        metadata = getattr(obj, "_metadata", None)
+        if metadata is not None:
+            out._metadata = materialize(metadata, archive, store, where, depth + 1, count)  # type: ignore[attr-defined]
+        return out
+    if kind is collections.defaultdict:
+        return collections.defaultdict(obj.default_factory, zip(each(obj.keys()), each(obj.values())))
+    if kind is dict:
+        return dict(zip(each(obj.keys()), each(obj.values())))
+    if kind is collections.Counter:
+        return collections.Counter(dict(zip(each(obj.keys()), each(obj.values()))))
+    if kind in (set, frozenset):
+        return kind(each(obj))
+    return obj
