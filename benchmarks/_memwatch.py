@@ -17,13 +17,15 @@ high-water mark of the *total* RSS (``VmHWM``, reset on entry through
 back to the host, and the next first touch of it costs several times more (on the
 development VM, faulting 1.5 GiB took ~2.7 s instead of ~0.3 s). Touching and
 freeing enough memory just before a timed section gives every contender the same
-warm start.
+warm start; the benchmarks do it only when asked (``--prefault-gib``), and label
+such figures, since a user's process pays that first touch.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from typing import Self
 
 _STATUS = "/proc/self/status"
 
@@ -102,14 +104,13 @@ class PeakAnonMemory:
     def _sample(self) -> None:
         value = _status_fields(self._fd, b"RssAnon")[b"RssAnon"]
         self.samples += 1
-        if value > self.peak:
-            self.peak = value
+        self.peak = max(self.peak, value)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self._sample()
 
-    def __enter__(self) -> PeakAnonMemory:
+    def __enter__(self) -> Self:
         self._fd = os.open(_STATUS, os.O_RDONLY)
         self._hwm_ok = _reset_hwm()
         fields = _status_fields(self._fd, b"RssAnon", b"VmRSS")

@@ -29,6 +29,8 @@ import ml_dtypes
 import numpy as np
 
 GIB = 1 << 30
+DEVICE_COUNT = 8  # the restore mesh: (2, 4) ('data', 'model') of 8 CPU devices
+MESH_SHAPE = (2, 4)
 PERIODS = (61, 67)  # coprime: together, rows repeat every 4087 rows
 DTYPES = {"bf16": np.dtype(ml_dtypes.bfloat16), "f32": np.dtype(np.float32)}
 
@@ -136,6 +138,26 @@ def build_model(size_gib: float) -> ModelSpec:
     layers = max(1, round((size_gib * GIB - fixed) / per_layer))
     tensors = top[:1] + [t for i in range(layers) for t in _layer(i, d, ffn)] + top[1:]
     return ModelSpec(d, ffn, vocab, layers, tuple(tensors))
+
+
+def make_targets(model: ModelSpec, specs=None) -> dict:
+    """Abstract target arrays (``jax.ShapeDtypeStruct`` with a ``NamedSharding`` on the (2, 4) mesh) for
+    ``specs`` (the model's tensors unless given; anything with name, shape, np_dtype, axes)."""
+    import os
+
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = jax.devices()
+    if len(devices) != DEVICE_COUNT:
+        raise RuntimeError(
+            f"expected {DEVICE_COUNT} devices, got {len(devices)} (XLA_FLAGS={os.environ.get('XLA_FLAGS')!r})"
+        )
+    mesh = Mesh(np.array(devices).reshape(MESH_SHAPE), ("data", "model"))
+    return {
+        t.name: jax.ShapeDtypeStruct(t.shape, t.np_dtype, sharding=NamedSharding(mesh, PartitionSpec(*t.axes)))
+        for t in (model.tensors if specs is None else specs)
+    }
 
 
 # ------------------------------------------------------------------ the ported layout

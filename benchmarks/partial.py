@@ -11,14 +11,17 @@ row. This script times, on the DCP checkpoint that ``benchmarks/restore.py`` wri
 Both run on a warm page cache, in one process, alternating, ``--repeat`` times (median reported); every
 jreshard result is compared with the raw copy. ``read GiB`` is what jreshard read from the files per pass
 (its ``io_stats``): local reads take whole rows where the gaps between the needed parts are small.
+``--json PATH`` writes the rows and the machine's facts (``benchmarks/readme.py`` makes the README table).
 
-    python benchmarks/partial.py [--workdir /tmp/jreshard-bench] [--repeat 5]
+    python benchmarks/partial.py [--workdir /tmp/jreshard-bench | --checkpoint DIR] [--repeat 5] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import inspect
+import json
 import os
 import statistics
 import sys
@@ -26,9 +29,15 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import jreshard  # noqa: E402
-from jreshard.plan import overlaps  # noqa: E402
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+from _machine import facts
+
+import jreshard
+from jreshard.plan import overlaps
+
+# Checkpoint.read's default coalesce_gap, and one that reads the gaps inside saved rows through.
+DEFAULT_GAP = inspect.signature(jreshard.Checkpoint.read).parameters["coalesce_gap"].default
+WIDE_GAP = 65536
 
 
 def boxes(ckpt: jreshard.Checkpoint, col_parts: int) -> dict[str, tuple[slice, slice]]:
@@ -60,22 +69,32 @@ def raw_copy(ckpt: jreshard.Checkpoint, want: dict[str, tuple[slice, slice]], ma
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", default="/tmp/jreshard-bench")
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--workdir", default="/tmp/jreshard-bench",
+                    help="restore.py's workdir: its newest DCP checkpoint is used (default /tmp/jreshard-bench)")
+    ap.add_argument("--checkpoint", help="the DCP checkpoint directory to use (instead of --workdir's newest)")
+    ap.add_argument("--repeat", type=int, default=5, help="passes per setting (median reported; default 5)")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = ap.parse_args()
-    dirs = sorted(glob.glob(os.path.join(args.workdir, "*", "dcp")), key=os.path.getmtime)
-    if not dirs:
-        print(f"no DCP checkpoint under {args.workdir}: run benchmarks/restore.py first", file=sys.stderr)
-        return 2
-    ckpt = jreshard.open(dirs[-1])
-    maps = {os.path.basename(f): np.memmap(f, np.uint8, "r") for f in glob.glob(os.path.join(dirs[-1], "*.distcp"))}
+    if args.checkpoint:
+        directory = args.checkpoint
+    else:
+        dirs = sorted(glob.glob(os.path.join(args.workdir, "*", "dcp")), key=os.path.getmtime)
+        if not dirs:
+            print(f"no DCP checkpoint under {args.workdir}: run benchmarks/restore.py first", file=sys.stderr)
+            return 2
+        directory = dirs[-1]
+    machine = facts()
+    ckpt = jreshard.open(directory)
+    maps = {os.path.basename(f): np.memmap(f, np.uint8, "r") for f in glob.glob(os.path.join(directory, "*.distcp"))}
     for f in maps.values():
         np.add.reduce(f[::4096])  # warm the page cache
-    print(f"checkpoint {dirs[-1]}: {sum(t.nbytes for t in ckpt.tensors.values()) / 2**30:.3f} GiB")
+    model_bytes = sum(t.nbytes for t in ckpt.tensors.values())
+    print(f"checkpoint {directory}: {model_bytes / 2**30:.3f} GiB")
+    rows = []
     print(f"{'piece':<22} {'gap':>6} {'GiB':>7} {'read GiB':>9} {'jreshard s':>11} {'raw s':>8} {'x raw':>6}")
-    for parts, gap in ((2, 256), (2, 65536), (4, 256), (4, 65536)):
+    for parts, gap in ((2, DEFAULT_GAP), (2, WIDE_GAP), (4, DEFAULT_GAP), (4, WIDE_GAP)):
         want = boxes(ckpt, parts)
-        for name, box in want.items():  # locate chunks once (headers), outside the timing
+        for name in want:  # locate chunks once (headers), outside the timing
             ckpt.read(name, (slice(0, 1), slice(0, 1)))
         t_j, t_r = [], []
         for _ in range(args.repeat):
@@ -87,11 +106,19 @@ def main() -> int:
             t = time.perf_counter()
             ref = raw_copy(ckpt, want, maps)
             t_r.append(time.perf_counter() - t)
-            assert all(np.array_equal(got[n].view(np.uint8), ref[n].view(np.uint8)) for n in want), "mismatch"
+            if bad := [n for n in want if not np.array_equal(got[n].view(np.uint8), ref[n].view(np.uint8))]:
+                raise SystemExit(f"jreshard's read differs from the raw copy for {len(bad)} tensors, e.g. {bad[0]}")
         nbytes = sum(a.nbytes for a in got.values())
         mj, mr = statistics.median(t_j), statistics.median(t_r)
         print(f"{f'rows/2 x cols/{parts}':<22} {gap:>6} {nbytes / 2**30:>7.3f} {read / 2**30:>9.3f} {mj:>11.3f} {mr:>8.3f} "
               f"{mj / mr:>6.2f}")
+        rows.append({"piece": f"rows/2 x cols/{parts}", "coalesce_gap": gap, "bytes": nbytes, "bytes_read": read,
+                     "jreshard_s": mj, "raw_s": mr, "jreshard_runs": t_j, "raw_runs": t_r})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"checkpoint": directory, "model_bytes": model_bytes, "repeat": args.repeat,
+                       "default_coalesce_gap": DEFAULT_GAP, "machine": machine, "rows": rows}, f, indent=1)
+        print(f"results written to {args.json}")
     return 0
 
 

@@ -1,519 +1,164 @@
-"""Restore benchmark: jreshard against torch DCP, Orbax and a plain file read.
+"""Restore benchmark: jreshard against torch, Orbax and the fastest plain read of the same bytes.
 
 What it measures
 ----------------
-Case ``dcp``: a synthetic transformer-like model (``--size-gib``, default 1.5 GiB;
-bf16 matrices, f32 norms, biases and LM head; see ``_model.py``) saved with
-``torch.distributed.checkpoint`` (default ``FileSystemWriter``) by 4 ranks
-(gloo, CPU), every tensor a DTensor ``Shard(0)`` over a 1-D mesh of 4, i.e. an
-FSDP-style checkpoint. It is restored onto a (2, 4) ``('data', 'model')`` mesh of
-8 CPU devices: matrices ``P('data', 'model')``, norms ``P('model')``, biases
-``P()`` (replicated). Contenders:
+Case ``dcp``: a synthetic transformer-like model (``--size-gib``, default 1.5 GiB; bf16 matrices, f32 norms,
+biases and LM head; see ``_model.py``) saved with ``torch.distributed.checkpoint`` (default
+``FileSystemWriter``) by 4 ranks (gloo, CPU), every tensor a DTensor ``Shard(0)`` over a 1-D mesh of 4, i.e.
+an FSDP-style checkpoint (``_checkpoints.py``). It is restored onto a (2, 4) ``('data', 'model')`` mesh of 8
+CPU devices: matrices ``P('data', 'model')``, norms ``P('model')``, biases ``P()`` (replicated).
+Contenders (``_contenders.py``):
 
   jreshard  ``jreshard.load(dir, targets)``, then ``jax.block_until_ready``.
-  port      the same load ported to another layout through a mapping: every 2-D
-            weight transposed (``saved(name).T``) and the per-layer tensors of each
-            kind stacked into one ``[L, ...]`` array (``jreshard.stack([...])``), e.g.
-            ``model.layers.mlp.up_proj.kernel`` = stack of ``layers.{i}.mlp.up_proj.weight.T``
-            (``_model.port_tensors``). Shardings split the same logical dimensions as
-            jreshard's: a transposed matrix ``P('model', 'data')``, stacked ones
-            ``P(None, 'model', 'data')``, stacked norms ``P(None, 'model')``, biases
-            ``P()``; the stacking dimension is not split. Its time is printed as a ratio
-            to jreshard's ("port / jreshard", informational; the port issue asks <= 1.2x).
-  torch     what users do today: ``dcp.load(..., no_dist=True)`` into preallocated
-            full tensors, then numpy (bf16 through an int16 view) and
-            ``jax.device_put`` onto each target sharding.
+  port      the same load ported to another layout through a mapping: every 2-D weight transposed
+            (``saved(name).T``) and the per-layer tensors of each kind stacked into one ``[L, ...]`` array
+            (``jreshard.stack([...])``, see ``_model.port_tensors``), sharded on the same logical dimensions
+            (the stacking dimension is not split).
+  torch     what users do today: ``dcp.load(..., no_dist=True)`` into preallocated full tensors, then numpy
+            (bf16 through an int16 view) and ``jax.device_put`` onto each target sharding.
   orbax     the same arrays saved once with ``ocp.StandardCheckpointer``; timed:
-            ``StandardCheckpointer().restore(dir, abstract tree)`` onto the same
-            shardings.
-  raw       ``readinto`` of every whole ``.distcp`` file into a preallocated buffer:
-            the bytes jreshard has to read (one process holds all 8 devices, so it
-            needs the whole checkpoint), with no parsing and no ``device_put``.
+            ``StandardCheckpointer().restore(dir, abstract tree)`` onto the same shardings.
+  raw-tT    the anchor: every ``.distcp`` file (the bytes jreshard has to read: one process holds all 8
+            devices) read with ``os.preadv`` by T threads in ``--raw-block-mib`` pieces into one freshly
+            allocated buffer per file, no parsing, no ``device_put`` (``_rawread.py``). The buffers are fresh
+            anonymous memory, not pre-faulted, as the loaders' are, so first-touch page faults are paid by
+            the anchor too: that is the honest comparison. Run for each T of ``--raw-threads`` (default 1, 2,
+            4, 8); every raw row is printed and the FASTEST one is the anchor of the "x raw" column.
 
-  Conversion contenders (DCP -> a native Orbax checkpoint, the tree a nested dict of
-  the dotted names, every array unsharded on the first device, dtypes as saved; the
-  destination is removed, untimed, before each run):
-  convert   ``jreshard.convert(dir, dest, max_inflight_bytes=...)`` (default
-            ``--convert-inflight-bytes`` 256 MiB): batches loaded, written with
-            ``ocp.v1.partial.save`` and freed, then finalized and renamed onto dest.
-  dcp_orbax what users do today: torch ``dcp.load(..., no_dist=True)`` of the whole
-            model, then numpy, ``jax.device_put`` and ``ocp.StandardCheckpointer().save``.
+  Conversion contenders (DCP -> a native Orbax checkpoint, the tree a nested dict of the dotted names, every
+  array unsharded on the first device, dtypes as saved; the destination is removed, untimed, before each
+  run):
+  convert   ``jreshard.convert(dir, dest, max_inflight_bytes=...)`` (``--convert-inflight-bytes``, default
+            256 MiB).
+  dcp_orbax what users do today: torch ``dcp.load(..., no_dist=True)`` of the whole model, then numpy,
+            ``jax.device_put`` and ``ocp.StandardCheckpointer().save``.
   jr_orbax  ``jreshard.load`` of the whole model, then ``StandardCheckpointer().save``.
-  The first run of each restores the converted checkpoint with plain Orbax
-  (``StandardCheckpointer().restore``) onto the (2, 4) mesh shardings above and checks
-  every array against the generator.
+  The first run of each restores the converted checkpoint with plain Orbax onto the (2, 4) mesh shardings
+  and checks every array against the generator.
 
-Case ``safetensors``: the same tensors in one ``.safetensors`` file, loaded by
-jreshard (``jreshard.load(file, targets)``), by port (the same mapping), by Orbax v1
-(``ocp.v1.load`` inside ``ocp.v1.Context(checkpoint_layout="safetensors")``) and by a
-raw read of the file.
+Case ``safetensors``: the same tensors in one ``.safetensors`` file, loaded by jreshard, by port (the same
+mapping), by torch (``safetensors.torch.load_file``, then numpy and ``jax.device_put``), by Orbax v1
+(``ocp.v1.load`` inside ``ocp.v1.Context(checkpoint_layout="safetensors")``) and read raw.
 
 How
 ---
-Every run of a contender is a fresh subprocess, so imports and JAX start-up stay
-out of the timing and peak memory belongs to that contender alone. Each contender
-runs ``--repeat`` times and the median wall time of the restore call is reported
-(from the call until every array is ready; imports and building the abstract
-targets are excluded). Before every run the checkpoint's files are read once,
-untimed, so that every contender sees the same warm page cache; ``--cold`` drops
-the page cache instead (``/proc/sys/vm/drop_caches``), when that is permitted.
-Just before the timed call each run also faults in and frees some anonymous memory
-(``--prefault-gib``): on a VM with free page reporting, the first touch of memory
-that sat free for a few seconds is several times slower, which otherwise adds
-seconds of noise to whichever run comes after an idle moment.
+Every run of a contender is a fresh subprocess, so imports and JAX start-up stay out of the timing and peak
+memory belongs to that contender alone. Each contender runs ``--repeat`` times per page-cache state and the
+median wall time of the restore call is reported (from the call until every array is ready; imports and
+building the abstract targets are excluded).
 
-Memory is the process's ``RssAnon`` sampled every 2 ms during the restore (see
-``_memwatch.py``): the absolute peak and the delta over the value just before the
-restore started, max over the repeats. The loaded arrays themselves live in
-anonymous memory on CPU devices, so a loader that holds nothing else has a delta
-of about the model size. The first run of every JAX contender checks every loaded
-array (dtype, shape, sharding and values) against the generator (for port: the
-transposed and stacked arrays built with numpy from the generator).
+Page cache (``--cache warm|cold|both``, default both; ``_pagecache.py``): before every warm run the files
+the contender reads are read once, untimed; before every cold run they are evicted (``os.sync()``, then
+``posix_fadvise(POSIX_FADV_DONTNEED)`` on each, and ``/proc/sys/vm/drop_caches`` as well when pages stay
+resident or ``--drop-caches`` asks for it and it is writable). Either way, how much of the files is
+resident afterwards is checked with ``mincore`` and reported (or reported as not verifiable). On a VM the
+host may still cache the disk image: cold means cold in this machine's page cache.
+
+No memory is pre-faulted by default. On a VM with free page reporting the first touch of memory that sat
+free for a while is slower, and every contender (the raw anchor included) pays that as a user's process
+would. ``--prefault-gib N`` adds a second set of rows, labelled "(pre-faulted N GiB)", for which each run
+faults in and frees N GiB of anonymous memory just before the timed call; those rows are compared only
+with each other (their own raw anchor, torch and orbax).
+
+Memory is the process's ``RssAnon`` sampled every 2 ms during the restore (``_memwatch.py``): the absolute
+peak and the growth over the value just before the restore started, max over the runs. The loaded arrays
+themselves live in anonymous memory on CPU devices, so a loader that holds nothing else grows by about the
+model size. The first run of every JAX contender in a case checks every loaded array (dtype, shape, sharding
+and values) against the generator (for port: the transposed and stacked arrays built with numpy).
+
+Ratios are measurements only: "x raw" is a row's time over the fastest raw row's, "x torch" and "x orbax"
+over those contenders' times, all within the same page-cache state and pre-fault setting. A contender that
+fails is shown as "error: ..." with the path of its log and never stops the run. ``--json PATH`` writes
+everything (with the machine's facts, ``_machine.py``); ``benchmarks/readme.py`` turns it into the README's
+tables.
 
 Checkpoints are written once under ``--workdir/<model key>/`` and reused.
 
-Targets (printed as PASS/FAIL, informational: the exit code is 0 unless
-``--strict``, which exits 1 when a target fails or cannot be evaluated because a
-contender errored; a contender's failure is shown in the table as "error: ...",
-with the path of its log, and never stops the run):
-  dcp:          jreshard <= 1.25x raw, <= 0.15x torch, <= 0.4x orbax time;
-                jreshard peak anon delta <= model size + 0.35 GiB.
-  safetensors:  jreshard <= 0.15x orbax and <= 1.25x raw time;
-                jreshard peak anon delta <= orbax's.
-  both:         jreshard's and port's arrays match the checkpoint (first run).
-  conversion:   convert <= 0.5x dcp_orbax and <= 1.3x jr_orbax time; convert peak
-                anon delta <= --convert-inflight-bytes + 0.3 GiB; each converted
-                checkpoint restores to the right values (first run).
-
 Usage::
 
-    python benchmarks/restore.py                     # both cases, 1.5 GiB, 3 repeats
-    python benchmarks/restore.py --size-gib 0.1 --repeat 1
+    python benchmarks/restore.py                     # both cases, 1.5 GiB, warm and cold, 3 repeats
+    python benchmarks/restore.py --size-gib 0.1 --repeat 1 --cache warm
     python benchmarks/restore.py --case dcp --skip orbax --json bench-out/restore.json
     python benchmarks/restore.py --case dcp --skip torch,orbax,raw   # jreshard and port only
-    python benchmarks/restore.py --case dcp --skip jreshard,port,torch,orbax,raw   # conversions only
+    python benchmarks/restore.py --case dcp --only convert,dcp_orbax,jr_orbax   # conversions only
+    python benchmarks/restore.py --prefault-gib 4 # also rows pre-faulted with 4 GiB, labelled as such
+    python benchmarks/restore.py --cold-skip port,convert,dcp_orbax,jr_orbax   # fewer cold runs
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 # The helpers next to this file, and the jreshard source tree this benchmark belongs to.
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
-import numpy as np  # noqa: E402
-
-from _memwatch import PeakAnonMemory, prefault  # noqa: E402
-from _model import GIB, ModelSpec, build_model, port_tensors  # noqa: E402
+from _checkpoints import WRITERS, Paths
+from _contenders import (
+    CONVERTERS,
+    PREPARE,
+    RAW_PREFIX,
+    checkpoint_path,
+    jreshard_plan,
+    port_mapping,
+    prepare,
+    raw_files,
+    raw_threads,
+    verify_arrays,
+    verify_converted,
+)
+from _machine import facts
+from _memwatch import PeakAnonMemory, prefault
+from _model import DEVICE_COUNT, GIB, ModelSpec, build_model, port_tensors
+from _pagecache import cold_possible, evict, files_under, resident_bytes, warm
 
 CASES = {
     "dcp": ("jreshard", "port", "torch", "orbax", "raw", "convert", "dcp_orbax", "jr_orbax"),
-    "safetensors": ("jreshard", "port", "orbax", "raw"),
+    "safetensors": ("jreshard", "port", "torch", "orbax", "raw"),
 }
-PORT_RATIO_GOAL = 1.2  # the port issue: a ported load costs at most this much of the plain one
 DESCRIPTIONS = {
     "dcp": "torch.distributed.checkpoint, 4 ranks x Shard(0) -> (2, 4) mesh of 8 CPU devices",
     "safetensors": "one .safetensors file -> (2, 4) mesh of 8 CPU devices",
 }
-DEVICE_COUNT = 8
-MESH_SHAPE = (2, 4)
-SAVE_RANKS = 4
-CONVERTERS = ("convert", "dcp_orbax", "jr_orbax")
-CONVERT_INFLIGHT = 256 * 2**20
-CONVERT_MEMORY_SLACK_GIB = 0.3  # convert's peak anon delta goal: max_inflight_bytes + this
-
-
-# --------------------------------------------------------------------------- files
-
-
-@dataclasses.dataclass(frozen=True)
-class Paths:
-    """Where one model's cached checkpoints live."""
-
-    root: Path
-
-    @property
-    def dcp(self) -> Path:
-        return self.root / "dcp"
-
-    @property
-    def orbax(self) -> Path:
-        return self.root / "orbax"
-
-    @property
-    def safetensors(self) -> Path:
-        return self.root / "model.safetensors"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    def artifact(self, what: str) -> Path:
-        return {"dcp": self.dcp, "orbax": self.orbax, "safetensors": self.safetensors}[what]
-
-    def done_marker(self, what: str) -> Path:
-        return self.root / f".{what}.done"
-
-
-def checkpoint_path(case: str, contender: str, paths: Paths) -> Path:
-    """The file or directory a contender reads."""
-    if case == "safetensors":
-        return paths.safetensors
-    return paths.orbax if contender == "orbax" else paths.dcp
-
-
-def raw_files(case: str, paths: Paths) -> list[Path]:
-    """The files the raw-read contender reads (the data files jreshard needs)."""
-    if case == "safetensors":
-        return [paths.safetensors]
-    return sorted(paths.dcp.glob("*.distcp"))
-
-
-def files_under(path: Path) -> list[Path]:
-    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-
-
-def read_whole_file(path: Path, size: int) -> np.ndarray:
-    """Reads a file into a freshly allocated buffer with unbuffered ``readinto``."""
-    buf = np.empty(size, np.uint8)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        done = 0
-        while done < size:
-            n = f.readinto(view[done:])
-            if not n:
-                raise EOFError(f"{path}: {done} of {size} bytes")
-            done += n
-    return buf
-
-
-def warm_page_cache(path: Path) -> None:
-    buf = bytearray(16 << 20)
-    for file in files_under(path):
-        with open(file, "rb", buffering=0) as f:
-            while f.readinto(buf):
-                pass
-
-
-def drop_page_cache() -> bool:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3")
-        return True
-    except OSError:
-        return False
-
-
-def prepare_page_cache(path: Path, cold: bool) -> str:
-    """Puts the page cache in the state a run should start from; returns it."""
-    if cold and drop_page_cache():
-        return "cold"
-    warm_page_cache(path)
-    return "warm"
-
-
-# ---------------------------------------------------------- JAX targets, verification
-
-
-def make_targets(model: ModelSpec, specs=None) -> dict[str, Any]:
-    """Abstract target arrays (``jax.ShapeDtypeStruct`` with a ``NamedSharding``) for
-    ``specs`` (the model's tensors unless given; anything with name, shape, np_dtype, axes)."""
-    import jax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    devices = jax.devices()
-    if len(devices) != DEVICE_COUNT:
-        raise RuntimeError(
-            f"expected {DEVICE_COUNT} devices, got {len(devices)} "
-            f"(XLA_FLAGS={os.environ.get('XLA_FLAGS')!r})"
-        )
-    mesh = Mesh(np.array(devices).reshape(MESH_SHAPE), ("data", "model"))
-    return {
-        t.name: jax.ShapeDtypeStruct(
-            t.shape, t.np_dtype, sharding=NamedSharding(mesh, PartitionSpec(*t.axes))
-        )
-        for t in (model.tensors if specs is None else specs)
-    }
-
-
-def port_mapping(model: ModelSpec) -> dict[str, Any]:
-    """The port contender's mapping: target name -> a view of the saved tensors."""
-    import jreshard
-
-    def one(t, transpose: bool):
-        view = jreshard.saved(t.name)
-        return view.T if transpose else view
-
-    return {
-        p.name: (jreshard.stack([one(t, p.transpose) for t in p.sources]) if p.stacked
-                 else one(p.src, p.transpose))
-        for p in port_tensors(model)
-    }  # fmt: skip
-
-
-def _bits(a: np.ndarray) -> np.ndarray:
-    """The array's bits as unsigned integers of the same size (a view, strided or not)."""
-    return a.view(f"u{a.dtype.itemsize}")
-
-
-def verify_arrays(model: ModelSpec, out: Any, targets: dict[str, Any], specs=None) -> str:
-    """"ok", or what is wrong with a contender's output; ``specs`` as for make_targets,
-    each compared (bit for bit) with its ``expected()``."""
-    import jax
-
-    specs = model.tensors if specs is None else specs
-    if not isinstance(out, dict):
-        return f"FAIL: returned {type(out).__name__}, not a dict"
-    problems = []
-    for t in specs:
-        arr = out.get(t.name)
-        if not isinstance(arr, jax.Array):
-            problems.append(f"{t.name}: {'missing' if arr is None else type(arr).__name__}")
-        elif tuple(arr.shape) != t.shape or arr.dtype != t.np_dtype:
-            problems.append(f"{t.name}: {arr.dtype}{list(arr.shape)}")
-        elif not arr.sharding.is_equivalent_to(targets[t.name].sharding, len(t.shape)):
-            problems.append(f"{t.name}: sharding {arr.sharding}")
-        elif not np.array_equal(_bits(np.asarray(arr)), _bits(t.expected())):
-            problems.append(f"{t.name}: values differ")
-    extra = sorted(set(out) - {t.name for t in specs})
-    if extra:
-        problems.append(f"unexpected keys {extra[:3]}")
-    if not problems:
-        return "ok"
-    return f"FAIL ({len(problems)}): " + "; ".join(problems[:3])
-
-
-# -------------------------------------------------------------------- contenders
-# Each prepare_* function does the untimed set-up (imports, targets) and returns
-# (restore, targets): restore() performs the timed load and returns when done.
-
-Restore = Callable[[], Any]
-
-
-def prepare_jreshard(case: str, model: ModelSpec, paths: Paths, args) -> tuple[Restore, Any]:
-    import jax
-    import jreshard
-
-    targets = make_targets(model)
-    path = str(checkpoint_path(case, "jreshard", paths))
-    kwargs: dict[str, Any] = {"io": args.jreshard_io}
-    if args.max_inflight_bytes is not None:
-        kwargs["max_inflight_bytes"] = args.max_inflight_bytes
-
-    def restore():
-        return jax.block_until_ready(jreshard.load(path, targets, **kwargs))
-
-    return restore, targets
-
-
-def prepare_port(case: str, model: ModelSpec, paths: Paths, args) -> tuple[Restore, Any]:
-    import jax
-    import jreshard
-
-    targets = make_targets(model, port_tensors(model))
-    mapping = port_mapping(model)
-    path = str(checkpoint_path(case, "jreshard", paths))
-    kwargs: dict[str, Any] = {"io": args.jreshard_io, "mapping": mapping}
-    if args.max_inflight_bytes is not None:
-        kwargs["max_inflight_bytes"] = args.max_inflight_bytes
-
-    def restore():
-        return jax.block_until_ready(jreshard.load(path, targets, **kwargs))
-
-    return restore, targets
-
-
-def _torch_to_numpy(tensor) -> np.ndarray:
-    import ml_dtypes
-    import torch
-
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return tensor.numpy()
-
-
-def prepare_torch(case: str, model: ModelSpec, paths: Paths, args) -> tuple[Restore, Any]:
-    import jax
-    import torch
-    import torch.distributed.checkpoint as dcp
-
-    targets = make_targets(model)
-    dtypes = {"bf16": torch.bfloat16, "f32": torch.float32}
-    path = str(paths.dcp)
-
-    def restore():
-        state = {t.name: torch.empty(t.shape, dtype=dtypes[t.dtype]) for t in model.tensors}
-        dcp.load(state, checkpoint_id=path, no_dist=True)
-        out = {
-            name: jax.device_put(_torch_to_numpy(tensor), targets[name].sharding)
-            for name, tensor in state.items()
-        }
-        return jax.block_until_ready(out)
-
-    return restore, targets
-
-
-def prepare_orbax(case: str, model: ModelSpec, paths: Paths, args) -> tuple[Restore, Any]:
-    import jax
-    import orbax.checkpoint as ocp
-
-    targets = make_targets(model)
-    path = checkpoint_path(case, "orbax", paths)
-
-    def restore_standard():
-        with ocp.StandardCheckpointer() as checkpointer:
-            return jax.block_until_ready(checkpointer.restore(path, targets))
-
-    def restore_v1_safetensors():
-        with ocp.v1.Context(checkpoint_layout="safetensors"):
-            return jax.block_until_ready(ocp.v1.load(path, targets))
-
-    return (restore_standard if case == "dcp" else restore_v1_safetensors), targets
-
-
-def _converted_dest(name: str, paths: Paths) -> Path:
-    dest = paths.root / f"converted-{name}"
-    shutil.rmtree(dest, ignore_errors=True)  # untimed
-    for stale in paths.root.glob(f".converted-{name}*"):  # a killed run's work directory
-        shutil.rmtree(stale, ignore_errors=True)
-    return dest
-
-
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, value in flat.items():
-        d = out
-        *head, last = name.split(".")
-        for k in head:
-            d = d.setdefault(k, {})
-        d[last] = value
-    return out
-
-
-def _orbax_save(dest: Path, nested: dict[str, Any]) -> None:
-    import orbax.checkpoint as ocp
-
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(dest, nested)
-        checkpointer.wait_until_finished()
-
-
-def prepare_convert(case: str, model: ModelSpec, paths: Paths, args) -> tuple[Restore, Any]:
-    from jreshard import convert
-
-    dest = _converted_dest("convert", paths)
-
-    def restore():
-        convert(str(paths.dcp), dest, max_inflight_bytes=args.convert_inflight_bytes, io=args.jreshard_io)
-        return dest
-
-    return restore, None
-
-
-def prepare_dcp_orbax(case: str, model: ModelSpec, paths: Paths, args) -> tuple[Restore, Any]:
-    import jax
-    import torch
-    import torch.distributed.checkpoint as dcp
-
-    dtypes = {"bf16": torch.bfloat16, "f32": torch.float32}
-    dest = _converted_dest("dcp_orbax", paths)
-    device = jax.devices()[0]
-
-    def restore():
-        state = {t.name: torch.empty(t.shape, dtype=dtypes[t.dtype]) for t in model.tensors}
-        dcp.load(state, checkpoint_id=str(paths.dcp), no_dist=True)
-        arrays = {name: jax.device_put(_torch_to_numpy(tensor), device) for name, tensor in state.items()}
-        del state
-        _orbax_save(dest, _nest(arrays))
-        return dest
-
-    return restore, None
-
-
-def prepare_jr_orbax(case: str, model: ModelSpec, paths: Paths, args) -> tuple[Restore, Any]:
-    import jax
-    from jax.sharding import SingleDeviceSharding
-
-    import jreshard
-
-    one = SingleDeviceSharding(jax.devices()[0])
-    targets = {t.name: jax.ShapeDtypeStruct(t.shape, t.np_dtype, sharding=one) for t in model.tensors}
-    dest = _converted_dest("jr_orbax", paths)
-    kwargs: dict[str, Any] = {"io": args.jreshard_io}
-    if args.max_inflight_bytes is not None:
-        kwargs["max_inflight_bytes"] = args.max_inflight_bytes
-
-    def restore():
-        _orbax_save(dest, _nest(jreshard.load(str(paths.dcp), targets, **kwargs)))
-        return dest
-
-    return restore, None
-
-
-def verify_converted(model: ModelSpec, dest: Path) -> str:
-    """Restores a converted checkpoint with plain Orbax onto the benchmark's (2, 4) mesh shardings and
-    checks every array ("ok" or what is wrong)."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    targets = make_targets(model)
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            restored = checkpointer.restore(dest, _nest(targets))
-    except Exception as e:  # noqa: BLE001 - reported as the check's result
-        return f"FAIL: Orbax restore: {type(e).__name__}: {str(e)[:200]}"
-    flat = {".".join(str(k.key) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]}
-    return verify_arrays(model, flat, targets)
-
-
-def prepare_raw(case: str, model: ModelSpec, paths: Paths, args) -> tuple[Restore, Any]:
-    files = [(f, f.stat().st_size) for f in raw_files(case, paths)]
-    if not files:
-        raise FileNotFoundError(f"no data files for case {case}")
-
-    def restore():
-        return [read_whole_file(f, size) for f, size in files]
-
-    return restore, None
-
-
-PREPARE = {
-    "jreshard": prepare_jreshard,
-    "port": prepare_port,
-    "torch": prepare_torch,
-    "orbax": prepare_orbax,
-    "raw": prepare_raw,
-    "convert": prepare_convert,
-    "dcp_orbax": prepare_dcp_orbax,
-    "jr_orbax": prepare_jr_orbax,
+LABELS = {
+    ("dcp", "jreshard"): "jreshard `load`",
+    ("dcp", "port"): "jreshard port (transpose + stack mapping)",
+    ("dcp", "torch"): "torch `dcp.load` + `device_put`",
+    ("dcp", "orbax"): "Orbax `StandardCheckpointer.restore` (its own checkpoint)",
+    ("dcp", "convert"): "`jreshard.convert`",
+    ("dcp", "dcp_orbax"): "torch `dcp.load` + `StandardCheckpointer().save`",
+    ("dcp", "jr_orbax"): "`jreshard.load` + `StandardCheckpointer().save`",
+    ("safetensors", "jreshard"): "jreshard `load`",
+    ("safetensors", "port"): "jreshard port (transpose + stack mapping)",
+    ("safetensors", "torch"): "`safetensors.torch.load_file` + `device_put`",
+    ("safetensors", "orbax"): "Orbax v1 safetensors layout",
 }
+CONVERT_INFLIGHT = 256 * 2**20
+BASELINES = ("torch", "orbax")  # ratio columns besides "x raw"
 
 
-def jreshard_plan(case: str, paths: Paths, targets: dict[str, Any], mapping=None) -> dict[str, Any]:
-    import jreshard
+def label(case: str, name: str, prefault_gib: float = 0.0) -> str:
+    """The row's name in tables."""
+    threads = raw_threads(name)
+    if threads is not None:
+        text = f"raw `preadv`, {threads} thread{'s' if threads > 1 else ''}"
+    else:
+        text = LABELS.get((case, name), name)
+    return text + (f" (pre-faulted {prefault_gib:g} GiB)" if prefault_gib else "")
 
-    try:
-        plan = jreshard.plan(str(checkpoint_path(case, "jreshard", paths)), targets, mapping=mapping)
-        return {k: getattr(plan, k) for k in ("bytes_needed", "bytes_to_read", "num_reads")}
-    except Exception as e:  # informational only
-        return {"error": f"{type(e).__name__}: {e}"}
+
+# --------------------------------------------------------------------------- the worker (one timed run)
 
 
 def worker_main(args, model: ModelSpec, paths: Paths) -> int:
@@ -521,22 +166,16 @@ def worker_main(args, model: ModelSpec, paths: Paths) -> int:
     case, name = args._worker.split(":")
     result: dict[str, Any] = {}
     try:
-        restore, targets = PREPARE[name](case, model, paths, args)
+        restore, targets = prepare(case, name, model, paths, args)
         gc.collect()
-        if args.prefault_gib:
-            result["prefaulted"] = prefault(int(args.prefault_gib * GIB))
+        if args._prefault:
+            result["prefaulted"] = prefault(int(args._prefault * GIB))
         with PeakAnonMemory() as mem:
             start = time.perf_counter()
             out = restore()
             seconds = time.perf_counter() - start
-        result.update(
-            seconds=seconds,
-            peak_anon=mem.peak,
-            baseline_anon=mem.baseline,
-            delta_anon=mem.delta,
-            hwm_delta=mem.hwm_delta,
-            samples=mem.samples,
-        )
+        result.update(seconds=seconds, peak_anon=mem.peak, baseline_anon=mem.baseline, delta_anon=mem.delta,
+                      hwm_delta=mem.hwm_delta, samples=mem.samples)  # fmt: skip
         if isinstance(out, list):  # raw read
             result["bytes_read"] = sum(buf.nbytes for buf in out)
         elif name in CONVERTERS:
@@ -551,7 +190,7 @@ def worker_main(args, model: ModelSpec, paths: Paths) -> int:
                 result["verify"] = verify_arrays(model, out, targets)
             if name == "jreshard":
                 result["plan"] = jreshard_plan(case, paths, targets)
-    except BaseException as e:  # reported in the table, never fatal for the run
+    except BaseException as e:  # noqa: BLE001 -- reported in the table, never fatal for the run
         traceback.print_exc()
         message = str(e).strip().splitlines()[0] if str(e).strip() else ""
         result["error"] = f"{type(e).__name__}: {message}"[:300]
@@ -559,119 +198,12 @@ def worker_main(args, model: ModelSpec, paths: Paths) -> int:
     return 0
 
 
-# ------------------------------------------------------------------ checkpoints
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _save_dcp_rank(rank: int, world: int, port: int, model: ModelSpec, out_dir: str) -> None:
-    import torch
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Shard
-
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    mesh = init_device_mesh("cpu", (world,))
-    state = {}
-    for t in model.tensors:
-        rows = t.shape[0] // world
-        local = t.rows(rank * rows, (rank + 1) * rows)
-        if t.dtype == "bf16":
-            local = torch.from_numpy(local.view(np.int16)).view(torch.bfloat16)
-        else:
-            local = torch.from_numpy(local)
-        stride = tuple(int(np.prod(t.shape[i + 1 :])) for i in range(len(t.shape)))
-        state[t.name] = DTensor.from_local(
-            local, mesh, [Shard(0)], run_check=False, shape=torch.Size(t.shape), stride=stride
-        )
-    dcp.save(state, checkpoint_id=out_dir)
-    dist.destroy_process_group()
-
-
-def write_dcp_torch_free(model: ModelSpec, paths: Paths) -> None:
-    """The same checkpoint without torch: jreshard.save_dcp of the tensors as JAX arrays split on their first
-    dimension over SAVE_RANKS devices, i.e. the chunks FSDP's Shard(0) gives."""
-    import jax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    import jreshard
-
-    mesh = Mesh(np.array(jax.devices()[:SAVE_RANKS]), ("fsdp",))
-    tree = {t.name: jax.device_put(t.rows(), NamedSharding(mesh, PartitionSpec("fsdp"))) for t in model.tensors}
-    jreshard.save_dcp(tree, paths.dcp, overwrite=True)
-
-
-def write_dcp(model: ModelSpec, paths: Paths) -> None:
-    if os.environ.get("JRESHARD_BENCH_WRITER") == "jreshard":
-        return write_dcp_torch_free(model, paths)
-    import torch.multiprocessing as mp
-
-    mp.spawn(
-        _save_dcp_rank,
-        args=(SAVE_RANKS, _free_port(), model, str(paths.dcp)),
-        nprocs=SAVE_RANKS,
-        join=True,
-    )
-
-
-def write_orbax(model: ModelSpec, paths: Paths) -> None:
-    import jax
-    import orbax.checkpoint as ocp
-
-    targets = make_targets(model)
-    tree = {t.name: jax.device_put(t.rows(), targets[t.name].sharding) for t in model.tensors}
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(paths.orbax, tree)
-        checkpointer.wait_until_finished()
-
-
-def write_safetensors(model: ModelSpec, paths: Paths) -> None:
-    import safetensors.numpy
-
-    safetensors.numpy.save_file({t.name: t.rows() for t in model.tensors}, str(paths.safetensors))
-
-
-WRITERS = {"dcp": write_dcp, "orbax": write_orbax, "safetensors": write_safetensors}
-
-
 def setup_main(args, model: ModelSpec, paths: Paths) -> int:
     WRITERS[args._setup](model, paths)
     return 0
 
 
-def ensure_checkpoint(what: str, args, model: ModelSpec, paths: Paths) -> str | None:
-    """Writes a cached checkpoint unless present; returns an error message or None."""
-    artifact, marker = paths.artifact(what), paths.done_marker(what)
-    if marker.exists() and artifact.exists():
-        print(f"  {what}: cached at {artifact}")
-        return None
-    if artifact.is_dir():
-        shutil.rmtree(artifact)
-    elif artifact.exists():
-        artifact.unlink()
-    marker.unlink(missing_ok=True)
-    paths.logs.mkdir(parents=True, exist_ok=True)
-    log = paths.logs / f"setup-{what}.log"
-    print(f"  {what}: writing {artifact} ...", end=" ", flush=True)
-    start = time.perf_counter()
-    code, tail = run_child(["--_setup", what], args, log, timeout=args.timeout)
-    if code != 0 or not artifact.exists():
-        print("FAILED")
-        return f"writing the {what} checkpoint failed (exit {code}, log {log}): {tail}"
-    marker.touch()
-    print(f"done in {time.perf_counter() - start:.1f} s")
-    return None
-
-
-# ------------------------------------------------------------------- orchestration
+# ------------------------------------------------------------------------------ subprocesses
 
 
 def child_env() -> dict[str, str]:
@@ -701,30 +233,72 @@ def run_child(extra: list[str], args, log: Path, timeout: float) -> tuple[int, s
         "--workdir", str(args.workdir),
         "--writer", args.writer,
         "--jreshard-io", args.jreshard_io,
-        "--prefault-gib", repr(args.prefault_gib),
+        "--raw-block-mib", str(args.raw_block_mib),
         *(["--max-inflight-bytes", str(args.max_inflight_bytes)] if args.max_inflight_bytes else []),
         "--convert-inflight-bytes", str(args.convert_inflight_bytes),
         *extra,
     ]  # fmt: skip
     with open(log, "w") as out:
         try:
-            proc = subprocess.run(
-                cmd, env=child_env(), stdout=out, stderr=subprocess.STDOUT, timeout=timeout
-            )
+            proc = subprocess.run(cmd, env=child_env(), stdout=out, stderr=subprocess.STDOUT, timeout=timeout,
+                                  check=False)
         except subprocess.TimeoutExpired:
             return -1, f"timed out after {timeout:.0f} s"
     return proc.returncode, _log_tail(log)
 
 
-def run_contender(case: str, name: str, rep: int, args, paths: Paths) -> dict[str, Any]:
+def ensure_checkpoint(what: str, args, paths: Paths) -> str | None:
+    """Writes a cached checkpoint unless present; returns an error message or None."""
+    artifact, marker = paths.artifact(what), paths.done_marker(what)
+    if marker.exists() and artifact.exists():
+        print(f"  {what}: cached at {artifact}")
+        return None
+    if artifact.is_dir():
+        shutil.rmtree(artifact)
+    elif artifact.exists():
+        artifact.unlink()
+    marker.unlink(missing_ok=True)
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    log = paths.logs / f"setup-{what}.log"
+    print(f"  {what}: writing {artifact} ...", end=" ", flush=True)
+    start = time.perf_counter()
+    code, tail = run_child(["--_setup", what], args, log, timeout=args.timeout)
+    if code != 0 or not artifact.exists():
+        print("FAILED")
+        return f"writing the {what} checkpoint failed (exit {code}, log {log}): {tail}"
+    marker.touch()
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return None
+
+
+def prepare_page_cache(files: list[Path], cache: str, drop_caches: bool) -> dict[str, Any]:
+    """Warms or evicts ``files``; returns what was done and the resident fraction afterwards."""
+    if cache == "warm":
+        warm(files)
+        total = sum(f.stat().st_size for f in files)
+        try:
+            resident: int | None = sum(resident_bytes(f) for f in files)
+            note = ""
+        except (OSError, AttributeError) as e:
+            resident, note = None, f"mincore: {e}"
+        method = "read once, untimed"
+    else:
+        ev = evict(files, drop_caches=drop_caches)
+        method, total, resident, note = ev.method, ev.total, ev.resident, ev.note
+    return {"method": method, "resident_fraction": None if resident is None else resident / max(1, total),
+            "note": note}  # fmt: skip
+
+
+def run_contender(case: str, name: str, tag: str, args, paths: Paths, prefault_gib: float,
+                  verify: bool) -> dict[str, Any]:  # fmt: skip
     """One run of one contender in a fresh subprocess."""
     paths.logs.mkdir(parents=True, exist_ok=True)
-    log = paths.logs / f"{case}-{name}-{rep}.log"
+    log = paths.logs / f"{case}-{name}-{tag}.log"
     fd, result_file = tempfile.mkstemp(prefix="jreshard-bench-", suffix=".json")
     os.close(fd)
     try:
-        extra = ["--_worker", f"{case}:{name}", "--_result", result_file]
-        if rep == 0 and args.verify:
+        extra = ["--_worker", f"{case}:{name}", "--_result", result_file, "--_prefault", repr(prefault_gib)]
+        if verify:
             extra.append("--_verify")
         code, tail = run_child(extra, args, log, timeout=args.timeout)
         text = Path(result_file).read_text()
@@ -738,306 +312,243 @@ def run_contender(case: str, name: str, rep: int, args, paths: Paths) -> dict[st
     return result
 
 
+# ------------------------------------------------------------------------------ summaries
+
+
 def summarize(runs: list[dict[str, Any]], model_bytes: int) -> dict[str, Any]:
     errors = [r for r in runs if "error" in r]
     if errors:
         return {"error": errors[0]["error"], "log": errors[0].get("log"), "runs": runs}
-    median = statistics.median(r["seconds"] for r in runs)
+    seconds = [r["seconds"] for r in runs]
+    median = statistics.median(seconds)
     hwm = [r["hwm_delta"] for r in runs if r.get("hwm_delta") is not None]
+    resident = [r["page_cache"]["resident_fraction"] for r in runs]
     summary = {
         "median_s": median,
+        "min_s": min(seconds),
+        "max_s": max(seconds),
         "gib_per_s": model_bytes / GIB / median,
         "peak_anon_gib": max(r["peak_anon"] for r in runs) / GIB,
         "delta_anon_gib": max(r["delta_anon"] for r in runs) / GIB,
         "hwm_delta_gib": max(hwm) / GIB if hwm else None,
         "verify": next((r["verify"] for r in runs if "verify" in r), "-"),
+        "resident_fraction": None if None in resident else [min(resident), max(resident)],
         "runs": runs,
     }
     for r in runs:
-        if "plan" in r:
-            summary["plan"] = r["plan"]
-        if "bytes_read" in r:
-            summary["bytes_read"] = r["bytes_read"]
+        for key in ("plan", "bytes_read", "converted_bytes"):
+            if key in r:
+                summary[key] = r[key]
     return summary
 
 
-def evaluate_targets(case: str, res: dict[str, Any], model_bytes: int) -> list[dict[str, Any]]:
-    """The case's targets, each with name, unit, limit, value and result.
-
-    result is PASS or FAIL; "skipped" when a contender it needs was skipped, and
-    "n/a (error)" when one of them failed.
-    """
-
-    def target(name: str, needs: list[str], unit: str, limit: float | None,
-               value: Callable[[], float]) -> dict[str, Any]:  # fmt: skip
-        row = {"name": name, "unit": unit, "limit": limit, "value": None}
-        results = [res.get(n) for n in needs]
-        if any(r is None for r in results):
-            return {**row, "result": "skipped"}
-        if any("error" in r for r in results):
-            return {**row, "result": "n/a (error)"}
-        row["value"] = value()
-        return {**row, "result": "PASS" if row["value"] <= limit else "FAIL"}
-
-    def time_ratio(other: str, limit: float) -> dict[str, Any]:
-        return target(f"jreshard/{other} time", ["jreshard", other], "x", limit,
-                      lambda: res["jreshard"]["median_s"] / res[other]["median_s"])  # fmt: skip
-
-    def jreshard_delta() -> float:
-        return res["jreshard"]["delta_anon_gib"]
-
-    if case == "dcp":
-        rows = [
-            time_ratio("raw", 1.25),
-            time_ratio("torch", 0.15),
-            time_ratio("orbax", 0.4),
-            target("jreshard peak anon delta", ["jreshard"], "GiB",
-                   model_bytes / GIB + 0.35, jreshard_delta),  # fmt: skip
-        ]
-    else:
-        rows = [
-            time_ratio("orbax", 0.15),
-            time_ratio("raw", 1.25),
-            target("jreshard peak anon delta vs orbax", ["jreshard", "orbax"], "GiB",
-                   res.get("orbax", {}).get("delta_anon_gib"), jreshard_delta),  # fmt: skip
-        ]
-
-    def arrays_match(name: str) -> dict[str, Any]:
-        check = {"name": f"{name} arrays match the checkpoint", "unit": "", "limit": None,
-                 "value": None}  # fmt: skip
-        r = res.get(name)
-        if r is None:
-            check["result"] = "skipped"
-        elif "error" in r:
-            check["result"] = "n/a (error)"
-        elif r["verify"] == "-":
-            check["result"] = "not checked"
-        else:
-            check["result"] = "PASS" if r["verify"] == "ok" else "FAIL"
-        return check
-
-    checks = [arrays_match("jreshard"), arrays_match("port")]
-    if case == "dcp" and any(n in res for n in CONVERTERS):
-
-        def convert_ratio(other: str, limit: float) -> dict[str, Any]:
-            return target(f"convert/{other} time", ["convert", other], "x", limit,
-                          lambda: res["convert"]["median_s"] / res[other]["median_s"])
-
-        inflight = res.get("convert", {}).get("convert_inflight_bytes", CONVERT_INFLIGHT)
-        rows += [
-            convert_ratio("dcp_orbax", 0.5),
-            convert_ratio("jr_orbax", 1.3),
-            target("convert peak anon delta", ["convert"], "GiB", inflight / GIB + CONVERT_MEMORY_SLACK_GIB,
-                   lambda: res["convert"]["delta_anon_gib"]),
-        ]
-        checks += [arrays_match(n) for n in CONVERTERS]
-        for check in checks[-len(CONVERTERS):]:
-            check["name"] = check["name"].replace("arrays match the checkpoint", "checkpoint restores right")
-    return rows + checks
-
-
-def port_ratio(res: dict[str, Any]) -> float | None:
-    """port's median time over jreshard's, when both ran."""
-    port, jr = res.get("port", {}), res.get("jreshard", {})
-    if "median_s" not in port or "median_s" not in jr:
-        return None
-    return port["median_s"] / jr["median_s"]
+def add_ratios(rows: list[dict[str, Any]]) -> str | None:
+    """Adds ``ratios`` (x raw, x torch, x orbax, x dcp_orbax) to every timed row of one block; returns the
+    name of the raw anchor (the fastest raw row), or None when no raw row ran."""
+    timed = {r["name"]: r["median_s"] for r in rows if "median_s" in r}
+    raws = {n: s for n, s in timed.items() if raw_threads(n) is not None}
+    anchor = min(raws, key=raws.__getitem__) if raws else None
+    for r in rows:
+        if "median_s" not in r:
+            continue
+        bases = {"raw": anchor, **{b: b for b in (*BASELINES, "dcp_orbax")}}
+        r["ratios"] = {key: (r["median_s"] / timed[base] if base in timed else None)
+                       for key, base in bases.items()}  # fmt: skip
+    return anchor
 
 
 def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def print_case(res: dict[str, Any], targets: list[dict[str, Any]]) -> None:
-    raw = res.get("raw", {}).get("median_s")
-    jr = res.get("jreshard", {}).get("median_s")
-
-    def ratio(num: float | None, den: float | None) -> str:
-        return "-" if num is None or den is None else f"{num / den:.2f}"
-
-    header = (
-        f"{'contender':<10} {'median s':>9} {'GiB/s':>7} {'x raw':>7} {'jreshard/x':>10} "
-        f"{'peak anon GiB':>13} {'delta GiB':>9}  check"
-    )
+def print_block(block: dict[str, Any]) -> None:
+    header = (f"{'contender':<11} {'median s':>9} {'min-max s':>13} {'GiB/s':>6} {'x raw':>6} {'x torch':>7} "
+              f"{'x orbax':>7} {'peak anon':>9} {'+anon':>6}  check")  # fmt: skip
     print(header)
     print("-" * len(header))
-    for name, r in res.items():
+    for r in block["rows"]:
         if "error" in r:
-            print(f"{name:<10} error: {r['error']}")
+            print(f"{r['name']:<11} error: {r['error']}  (log: {r.get('log')})")
             continue
-        s = r["median_s"]
-        print(
-            f"{name:<10} {s:>9.3f} {r['gib_per_s']:>7.2f} {ratio(s, raw):>7} "
-            f"{ratio(jr, s):>10} {r['peak_anon_gib']:>13.3f} {r['delta_anon_gib']:>9.3f}  "
-            f"{r['verify']}"
-        )
-    for name in ("jreshard", "port"):
-        plan = res.get(name, {}).get("plan")
-        if plan and "error" not in plan:
-            print(
-                f"{name} plan: {plan['bytes_needed'] / GIB:.3f} GiB needed, "
-                f"{plan['bytes_to_read'] / GIB:.3f} GiB to read, {plan['num_reads']} reads"
-            )
-        elif plan:
-            print(f"{name} plan: {plan['error']}")
-    for name, r in res.items():
-        if r.get("log"):
-            print(f"  ({name} log: {r['log']})")
-    print()
-    print(f"{'target':<42} {'value':>8} {'limit':>8}  result")
-    for t in targets:
-        label = t["name"] + (" (GiB)" if t["unit"] == "GiB" else "")
-        limit = "-" if t["limit"] is None else f"<= {t['limit']:.2f}"
-        print(f"{label:<42} {_fmt(t['value'], '.3f'):>8} {limit:>8}  {t['result']}")
-    conv = res.get("convert", {})
-    if "median_s" in conv:
+        ratios = r["ratios"]
+        print(f"{r['name']:<11} {r['median_s']:>9.3f} {r['min_s']:>6.2f}-{r['max_s']:<6.2f} {r['gib_per_s']:>6.2f} "
+              f"{_fmt(ratios['raw']):>6} {_fmt(ratios['torch']):>7} {_fmt(ratios['orbax']):>7} "
+              f"{r['peak_anon_gib']:>9.3f} {r['delta_anon_gib']:>6.3f}  {r['verify']}")  # fmt: skip
+    if block["anchor"]:
+        print(f"x raw: over {block['anchor']} (the fastest raw read); peak anon and +anon in GiB")
+    conv = {r["name"]: r for r in block["rows"] if r["name"] in CONVERTERS and "median_s" in r}
+    if "convert" in conv:
         for other in ("dcp_orbax", "jr_orbax"):
-            if "median_s" in res.get(other, {}):
-                print(f"convert / {other} = {conv['median_s'] / res[other]['median_s']:.2f}x  (convert "
-                      f"{conv['median_s']:.3f} s, {other} {res[other]['median_s']:.3f} s)")
-        print(f"convert peak anon {conv['peak_anon_gib']:.3f} GiB (delta {conv['delta_anon_gib']:.3f} GiB) with "
-              f"max_inflight_bytes = {conv['convert_inflight_bytes'] / 2**20:.0f} MiB")
-    ratio_pj = port_ratio(res)
-    if ratio_pj is not None:
-        print(
-            f"\nport / jreshard = {ratio_pj:.2f}x  (port {res['port']['median_s']:.3f} s, "
-            f"jreshard {res['jreshard']['median_s']:.3f} s; the port issue asks "
-            f"<= {PORT_RATIO_GOAL:.1f}x, informational)"
-        )
+            if other in conv:
+                print(f"convert / {other} = {conv['convert']['median_s'] / conv[other]['median_s']:.2f}x")
+    for r in block["rows"]:
+        if r["name"] in ("jreshard", "port") and "plan" in r:
+            plan = r["plan"]
+            if "error" in plan:
+                print(f"{r['name']} plan: {plan['error']}")
+            else:
+                print(f"{r['name']} plan: {plan['bytes_needed'] / GIB:.3f} GiB needed, "
+                      f"{plan['bytes_to_read'] / GIB:.3f} GiB to read, {plan['num_reads']} reads")  # fmt: skip
 
 
 def _print_run(name: str, rep: int, repeat: int, run: dict[str, Any]) -> None:
+    cache = run.get("page_cache", {})
+    resident = cache.get("resident_fraction")
+    where = f"[{'?' if resident is None else f'{resident:.0%}'} resident]"
     if "error" in run:
-        print(f"  {name} run {rep + 1}: error: {run['error']}")
+        print(f"  {name} run {rep + 1}: {where} error: {run['error']}")
         return
     hwm = "?" if run.get("hwm_delta") is None else f"{run['hwm_delta'] / GIB:.3f}"
     check = f", check {run['verify']}" if "verify" in run else ""
-    print(
-        f"  {name} run {rep + 1}/{repeat}: {run['seconds']:.3f} s, "
-        f"peak anon {run['peak_anon'] / GIB:.3f} GiB "
-        f"(+{run['delta_anon'] / GIB:.3f}; RSS high-water +{hwm}){check}"
-    )
+    print(f"  {name} run {rep + 1}/{repeat}: {where} {run['seconds']:.3f} s, peak anon {run['peak_anon'] / GIB:.3f} "
+          f"GiB (+{run['delta_anon'] / GIB:.3f}; RSS high-water +{hwm}){check}")  # fmt: skip
 
 
-def run_case(case: str, contenders: list[str], setup_errors: dict[str, str | None],
-             args, model: ModelSpec, paths: Paths) -> dict[str, Any]:  # fmt: skip
-    """Runs, prints and evaluates one case; returns its part of the JSON report."""
-    print(f"\n== case {case}: {DESCRIPTIONS[case]} ==")
-    data_files = raw_files(case, paths)
-    if data_files:
-        on_disk = sum(f.stat().st_size for f in data_files)
-        print(f"data files: {len(data_files)}, {on_disk / GIB:.3f} GiB on disk")
-    res: dict[str, Any] = {}
-    cache_states = set()
-    for name in contenders:
-        needs = "orbax" if (case, name) == ("dcp", "orbax") else case
-        if setup_errors.get(needs):
-            res[name] = {"error": setup_errors[needs]}
+def contender_names(case: str, args, cache: str = "warm") -> list[str]:
+    """The case's contenders after --only / --skip (and --cold-skip for the cold cache), with "raw" expanded
+    into raw-t<T> per --raw-threads."""
+    out = []
+    for name in CASES[case]:
+        if args.only and name not in args.only:
             continue
+        if name in args.skip or (cache == "cold" and name in args.cold_skip):
+            continue
+        out += [f"{RAW_PREFIX}{t}" for t in args.raw_threads] if name == "raw" else [name]
+    return out
+
+
+def run_block(case: str, names: list[str], cache: str, prefault_gib: float, setup_errors: dict[str, str | None],
+              verified: set[str], args, model: ModelSpec, paths: Paths) -> dict[str, Any]:  # fmt: skip
+    """Every contender of a case, ``--repeat`` runs each, in one page-cache state and pre-fault setting."""
+    title = f"{cache} cache" + (f", pre-faulted {prefault_gib:g} GiB" if prefault_gib else ", no pre-faulting")
+    print(f"\n-- {case}: {title} --")
+    rows = []
+    for name in names:
+        needs = "orbax" if (case, name) == ("dcp", "orbax") else case
+        row: dict[str, Any] = {"name": name, "label": label(case, name, prefault_gib)}
+        if setup_errors.get(needs):
+            rows.append({**row, "error": setup_errors[needs]})
+            continue
+        files = files_under(checkpoint_path(case, name, paths))
         runs = []
         for rep in range(args.repeat):
-            cache_states.add(prepare_page_cache(checkpoint_path(case, name, paths), args.cold))
-            runs.append(run_contender(case, name, rep, args, paths))
+            state = prepare_page_cache(files, cache, args.drop_caches)
+            tag = f"{cache}{'-prefault' if prefault_gib else ''}-{rep}"
+            verify = args.verify and name not in verified and raw_threads(name) is None
+            runs.append(run_contender(case, name, tag, args, paths, prefault_gib, verify))
+            runs[-1]["page_cache"] = state
+            if verify and "error" not in runs[-1]:
+                verified.add(name)
             _print_run(name, rep, args.repeat, runs[-1])
             if "error" in runs[-1]:
                 break
-        res[name] = summarize(runs, model.nbytes)
+        rows.append({**row, **summarize(runs, model.nbytes)})
         if name == "convert":
-            res[name]["convert_inflight_bytes"] = args.convert_inflight_bytes
-
-    cache = "/".join(sorted(cache_states)) or "-"
-    how = (
-        "dropped before each run"
-        if cache == "cold"
-        else "timings are warm-cache: the files were read once, untimed, before each run"
-    )
-    print(f"\nmedian of {args.repeat} run(s); page cache: {cache} ({how}); "
+            rows[-1]["convert_inflight_bytes"] = args.convert_inflight_bytes
+    methods = sorted({r["page_cache"]["method"] for row in rows for r in row.get("runs", []) if "page_cache" in r})
+    block = {"cache": cache, "prefault_gib": prefault_gib, "rows": rows, "page_cache_method": methods}
+    block["anchor"] = add_ratios(rows)
+    print(f"\nmedian of {args.repeat} run(s); {title}; page cache before each run: {'; '.join(methods) or '-'}; "
           f"GiB/s = model size ({model.nbytes / GIB:.3f} GiB) / time")  # fmt: skip
-    targets = evaluate_targets(case, res, model.nbytes)
-    print_case(res, targets)
-    return {"page_cache": cache, "contenders": res, "targets": targets,
-            "port_over_jreshard": port_ratio(res)}  # fmt: skip
+    print_block(block)
+    return block
 
 
 def benchmark_main(args, model: ModelSpec, paths: Paths) -> int:
     cases = list(CASES) if args.case == "all" else [args.case]
-    skip = {s for item in args.skip for s in item.split(",") if s}
-    if unknown := skip - set(PREPARE):
-        raise SystemExit(f"unknown contender(s) in --skip: {sorted(unknown)}; known: {sorted(PREPARE)}")
+    caches = ["warm", "cold"] if args.cache == "both" else [args.cache]
+    if "cold" in caches and not cold_possible():
+        print("cold cache impossible here (no posix_fadvise, drop_caches not writable): warm only")
+        caches = [c for c in caches if c != "cold"] or ["warm"]
+    prefaults = [0.0] + ([args.prefault_gib] if args.prefault_gib else [])
 
-    load = os.getloadavg()[0]
-    busy = " -- the machine is busy, timings will be noisy" if load > 0.5 * (os.cpu_count() or 1) else ""
+    machine = facts()
+    busy = machine["load_average"] > 0.5 * (machine["cpu_count"] or 1)
     print(f"jreshard restore benchmark: model {model.describe()}")
-    print(f"workdir {paths.root}; {args.repeat} run(s) per contender, each in a fresh process; "
-          f"{args.prefault_gib:.2f} GiB pre-faulted before each restore")  # fmt: skip
-    print(f"load average {load:.2f} on {os.cpu_count()} cores{busy}")
+    print(f"workdir {paths.root}; {args.repeat} run(s) per contender and cache state, each in a fresh process; "
+          f"page cache: {', '.join(caches)}; "
+          + (f"rows without and with {args.prefault_gib:g} GiB pre-faulted" if args.prefault_gib
+             else "no pre-faulting"))  # fmt: skip
+    print(f"load average {machine['load_average']:.2f} on {machine['cpu_count']} cores"
+          + (" -- the machine is busy, timings will be noisy" if busy else ""))  # fmt: skip
 
     print("checkpoints:")
     paths.root.mkdir(parents=True, exist_ok=True)
+    names = {case: contender_names(case, args) for case in cases}  # the warm cache's: a superset
     needed = []
     if "dcp" in cases:
-        needed += ["dcp"] + ([] if "orbax" in skip else ["orbax"])
+        needed += ["dcp"] + (["orbax"] if "orbax" in names["dcp"] else [])
     if "safetensors" in cases:
         needed.append("safetensors")
-    setup_errors = {what: ensure_checkpoint(what, args, model, paths) for what in needed}
+    setup_errors = {what: ensure_checkpoint(what, args, paths) for what in needed}
 
     report: dict[str, Any] = {
-        "model": {"key": model.key, "bytes": model.nbytes, "gib": model.nbytes / GIB,
-                  "tensors": len(model.tensors), "description": model.describe()},
+        "model": {"key": model.key, "bytes": model.nbytes, "gib": model.nbytes / GIB, "tensors": len(model.tensors),
+                  "description": model.describe()},
+        "machine": machine,
         "repeat": args.repeat,
-        "prefault_gib": args.prefault_gib,
-        "load_average": load,
+        "raw_threads": args.raw_threads,
+        "raw_block_mib": args.raw_block_mib,
+        "convert_inflight_bytes": args.convert_inflight_bytes,
         "cases": {},
     }  # fmt: skip
     for case in cases:
-        contenders = [n for n in CASES[case] if n not in skip]
-        report["cases"][case] = run_case(case, contenders, setup_errors, args, model, paths)
+        print(f"\n== case {case}: {DESCRIPTIONS[case]} ==")
+        data_files = raw_files(case, paths) if not setup_errors.get(case) else []
+        on_disk = sum(f.stat().st_size for f in data_files)
+        if data_files:
+            print(f"data files: {len(data_files)}, {on_disk / GIB:.3f} GiB on disk")
+        verified: set[str] = set()
+        blocks = [run_block(case, contender_names(case, args, cache), cache, pf, setup_errors, verified, args, model,
+                            paths) for pf in prefaults for cache in caches]  # fmt: skip
+        report["cases"][case] = {"description": DESCRIPTIONS[case], "data_bytes": on_disk, "blocks": blocks}
 
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
+        out.write_text(json.dumps(report, indent=1))
         print(f"\nresults written to {out}")
-    failed = any(
-        t["result"] in ("FAIL", "n/a (error)")
-        for case in report["cases"].values()
-        for t in case["targets"]
-    )
-    return 1 if (failed and args.strict) else 0
+    return 0
+
+
+def _names(values: list[str]) -> set[str]:
+    return {s for item in values for s in item.split(",") if s}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Benchmark jreshard restores against torch DCP, Orbax and a raw read."
-    )
-    p.add_argument("--size-gib", type=float, default=1.5,
-                   help="approximate model size (default 1.5)")
+    p = argparse.ArgumentParser(description="Benchmark jreshard restores against torch, Orbax and a raw read.")
+    p.add_argument("--size-gib", type=float, default=1.5, help="approximate model size (default 1.5)")
     p.add_argument("--case", choices=["dcp", "safetensors", "all"], default="all",
                    help="which checkpoint format to benchmark (default all)")
     p.add_argument("--skip", action="append", default=[],
-                   help="contender(s) to leave out: jreshard, port, torch, orbax, raw "
-                   "(repeatable or comma-separated)")
+                   help="contender(s) to leave out: jreshard, port, torch, orbax, raw, convert, dcp_orbax, jr_orbax "
+                        "(repeatable or comma-separated)")
+    p.add_argument("--only", action="append", default=[], help="run only these contender(s) (same names)")
+    p.add_argument("--cold-skip", action="append", default=[],
+                   help="contender(s) to leave out of the cold-cache runs only (same names)")
     p.add_argument("--repeat", type=int, default=3,
-                   help="runs per contender; the median is reported (default 3)")
+                   help="runs per contender and cache state; the median is reported (default 3)")
+    p.add_argument("--cache", choices=["warm", "cold", "both"], default="both",
+                   help="page cache before each run: read once (warm), evicted (cold) or both (default)")
+    p.add_argument("--drop-caches", action="store_true",
+                   help="for cold runs also write /proc/sys/vm/drop_caches (machine-wide) when writable; without "
+                        "it, only when posix_fadvise left pages resident")
+    p.add_argument("--raw-threads", default="1,2,4,8",
+                   help="thread counts of the raw-read rows (default 1,2,4,8); the fastest is the anchor")
+    p.add_argument("--raw-block-mib", type=int, default=16, help="raw read piece size in MiB (default 16)")
+    p.add_argument("--prefault-gib", type=float, default=0.0,
+                   help="also run every contender after faulting in and freeing this much anonymous memory, as "
+                        "separate rows labelled '(pre-faulted N GiB)' (default 0: none)")
     p.add_argument("--writer", choices=["torch", "jreshard"], default="torch",
                    help="who writes the DCP checkpoint: torch on 4 gloo ranks (default), or jreshard.save_dcp "
                         "(no torch; the same Shard(0) chunks)")
     p.add_argument("--workdir", default="/tmp/jreshard-bench",
                    help="cache for the written checkpoints (default /tmp/jreshard-bench)")
-    p.add_argument("--cold", action="store_true",
-                   help="drop the page cache before each run (if permitted) instead of warming it")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    p.add_argument("--strict", action="store_true", help="exit 1 when a target is not met")
     p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip checking the loaded arrays after the first run")
-    p.add_argument("--prefault-gib", type=float, default=None,
-                   help="anonymous memory each run faults in and frees just before the restore, "
-                   "so that no contender pays a VM's slow first touch (0 = off; "
-                   "default 2.5 x model size + 0.5)")
-    p.add_argument("--timeout", type=float, default=1800,
-                   help="seconds allowed per subprocess (default 1800)")
-    p.add_argument("--jreshard-io", default="auto",
-                   help="the io= argument of jreshard.load (default auto)")
+                   help="skip checking the loaded arrays after each contender's first run")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per subprocess (default 1800)")
+    p.add_argument("--jreshard-io", default="auto", help="the io= argument of jreshard.load (default auto)")
     p.add_argument("--max-inflight-bytes", type=int, default=None,
                    help="the max_inflight_bytes= argument of jreshard.load")
     p.add_argument("--convert-inflight-bytes", type=int, default=CONVERT_INFLIGHT,
@@ -1046,10 +557,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     p.add_argument("--_result", help=argparse.SUPPRESS)
     p.add_argument("--_verify", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--_prefault", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--_setup", choices=sorted(WRITERS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
+    if args.raw_block_mib < 1:
+        p.error("--raw-block-mib must be at least 1")
+    if args.prefault_gib < 0:
+        p.error("--prefault-gib must not be negative")
+    try:
+        args.raw_threads = sorted({int(t) for t in args.raw_threads.split(",") if t})
+    except ValueError:
+        p.error(f"--raw-threads: comma-separated positive integers, not {args.raw_threads!r}")
+    if not args.raw_threads or min(args.raw_threads) < 1:
+        p.error("--raw-threads: at least one thread count, each at least 1")
+    known = {*PREPARE, "raw"}
+    args.skip, args.only, args.cold_skip = _names(args.skip), _names(args.only), _names(args.cold_skip)
+    if unknown := (args.skip | args.only | args.cold_skip) - known:
+        p.error(f"unknown contender(s): {sorted(unknown)}; known: {sorted(known)}")
     args.workdir = str(Path(args.workdir).resolve())
     return args
 
@@ -1057,8 +583,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model = build_model(args.size_gib)
-    if args.prefault_gib is None:
-        args.prefault_gib = 2.5 * model.nbytes / GIB + 0.5
     if args.writer == "jreshard":  # run_child's environment passes the choice on to the writer
         os.environ["JRESHARD_BENCH_WRITER"] = "jreshard"
     paths = Paths(Path(args.workdir) / (model.key + ("-torch-free" if args.writer == "jreshard" else "")))

@@ -34,6 +34,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
+from _machine import facts
 from _model import GIB, build_model
 
 CONTENDERS = ("jreshard", "torch")
@@ -156,8 +157,9 @@ def main() -> int:
     p.add_argument("--layout", choices=["sharded", "single"], default="sharded",
                    help="jreshard's arrays: on a (2, 4) mesh (default) or on one device")
     p.add_argument("--workdir", default="/tmp/jreshard-bench-save", help="where the checkpoints are written")
-    p.add_argument("--prefault-gib", type=float, default=None,
-                   help="fault in and free this much memory before each timed save (VMs with free page reporting)")
+    p.add_argument("--prefault-gib", type=float, default=0.0,
+                   help="fault in and free this much memory before each timed save (VMs with free page reporting; "
+                        "default 0: none, first-touch costs count as they do for a user)")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip torch's read-back of jreshard's save")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -178,6 +180,7 @@ def main() -> int:
 
     model = build_model(args.size_gib)
     nbytes = model.nbytes
+    machine = facts()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     print(f"model: {model.describe()}")
@@ -217,7 +220,9 @@ def main() -> int:
                                                             "checkpoint exactly" if verified else ""))
     if args.json:
         Path(args.json).write_text(json.dumps({"size_gib": args.size_gib, "model_bytes": nbytes, "layout": args.layout,
-                                               "summary": summary, "ratio": ratio, "verified": verified}, indent=1))
+                                               "summary": summary, "ratio": ratio, "verified": verified,
+                                               "repeat": args.repeat, "prefault_gib": args.prefault_gib,
+                                               "machine": machine}, indent=1))
     return 0
 
 

@@ -1,0 +1,88 @@
+"""The benchmark helpers that decide what a figure means: the raw-read anchor, the page-cache state, the ratio
+anchor and the README rewrite (benchmarks/*.py; they are scripts, not part of the package)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import _pagecache
+import _rawread
+import readme
+import restore
+
+
+def _files(tmp_path: Path, sizes: list[int]) -> list[Path]:
+    rng = np.random.default_rng(0)
+    out = []
+    for i, size in enumerate(sizes):
+        path = tmp_path / f"f{i}.bin"
+        path.write_bytes(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+        out.append(path)
+    return out
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_raw_read_returns_every_byte(tmp_path, threads):
+    files = _files(tmp_path, [0, 1, 5000, 3 * 4096 + 7])
+    bufs = _rawread.read_files(files, threads, block=4096)
+    assert [b.tobytes() for b in bufs] == [f.read_bytes() for f in files]
+
+
+def test_raw_blocks_cover_each_file_once():
+    assert _rawread.blocks([10, 0, 4], 4) == [(0, 0, 4), (0, 4, 4), (0, 8, 2), (2, 0, 4)]
+
+
+def _fs_type(path: Path) -> str:
+    best, kind = "", ""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        _, mount, fs, *_ = line.split()
+        if str(path).startswith(mount) and len(mount) > len(best):
+            best, kind = mount, fs
+    return kind
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and posix_fadvise: Linux")
+def test_evict_leaves_nothing_resident_and_warm_everything(tmp_path):
+    if _fs_type(tmp_path) in ("tmpfs", "ramfs", "overlay"):
+        pytest.skip(f"{tmp_path} is on a file system whose pages cannot be evicted")
+    files = _files(tmp_path, [3 << 20, 12345])
+    total = sum(f.stat().st_size for f in files)
+    _pagecache.warm(files)
+    assert sum(_pagecache.resident_bytes(f) for f in files) == total
+    ev = _pagecache.evict(files)
+    assert ev.method == "posix_fadvise(DONTNEED)"  # enough on its own: no machine-wide drop_caches needed
+    assert ev.total == total
+    assert ev.resident == 0, ev.describe()
+    assert sum(_pagecache.resident_bytes(f) for f in files) == 0
+    os.sync()
+
+
+def test_ratios_use_the_fastest_raw_row_of_the_block():
+    rows = [
+        {"name": "jreshard", "median_s": 2.0},
+        {"name": "torch", "median_s": 8.0},
+        {"name": "raw-t1", "median_s": 1.0},
+        {"name": "raw-t4", "median_s": 0.5},
+        {"name": "orbax", "error": "boom"},
+    ]
+    assert restore.add_ratios(rows) == "raw-t4"
+    assert rows[0]["ratios"] == {"raw": 4.0, "torch": 0.25, "orbax": None, "dcp_orbax": None}
+    assert rows[2]["ratios"]["raw"] == 2.0
+    assert "ratios" not in rows[4]
+
+
+def test_readme_block_replaced_between_its_markers_only():
+    text = "a\n<!-- bench:save:start -->\nold\n<!-- bench:save:end -->\nb <!-- bench:save:start --> stays\n"
+    with pytest.raises(SystemExit, match="exactly one"):
+        readme.replace_block(text, "save", "new")
+    text = "a\n<!-- bench:save:start -->\nold\nlines\n<!-- bench:save:end -->\nb\n"
+    assert readme.replace_block(text, "save", "new\n") == "a\n<!-- bench:save:start -->\nnew\n<!-- bench:save:end -->\nb\n"
+    with pytest.raises(SystemExit, match="bench:partial"):
+        readme.replace_block(text, "partial", "new")
