@@ -33,7 +33,7 @@ sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.p
 from _machine import facts
 
 import jreshard
-from jreshard.plan import overlaps
+from jreshard.planning import overlaps
 
 # Checkpoint.read's default coalesce_gap, and one that reads the gaps inside saved rows through.
 DEFAULT_GAP = inspect.signature(jreshard.Checkpoint.read).parameters["coalesce_gap"].default

@@ -15,11 +15,11 @@ from .checkpoint import Checkpoint
 from .errors import (CheckpointClosedError, CheckpointFormatError, InconsistentCheckpointError, InvalidArgumentError,
                      JReshardError, MissingDataError, OutOfMemoryError, ShardingError, StorageError, TargetMismatchError,
                      TruncatedDataError, UnsafeCheckpointError)
-from .plan import Plan, ProcessPlan
+from .planning import Plan, ProcessPlan
 from .sources import open_source
 from .storage import IOStats
 from .layout import Replicate, Shard, StridedShard, TorchLayout, torch_layout
-from .rename import rename
+from .renames import rename
 from .rules import ALL_TENSORS as _ALL_TENSORS
 from .rules import parse_rules, target_for
 from .views import View, concat, saved, stack

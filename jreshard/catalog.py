@@ -121,7 +121,7 @@ def validate_chunks(name: str, shape: tuple[int, ...], chunks: list[Chunk], wher
     Raises CheckpointFormatError on a shape, offset or size that is not an ``int`` in ``[0, 2**62]``, and
     InconsistentCheckpointError naming the tensor and ``where`` on a chunk of the wrong rank or out of
     bounds, a partial overlap, or a hole. The kept chunks are returned in their original order, as a tuple
-    (a :class:`ChunkTuple`, which also keeps the index :func:`jreshard.plan.overlaps` builds for them).
+    (a :class:`ChunkTuple`, which also keeps the index :func:`jreshard.planning.overlaps` builds for them).
 
     The tiling check is exact and O(n log n) for the layouts torch writes (any grid, any rank): see
     :func:`_tiles`.
@@ -396,7 +396,7 @@ def _sorted_unique(values: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# An index of a tensor's chunks, for jreshard.plan.overlaps: the chunks meeting a box in O(log n + candidates)
+# An index of a tensor's chunks, for jreshard.planning.overlaps: the chunks meeting a box in O(log n + candidates)
 # ---------------------------------------------------------------------------------------------------------------
 
 _INDEX_MIN_CHUNKS = 48  # below this, scanning every chunk is as fast
@@ -471,7 +471,7 @@ def chunk_overlaps(chunks: Any, box: Any) -> tuple[list[int], list[tuple[int, ..
     are not plain ints of one rank, or ``box`` is not plain ints in [0, 2**62] of that rank: then the caller
     scans every chunk.
 
-    The values are exactly those of :func:`jreshard.plan.overlaps`'s scan: for every chunk where
+    The values are exactly those of :func:`jreshard.planning.overlaps`'s scan: for every chunk where
     ``lo = max(offset, b0) < hi = min(offset + size, b1)`` in every dim, ``(lo - offset, lo - b0, hi - lo)``.
 
     Example:

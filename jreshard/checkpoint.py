@@ -25,7 +25,7 @@ from .errors import (
     ShardingError,
     TargetMismatchError,
 )
-from .plan import Piece, Plan, ProcessPlan
+from .planning import Piece, Plan, ProcessPlan
 from .read import Executor, strided_view
 from .rules import ALL_TENSORS, resolve_target
 from .storage import IOStats, Store
@@ -87,7 +87,7 @@ class Checkpoint:
         from html import escape
 
         from .errors import JReshardError
-        from .plan import MAX_HTML_ROWS, _human
+        from .planning import MAX_HTML_ROWS, _human
         from .spec import saved_grid
 
         tensors = self.format.tensors
@@ -635,7 +635,7 @@ def _load_line(info: dict[str, Any]) -> str:
         >>> _load_line({"bytes_done": 0, "bytes_total": 0, "seconds": 0.5})
         '100.0%  0 B / 0 B  0 B/s  in 0.5 s'
     """
-    from .plan import _human
+    from .planning import _human
 
     done, total, secs = info["bytes_done"], info["bytes_total"], info["seconds"]
     frac = 1.0 if total <= 0 else min(1.0, done / total)

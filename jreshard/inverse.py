@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InvalidArgumentError, JReshardError, TargetMismatchError
-from .plan import c_strides
+from .planning import c_strides
 from .views import View, _axes, _axis, _groups, _index_plan, _linear_boxes, saved
 from .write_safetensors import named_arrays
 

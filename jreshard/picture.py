@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .errors import InvalidArgumentError, ShardingError
-from .plan import Box, pieces_of
+from .planning import Box, pieces_of
 
 MAX_SIDE = 8192  # largest width or height of a picture, in pixels or characters
 MAX_BOXES = 200_000  # boxes a picture may hold (a mapped target can trace a shard to many boxes)

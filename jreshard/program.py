@@ -4,7 +4,7 @@ reports, built by one function (:func:`build`), so that the report is what runs.
 For every target array: its view of the saved tensors (the mapping's entry, or the saved tensor of the same
 name), and for every distinct shard ("piece") of the processes asked for, the shard's box traced through the
 view to boxes of saved tensors (:meth:`jreshard.views.View.trace`), intersected with the saved chunks
-(:func:`jreshard.plan.overlaps`) and turned into copy jobs into the shard's host buffer (any strides: a
+(:func:`jreshard.planning.overlaps`) and turned into copy jobs into the shard's host buffer (any strides: a
 transposed or stacked destination is written in place, never through a copy). Pieces are packed into batches
 of at most ``max_inflight_bytes`` host bytes (pieces larger than that are read part by part), and each batch's
 jobs become the exact requests the executor issues (:meth:`jreshard.read.Executor.prepare`).
@@ -25,7 +25,7 @@ import numpy as np
 from .catalog import TensorInfo
 from .errors import InvalidArgumentError, JReshardError, TargetMismatchError
 from .place import check_fits
-from .plan import Box, Piece, Plan, ProcessPlan, c_strides, overlaps, pieces_of, runs_of
+from .planning import Box, Piece, Plan, ProcessPlan, c_strides, overlaps, pieces_of, runs_of
 from .read import CopyJob, Executor, Prepared
 from .spec import matches_saved
 from .targets import TargetLeaf, key_name, missing_message

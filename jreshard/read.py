@@ -15,7 +15,7 @@ whole, decompressed zstd items) are plain strided copies. The others read from t
   each read is copied out on the pool as it arrives.
 
 Regions of a transposed storage (innermost stride != 1) are read as their span and copied element-wise when
-that span holds little else, else element by element (see :func:`jreshard.plan.runs_of`).
+that span holds little else, else element by element (see :func:`jreshard.planning.runs_of`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import numpy as np
 
 from .catalog import Locator
 from .errors import JReshardError, TruncatedDataError
-from .plan import Overlap, Runs, _grid, c_strides, element_span
+from .planning import Overlap, Runs, _grid, c_strides, element_span
 from .storage import LocalStore, Store
 
 BOUNCE = 4 * 2**20  # a local read is cut (between runs) near this size: a per-thread buffer that stays in cache
@@ -506,7 +506,7 @@ def _split_long_runs(r: Runs | None, limit: int) -> list[Runs]:
 
 def read_locator_whole(store: Store, locator: Locator, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """A whole chunk/tensor as a new array (used for small objects and ``Checkpoint.read``)."""
-    from .plan import runs_of
+    from .planning import runs_of
 
     dest = np.empty(shape, dtype)
     ov = Overlap(0, (0,) * len(shape), (0,) * len(shape), tuple(shape))

@@ -103,7 +103,7 @@ def matches_saved(info: TensorInfo, sharding: Any) -> bool:
         >>> matches_saved(ckpt.tensors["model.layers.0.b1"], SingleDeviceSharding(jax.devices()[0]))
         True
     """
-    from .plan import normalize_index
+    from .planning import normalize_index
 
     boxes = {normalize_index(idx, info.shape) for idx in sharding.devices_indices_map(info.shape).values()}
     chunks = {tuple((o, o + s) for o, s in zip(c.offsets, c.sizes)) for c in info.chunks}

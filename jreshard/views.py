@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InvalidArgumentError, TargetMismatchError
-from .plan import c_strides
+from .planning import c_strides
 
 Box = tuple[tuple[int, int], ...]
 

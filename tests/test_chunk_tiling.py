@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from jreshard import catalog
 from jreshard.catalog import Chunk, validate_chunks
 from jreshard.errors import CheckpointFormatError, InconsistentCheckpointError
-from jreshard.plan import overlaps
+from jreshard.planning import overlaps
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

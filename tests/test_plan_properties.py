@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from jreshard.catalog import Chunk, Locator, validate_chunks
 from jreshard.errors import InconsistentCheckpointError
 from jreshard import read as read_module
-from jreshard.plan import normalize_index, overlaps, runs_of
+from jreshard.planning import normalize_index, overlaps, runs_of
 from jreshard.read import CopyJob, Executor
 from jreshard.storage import KvStore, LocalStore
 

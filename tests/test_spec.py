@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 
 import jreshard
-from jreshard.plan import normalize_index
+from jreshard.planning import normalize_index
 from jreshard.spec import saved_grid, saved_partition_spec
 from tests import torch_writers as tw
 from tests.helpers import assert_same

@@ -10,13 +10,6 @@ render verbatim. This extension, run on every object before its docstring is par
   when ``name`` (or the same name next to the object: its class, its module, the ``jreshard`` package) is
   documented on some page, plain code otherwise.
 
-It also undoes a shadowing: ``jreshard/__init__.py`` defines ``plan`` and re-exports ``rename``, and the
-package has submodules of those names (``jreshard/plan.py``, ``jreshard/rename.py``). Python's attribute is the
-function (assigned after the submodule is imported); griffe gives precedence to the submodule, which would
-leave ``jreshard.plan`` and ``jreshard.rename`` out of the reference. Once the package is loaded, the
-extension points the imports that go through those submodules (``from .plan import Plan``) at their objects,
-then puts the functions back as the package's members, as Python has them.
-
 It changes no source file.
 """
 
@@ -71,60 +64,3 @@ class JReshardDocstrings(griffe.Extension):
         obj.docstring.value = _ROLE.sub(ref, text)
 
 
-_PACKAGE = "jreshard"
-
-
-def _walk_aliases(module: griffe.Module) -> list[griffe.Alias]:
-    """Every alias defined in ``module`` and its submodules (not through other aliases)."""
-    out: list[griffe.Alias] = []
-    for member in list(module.members.values()):
-        if member.is_alias:
-            out.append(member)
-        elif member.is_module:
-            out.extend(_walk_aliases(member))
-    return out
-
-
-class JReshardShadowedFunctions(griffe.Extension):
-    """``jreshard.plan`` / ``jreshard.rename``: the functions, as Python has them, not the submodules."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._functions: dict[str, griffe.Object] = {}  # functions defined in jreshard/__init__.py
-        self._aliases: dict[str, griffe.Alias] = {}  # names jreshard/__init__.py imports
-
-    def on_function_instance(self, *, node: Any, func: griffe.Function, agent: Any, **kwargs: Any) -> None:
-        if func.parent is not None and func.parent.path == _PACKAGE:
-            self._functions[func.name] = func
-
-    def on_alias_instance(self, *, node: Any, alias: griffe.Alias, agent: Any, **kwargs: Any) -> None:
-        if alias.parent is not None and alias.parent.path == _PACKAGE:
-            self._aliases[alias.name] = alias
-
-    def on_package(self, *, pkg: griffe.Module, loader: griffe.GriffeLoader, **kwargs: Any) -> None:
-        if pkg.path != _PACKAGE:
-            return
-        shadowed = {name: member for name, member in pkg.members.items()
-                    if not member.is_alias and member.is_module and (name in self._functions or name in self._aliases)}
-        if not shadowed:
-            return
-        # Resolve, while the submodules are still reachable, every import that goes through one of them.
-        for alias in _walk_aliases(pkg):
-            for name, module in shadowed.items():
-                prefix = f"{_PACKAGE}.{name}."
-                if alias.target_path.startswith(prefix):
-                    rest = alias.target_path[len(prefix):]
-                    try:
-                        alias.target = module[rest]
-                    except (KeyError, griffe.AliasResolutionError, griffe.CyclicAliasError):
-                        pass
-        for name, module in shadowed.items():
-            if name in self._functions:
-                pkg.members[name] = self._functions[name]
-            else:
-                alias = self._aliases[name]
-                try:
-                    alias.target = module[name]
-                except (KeyError, griffe.AliasResolutionError, griffe.CyclicAliasError):
-                    continue
-                pkg.members[name] = alias

@@ -19,7 +19,7 @@ import numpy as np
 from ..catalog import Chunk, Locator, TensorInfo, validate_chunks
 from ..dtypes import TorchDtype
 from ..errors import CheckpointFormatError, InconsistentCheckpointError, MissingDataError, TruncatedDataError
-from ..plan import c_strides
+from ..planning import c_strides
 from ..storage import LocalStore, Store
 from ..gate import _short, checked_int, checked_name, checked_shape, decoding
 from ..unpickle import (BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, StorageInfo, TensorRef,

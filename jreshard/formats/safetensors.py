@@ -17,7 +17,7 @@ import numpy as np
 from ..catalog import Chunk, Locator, TensorInfo
 from ..dtypes import safetensors_dtype
 from ..errors import CheckpointFormatError, InconsistentCheckpointError, MissingDataError, TruncatedDataError
-from ..plan import c_strides
+from ..planning import c_strides
 from ..gate import _short, checked_int, checked_name, checked_shape, decoding
 from ..storage import LocalStore, Store
 
