@@ -91,10 +91,12 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the whole tensor in its saved dtype."""
         return math.prod(self.shape) * self.dtype.itemsize
 
     @property
     def ndim(self) -> int:
+        """Number of dimensions."""
         return len(self.shape)
 
     def __repr__(self) -> str:

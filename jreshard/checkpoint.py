@@ -167,6 +167,14 @@ class Checkpoint:
     # -- reading ----------------------------------------------------------------------------------
 
     def tensor(self, name: str) -> TensorInfo:
+        """The :class:`~jreshard.TensorInfo` of a saved tensor; an unknown name is a ``TargetMismatchError``
+        naming the closest saved names.
+
+        Example:
+            >>> import jreshard
+            >>> jreshard.open(jreshard.sample_path()).tensor("model.head.bias").shape
+            (10,)
+        """
         try:
             return self.format.tensors[name]
         except KeyError:

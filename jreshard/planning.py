@@ -266,7 +266,12 @@ def pieces_of(name: str, shape: tuple[int, ...], sharding: Any, addressable_only
 @dataclass
 class ProcessPlan:
     """What one process reads: ``bytes_needed`` (its distinct shards, saved dtype), ``bytes_to_read`` (after
-    merging, with whole reads of compressed items), ``num_reads`` (requests), ``pieces`` (distinct shards)."""
+    merging, with whole reads of compressed items), ``num_reads`` (requests), ``pieces`` (distinct shards).
+
+    Example:
+        >>> ProcessPlan(0, bytes_needed=100, bytes_to_read=150).amplification
+        1.5
+    """
 
     process: int
     bytes_needed: int = 0
@@ -277,6 +282,7 @@ class ProcessPlan:
 
     @property
     def amplification(self) -> float:
+        """``bytes_to_read / bytes_needed`` (1.0 when nothing is needed)."""
         return self.bytes_to_read / self.bytes_needed if self.bytes_needed else 1.0
 
 
@@ -295,6 +301,7 @@ class TensorPlan:
 
     @property
     def amplification(self) -> float:
+        """``bytes_to_read / bytes_needed`` (1.0 when nothing is needed)."""
         return self.bytes_to_read / self.bytes_needed if self.bytes_needed else 1.0
 
 
@@ -305,6 +312,14 @@ class Plan:
     ``processes`` maps every JAX process the target spans to its :class:`ProcessPlan`; ``bytes_needed``,
     ``bytes_to_read`` and ``num_reads`` are those of this process. :meth:`by_tensor` splits this process's
     reads by target, and :meth:`picture` draws a target's shards over the saved chunks.
+
+    Example:
+        >>> import jax, numpy as np, jreshard
+        >>> from jax.sharding import Mesh
+        >>> mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+        >>> p = jreshard.plan(jreshard.sample_path(), mesh=mesh)
+        >>> p.bytes_to_read >= p.bytes_needed > 0, sorted(p.processes)
+        (True, [0])
     """
 
     processes: dict[int, ProcessPlan]
@@ -320,18 +335,22 @@ class Plan:
 
     @property
     def local(self) -> ProcessPlan:
+        """The :class:`ProcessPlan` of this process."""
         return self.processes.get(self.this_process, ProcessPlan(self.this_process))
 
     @property
     def bytes_needed(self) -> int:
+        """Bytes this process's distinct shards hold (saved dtype)."""
         return self.local.bytes_needed
 
     @property
     def bytes_to_read(self) -> int:
+        """Bytes this process reads (after merging nearby ranges)."""
         return self.local.bytes_to_read
 
     @property
     def num_reads(self) -> int:
+        """Read requests this process issues."""
         return self.local.num_reads
 
     def __repr__(self) -> str:

@@ -87,10 +87,12 @@ class View:
 
     @property
     def ndim(self) -> int:
+        """Number of dimensions of the view."""
         return len(self.shape)
 
     @property
     def size(self) -> int:
+        """Number of elements of the view."""
         return math.prod(self.shape)
 
     def __repr__(self) -> str:

@@ -41,7 +41,16 @@ _batch_hook: Callable[[dict[str, Any]], None] | None = None
 
 
 class ConvertError(JReshardError):
-    """A conversion cannot be done or failed: ``dest`` exists, is not a local path, or tensorstore failed to write."""
+    """A conversion cannot be done or failed: ``dest`` exists, is not a local path, or tensorstore failed to write.
+
+    Example:
+        >>> import jreshard
+        >>> try:
+        ...     jreshard.convert(jreshard.sample_path(), jreshard.sample_path())
+        ... except jreshard.ConvertError as e:
+        ...     print("exists" in str(e))
+        True
+    """
 
 
 def work_dir_of(dest: str | os.PathLike) -> Path:

@@ -86,3 +86,11 @@ def test_readme_block_replaced_between_its_markers_only():
     assert readme.replace_block(text, "save", "new\n") == "a\n<!-- bench:save:start -->\nnew\n<!-- bench:save:end -->\nb\n"
     with pytest.raises(SystemExit, match="bench:partial"):
         readme.replace_block(text, "partial", "new")
+
+
+def test_docs_benchmarks_page_is_the_readme_section():
+    """docs/benchmarks.md is what benchmarks/readme.py makes of README.md's Benchmarks section (no stale copy)."""
+    root = Path(__file__).resolve().parents[1]
+    page = (root / "docs" / "benchmarks.md").read_text()
+    assert page == readme.docs_page((root / "README.md").read_text())
+    assert "bench:restore:start" in page and "## Restoring" in page
