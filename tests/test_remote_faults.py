@@ -212,7 +212,7 @@ def test_http_503_then_success(server):
     ck = _bounded(lambda: jreshard.open(url, storage_options=FLAKY), 20)["value"]
     with server.lock:
         server.failures_left, server.bytes_sent = 3, 0
-    box = _bounded(lambda: {n: ck.read(n) for n in TENSORS}, 20)
+    box = _bounded(lambda: {n: ck.read(n) for n in TENSORS}, 60)
     assert "error" not in box, box.get("error")
     for n, a in TENSORS.items():
         np.testing.assert_array_equal(box["value"][n], a)
