@@ -209,7 +209,7 @@ def test_http_503_then_success(server):
     url = server.base + "/flaky/model.safetensors"
     with server.lock:
         server.failures_left, server.failed = 2, 0
-    ck = _bounded(lambda: jreshard.open(url, storage_options=FLAKY), 20)["value"]
+    ck = _bounded(lambda: jreshard.open(url, storage_options=FLAKY), 60)["value"]
     with server.lock:
         server.failures_left, server.bytes_sent = 3, 0
     box = _bounded(lambda: {n: ck.read(n) for n in TENSORS}, 60)
