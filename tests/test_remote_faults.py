@@ -119,9 +119,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             srv.release.wait(60)
             return None
-        self.wfile.write(body)
-        with srv.lock:
+        with srv.lock:  # counted before the write: the client may check the count as soon as it has the bytes
             srv.bytes_sent += len(body)
+        self.wfile.write(body)
         return None
 
     def do_GET(self):
@@ -272,10 +272,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(n))
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(payload)
-            if self.command == "GET":
+            if self.command == "GET":  # counted before the write (see above)
                 with srv.lock:
                     srv.bytes_sent += len(payload)
+            self.wfile.write(payload)
 
     do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
 
