@@ -33,7 +33,8 @@ __version__ = "0.1.0"
 _builtin_open = open
 
 
-def open(source: str | os.PathLike, *, io: str = "auto", storage_options: dict[str, Any] | None = None) -> Checkpoint:  # noqa: A001
+def open(source: str | os.PathLike, *, io: str = "auto", storage_options: dict[str, Any] | None = None,  # noqa: A001
+         variant: str | None = None) -> Checkpoint:
     """Open a checkpoint: a DCP directory (``.metadata`` + ``.distcp``), a ``.safetensors`` file or a directory
     of them with its index, a ``torch.save`` archive (``.pt``, ``.pth``, ``.bin``) or its sharded index, by
     path or URL (``file://``, ``gs://``, ``s3://``, ``http(s)://``).
@@ -41,6 +42,13 @@ def open(source: str | os.PathLike, *, io: str = "auto", storage_options: dict[s
     Only metadata is read. ``io`` picks the read back-end: ``"auto"`` (preadv for local files, tensorstore
     otherwise), ``"posix"`` or ``"tensorstore"``. ``storage_options`` are merged into the tensorstore KvStore
     spec (e.g. ``{"endpoint": "http://127.0.0.1:9000"}`` for an S3-compatible server).
+
+    A directory is recognised by its files: Hugging Face's conventions (any ``*.safetensors.index.json`` or
+    ``*.bin.index.json``, variants such as ``model.fp16.safetensors``, diffusers' and PEFT's file names), sets
+    of safetensors files without an index, and torch's ``HuggingFaceStorageWriter`` shards (see
+    :mod:`jreshard.sources`). Where it holds several checkpoints (a model and an adapter, fp32 and fp16
+    variants) the error lists them and ``variant`` picks one: a Hugging Face variant (``"fp16"``) or a stem or
+    file name (``"adapter_model"``).
 
     Example:
         >>> import jreshard
@@ -52,14 +60,14 @@ def open(source: str | os.PathLike, *, io: str = "auto", storage_options: dict[s
     """
     if io not in ("auto", "posix", "tensorstore"):
         raise InvalidArgumentError(f"io must be 'auto', 'posix' or 'tensorstore', not {io!r}")
-    fmt, store = open_source(os.fspath(source), io=io, storage_options=storage_options)
+    fmt, store = open_source(os.fspath(source), io=io, storage_options=storage_options, variant=variant)
     return Checkpoint(source, fmt, store, io)
 
 
 def load(source: str | os.PathLike | Checkpoint, target: Any = _ALL_TENSORS, *, mapping: Any = None,
          max_inflight_bytes: int | None = None, progress: bool | Callable[[dict[str, Any]], None] = False,
          io: str = "auto", coalesce_gap: int = 256, storage_options: dict[str, Any] | None = None,
-         mesh: Any = None, cast: str = "safe", rules: Any = None) -> Any:
+         mesh: Any = None, cast: str = "safe", rules: Any = None, variant: str | None = None) -> Any:
     """Load the tensors named by ``target`` onto their shardings, or, without ``target``, every saved tensor
     onto ``mesh``.
 
@@ -90,7 +98,7 @@ def load(source: str | os.PathLike | Checkpoint, target: Any = _ALL_TENSORS, *, 
     ``PartitionSpec`` of the first of ``rules`` whose pattern is found in its name (:func:`target_for`;
     ``rules=None`` shards dim ``i`` over mesh axis ``i`` where it divides), into a flat dict keyed by saved
     name. Saved objects (``step`` ...) are not included: read them from ``ckpt.objects``. ``rules`` with a
-    ``target`` is an error.
+    ``target`` is an error. ``variant`` picks a checkpoint of a directory that holds several, as in :func:`open`.
 
     Example:
         >>> import jax, numpy as np, jreshard
@@ -105,7 +113,8 @@ def load(source: str | os.PathLike | Checkpoint, target: Any = _ALL_TENSORS, *, 
         >>> len(everything) == len(ckpt.tensors), everything[t.name].sharding.spec
         (True, P('x',))
     """
-    ckpt = source if isinstance(source, Checkpoint) else open(source, io=io, storage_options=storage_options)
+    ckpt = source if isinstance(source, Checkpoint) else open(source, io=io, storage_options=storage_options,
+                                                              variant=variant)
     try:
         return ckpt.load(target, mapping=mapping, max_inflight_bytes=max_inflight_bytes, progress=progress,
                          coalesce_gap=coalesce_gap, mesh=mesh, cast=cast, rules=rules)
@@ -117,7 +126,7 @@ def load(source: str | os.PathLike | Checkpoint, target: Any = _ALL_TENSORS, *, 
 def plan(source: str | os.PathLike | Checkpoint, target: Any = _ALL_TENSORS, *, mapping: Any = None,
          max_inflight_bytes: int | None = None, io: str = "auto", coalesce_gap: int = 256,
          storage_options: dict[str, Any] | None = None, mesh: Any = None, cast: str = "safe",
-         rules: Any = None) -> Plan:
+         rules: Any = None, variant: str | None = None) -> Plan:
     """The program :func:`load` runs (same arguments), per JAX process, without reading tensor bytes: bytes its
     shards need, bytes and requests it reads (after merging ranges, in the batches ``max_inflight_bytes``
     makes), per process and per target. For this process it is built by the same function ``load`` uses, so
@@ -133,7 +142,8 @@ def plan(source: str | os.PathLike | Checkpoint, target: Any = _ALL_TENSORS, *, 
         >>> p.bytes_to_read >= p.bytes_needed
         True
     """
-    ckpt = source if isinstance(source, Checkpoint) else open(source, io=io, storage_options=storage_options)
+    ckpt = source if isinstance(source, Checkpoint) else open(source, io=io, storage_options=storage_options,
+                                                              variant=variant)
     try:
         return ckpt.plan(target, mapping=mapping, max_inflight_bytes=max_inflight_bytes, coalesce_gap=coalesce_gap,
                          mesh=mesh, cast=cast, rules=rules)

@@ -1,28 +1,40 @@
 """safetensors files: one file, or a directory/index of shards (``model.safetensors.index.json``).
 
 The header (8-byte little-endian length, then JSON) gives every tensor's dtype, shape and byte range; data
-is C-ordered and little-endian, so each tensor is one chunk with a plain strided locator.
+is C-ordered and little-endian, so each stored tensor is one chunk with a plain strided locator.
+
+Files written by torch's ``HuggingFaceStorageWriter`` carry ``__metadata__["DCP_SHARDING_INFO"]``, a JSON
+object ``{name: {"saved_offsets": [...]}}``: with ``save_distributed=True`` each rank's file
+(``shard-00001-model-00001-of-00001.safetensors`` ...) holds the rank's *slices*, at those offsets of the
+full tensor. Read as a set (``shards=True``), the files' slices become the chunks of the full tensors (full
+shape = the largest ``offset + size`` per dimension, as torch's ``HuggingFaceStorageReader`` computes it),
+checked to tile it exactly. Alone, such a file is refused: its tensors are not whole.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from ..catalog import Chunk, Locator, TensorInfo
+from ..catalog import Chunk, Locator, TensorInfo, validate_chunks
 from ..dtypes import safetensors_dtype
 from ..errors import CheckpointFormatError, InconsistentCheckpointError, MissingDataError, TruncatedDataError
-from ..planning import c_strides
 from ..gate import _short, checked_int, checked_name, checked_shape, decoding
+from ..planning import c_strides
 from ..storage import LocalStore, Store
 
 MAX_HEADER = 100 * 2**20
 MAX_INDEX = 64 * 2**20
+SHARDING_INFO = "DCP_SHARDING_INFO"
+#: A file of torch's ``HuggingFaceStorageWriter(save_distributed=True)``: one rank's slices.
+TORCH_SHARD_FILE = re.compile(r"shard-(\d+)-(.+)-(\d+)-of-(\d+)\.safetensors")
 
 
 @dataclass(frozen=True)
@@ -150,20 +162,59 @@ def read_index(store: Store, index: str) -> dict[str, str]:
     return out
 
 
+def saved_offsets(header: Header, where: str) -> dict[str, tuple[int, ...]] | None:
+    """The checked ``saved_offsets`` of each tensor of a file with ``__metadata__["DCP_SHARDING_INFO"]``
+    (torch's ``HuggingFaceStorageWriter``), or None for a file without it. Every tensor of the file must have
+    offsets of its rank, and the JSON may name no tensor the file does not hold.
+
+    Example:
+        >>> h = Header(0, {"w": Entry("F32", np.dtype("float32"), (2, 3), 0, 24)},
+        ...            {"DCP_SHARDING_INFO": '{"w": {"saved_offsets": [4, 0]}}'})
+        >>> saved_offsets(h, "f.safetensors")
+        {'w': (4, 0)}
+    """
+    raw = header.metadata.get(SHARDING_INFO)
+    if raw is None:
+        return None
+    what = f"{where} (__metadata__ {SHARDING_INFO})"
+    if not isinstance(raw, str):
+        raise CheckpointFormatError(f"{what}: not a JSON string but {_short(raw)}")
+    doc = load_json(raw.encode("utf-8", "surrogatepass"), what)
+    if not isinstance(doc, dict):
+        raise CheckpointFormatError(f"{what}: not a JSON object but {_short(doc)}")
+    extra = sorted(set(doc) - set(header.entries))
+    if extra:
+        raise InconsistentCheckpointError(f"{what}: names tensors the file does not hold: {[n[:100] for n in extra[:5]]}")
+    out: dict[str, tuple[int, ...]] = {}
+    for name, entry in header.entries.items():
+        item = doc.get(name)
+        offsets = item.get("saved_offsets") if isinstance(item, dict) else None
+        if not isinstance(offsets, list) or len(offsets) != len(entry.shape):
+            raise CheckpointFormatError(f"{what}: tensor {name!r} of shape {entry.shape} has no saved_offsets of "
+                                        f"{len(entry.shape)} ints (found {_short(item)})")
+        out[name] = tuple(checked_int(o, "saved offset", f"{what} (tensor {name!r})") for o in offsets)
+    return out
+
+
 class SafetensorsSource:
-    """Tensors of one or more safetensors files."""
+    """Tensors of one or more safetensors files.
+
+    ``shards=True``: the files are one set of torch ``HuggingFaceStorageWriter`` shards (or a set of files
+    without index): a name may be stored by several files, as slices of the full tensor placed by
+    ``DCP_SHARDING_INFO``. Otherwise every tensor is stored once and whole.
+    """
 
     format_name = "safetensors"
 
     def __init__(self, store: Store, files: Sequence[str] | None = None, index: str | None = None,
-                 weight_map: dict[str, str] | None = None) -> None:
+                 weight_map: dict[str, str] | None = None, shards: bool = False) -> None:
         self.store = store
         self.object_refs: dict[str, Any] = {}
         with decoding(store.where(index or (files or [""])[0])):
-            self._read(store, files, index, weight_map)
+            self._read(store, files, index, weight_map, shards)
 
     def _read(self, store: Store, files: Sequence[str] | None, index: str | None,
-              weight_map: dict[str, str] | None) -> None:
+              weight_map: dict[str, str] | None, shards: bool) -> None:
         expected: dict[str, str] = {}
         if index is not None:
             expected = weight_map if weight_map is not None else read_index(store, index)
@@ -172,30 +223,75 @@ class SafetensorsSource:
         files = [checked_name(f, store.description) for f in files]
         headers = read_headers(store, [(f, 0) for f in files])
         self.metadata = {f: headers[(f, 0)].metadata for f in files}
-        self.tensors: dict[str, TensorInfo] = {}
-        self._where: dict[str, tuple[str, int, int]] = {}
+        # name -> [(offsets, entry, file, sliced)]: every stored piece of each tensor.
+        pieces: dict[str, list[tuple[tuple[int, ...], Entry, str, bool]]] = {}
         for f in files:
             header = headers[(f, 0)]
+            offsets = saved_offsets(header, store.where(f))
+            if offsets is not None and not shards:
+                self._refuse_slices(store, f, offsets)
             for name, entry in header.entries.items():
                 where = f"{store.where(f)} (tensor {name!r})"
-                if name in self.tensors:
-                    raise InconsistentCheckpointError(f"{where}: tensor also stored in {self._where[name][0]}")
+                sliced = offsets is not None
+                if name in pieces:
+                    first = pieces[name][0]
+                    if not (shards and sliced and first[3]):
+                        raise InconsistentCheckpointError(f"{where}: tensor also stored in {store.where(first[2])}")
+                    if entry.dtype_name != first[1].dtype_name or len(entry.shape) != len(first[1].shape):
+                        raise InconsistentCheckpointError(
+                            f"{where}: a slice of {entry.dtype_name} {entry.shape}, but {store.where(first[2])} "
+                            f"holds a slice of {first[1].dtype_name} {first[1].shape}")
                 if expected and expected.get(name) != f:
                     raise InconsistentCheckpointError(f"{where}: the index places it in {expected.get(name)!r}")
-                self._where[name] = (f, header.data_start + entry.begin, entry.end - entry.begin)
-                self.tensors[name] = TensorInfo(name, entry.shape, entry.dtype,
-                                                (Chunk((0,) * len(entry.shape), entry.shape, ref=name),))
+                at = offsets[name] if offsets is not None else (0,) * len(entry.shape)
+                pieces.setdefault(name, []).append((at, entry, f, sliced))
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, stored in pieces.items():
+            self.tensors[name] = self._tensor(store, name, stored, headers)
         missing = sorted(set(expected) - set(self.tensors))
         if missing:
             raise MissingDataError(
                 f"{store.where(index or '')}: tensors listed in the index are missing from their files: {missing[:5]}"
             )
 
+    @staticmethod
+    def _refuse_slices(store: Store, f: str, offsets: dict[str, tuple[int, ...]]) -> None:
+        """A file of sharding info read alone: its tensors are slices unless every offset is 0 and it is not
+        one rank's file of a distributed save."""
+        sliced = [(n, o) for n, o in offsets.items() if any(o)]
+        if not sliced and not TORCH_SHARD_FILE.fullmatch(f.rsplit("/", 1)[-1]):
+            return
+        detail = (f"tensor {sliced[0][0]!r} is the slice at offsets {sliced[0][1]} of a larger tensor" if sliced
+                  else "its tensors are one rank's slices of larger tensors")
+        raise CheckpointFormatError(
+            f"{store.where(f)}: one shard of a torch HuggingFaceStorageWriter(save_distributed=True) checkpoint "
+            f"({SHARDING_INFO}): {detail}; open the directory that holds all its shard files "
+            f"({store.description}) instead")
+
+    @staticmethod
+    def _tensor(store: Store, name: str, stored: list[tuple[tuple[int, ...], Entry, str, bool]],
+                headers: dict[tuple[str, int], Header]) -> TensorInfo:
+        first = stored[0][1]
+        where = f"{store.where(stored[0][2])} (tensor {name!r})"
+        ndim = len(first.shape)
+        if len(stored) == 1 and not any(stored[0][0]):
+            shape: tuple[int, ...] = first.shape
+        else:  # the full shape, as torch's HuggingFaceStorageReader computes it
+            shape = tuple(max(at[d] + e.shape[d] for at, e, _, _ in stored) for d in range(ndim))
+            shape = checked_shape(list(shape), "shape", where, first.dtype.itemsize)
+        chunks: Sequence[Chunk] = [Chunk(at, e.shape, ref=(f, headers[(f, 0)].data_start + e.begin, e.end - e.begin))
+                                   for at, e, f, _ in stored]
+        if len(chunks) > 1 or shape != first.shape:
+            files = sorted({store.where(f) for _, _, f, _ in stored})
+            chunks = validate_chunks(name, shape, list(chunks), f"{files[0]} and {len(files) - 1} more"
+                                     if len(files) > 1 else files[0])
+        return TensorInfo(name, shape, first.dtype, tuple(chunks))
+
     def locate_many(self, items: Sequence[tuple[TensorInfo, Chunk]]) -> list[Locator]:
         out = []
-        for info, _chunk in items:
-            f, offset, nbytes = self._where[info.name]
-            out.append(Locator(f, offset, 0, c_strides(info.shape), nbytes, "little",
+        for info, chunk in items:
+            f, offset, nbytes = chunk.ref
+            out.append(Locator(f, offset, 0, c_strides(chunk.sizes), nbytes, "little",
                                where=f"{self.store.where(f)} (tensor {info.name!r})"))
         return out
 

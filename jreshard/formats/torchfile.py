@@ -14,7 +14,7 @@ import struct
 from typing import Any, Sequence
 
 from ..catalog import Chunk, Locator, TensorInfo
-from ..errors import CheckpointFormatError, InconsistentCheckpointError, MissingDataError
+from ..errors import CheckpointFormatError, InconsistentCheckpointError, JReshardError, MissingDataError
 from ..gate import checked_name, decoding
 from ..storage import LocalStore, Store
 from ..unpickle import TensorRef
@@ -38,6 +38,31 @@ def _size(store: Store, key: str) -> int:
     return cd_off + cd_size + 22 + comment
 
 
+#: Zip archives of torch that torch.save did not write, told apart by the entry names of their central
+#: directory (``<archive>/constants.pkl`` ...): (names that must all appear, what the file is).
+OTHER_ARCHIVES = (
+    ((b"/constants.pkl", b"/code/"), "a TorchScript archive (written by torch.jit.save)",
+     ("TorchScript's code and its pickles are not read; save the module's state_dict() with torch.save or "
+      "safetensors and open that")),
+    ((b"/archive_format", b"/models/"), "a torch.export program (.pt2, written by torch.export.save)",
+     ("its program and weights are not a state dict; save exported_program.state_dict() with torch.save or "
+      "safetensors and open that")),
+)
+
+
+def _other_archive(store: Store, key: str) -> str | None:
+    """What ``key`` is when it is a torch zip archive of another kind than torch.save's (TorchScript,
+    torch.export), said with what to do instead; None otherwise (or when it cannot be read)."""
+    try:
+        tail = store.tail(key, 64 * 1024)
+    except JReshardError:
+        return None
+    for marks, kind, advice in OTHER_ARCHIVES:
+        if all(m in tail for m in marks):
+            return f"{store.where(key)}: {kind}, not a torch.save checkpoint: {advice}"
+    return None
+
+
 def _not_zip(store: Store, key: str) -> CheckpointFormatError:
     return CheckpointFormatError(f"{store.where(key)}: not a torch.save zip archive (no zip end record)")
 
@@ -50,11 +75,19 @@ class TorchSaveSource:
     def __init__(self, store: Store, files: Sequence[str] | None = None, index: str | None = None,
                  weight_map: dict[str, str] | None = None) -> None:
         self.store = store
-        with decoding(store.where(index or (files or [""])[0])):
-            self._read(store, files, index, weight_map)
+        try:
+            with decoding(store.where(index or (files or [""])[0])):
+                self._read(store, files, index, weight_map)
+        except JReshardError:
+            for f in self._zips:  # TorchScript and torch.export archives fail here: say what they are
+                kind = _other_archive(store, f)
+                if kind is not None:
+                    raise CheckpointFormatError(kind) from None
+            raise
 
     def _read(self, store: Store, files: Sequence[str] | None, index: str | None,
               weight_map: dict[str, str] | None) -> None:
+        self._zips: list[str] = []
         expected: dict[str, str] = {}
         if index is not None:
             expected = weight_map if weight_map is not None else read_index(store, index)
@@ -65,6 +98,7 @@ class TorchSaveSource:
         sizes = {f: store.size(f) for f in files} if local else {}
         heads = store.read_ranges([(f, 0, min(4, sizes[f]) if local else 4) for f in files])
         zips = [f for f, head in zip(files, heads) if head == b"PK\x03\x04"]
+        self._zips = zips
         blobs = [Blob(f, 0, sizes[f] if local else _size(store, f)) for f in zips]
         opened: dict[str, Any] = dict(zip(zips, open_archives(store, blobs, [store.where(f) for f in zips])))
         for f in files:  # the legacy format (and refusals of what is neither)
