@@ -276,21 +276,25 @@ class KvStore(Store):
     ``remote`` (:class:`RemoteOptions`) bounds every request: tensorstore retries a failed request at most
     ``retries`` times with exponential backoff, and each wait for a result is capped in Python
     (:meth:`RemoteOptions.wait_s`), so a dead or stalled endpoint ends in a :class:`StorageError` that names
-    the URL and the likely cause instead of a silent hang.
+    the URL and the likely cause instead of a silent hang. ``gcs_endpoint`` points a ``gcs`` store at another
+    JSON API base URL (an emulator), through ``TENSORSTORE_GCS_HTTP_URL`` while it opens.
     """
 
-    def __init__(self, spec: dict[str, Any], context: Any = None, remote: RemoteOptions | None = None) -> None:
+    def __init__(self, spec: dict[str, Any], context: Any = None, remote: RemoteOptions | None = None,
+                 gcs_endpoint: str | None = None) -> None:
         super().__init__()
         import tensorstore as ts
 
         self._ts = ts
         self.spec = spec
         self.remote = remote or RemoteOptions()
+        self.gcs_endpoint = gcs_endpoint
         self.description = _describe(spec)
         if context is None and _is_remote(spec):
             context = ts.Context(self.remote.context_spec())
         try:
-            fut = ts.KvStore.open(spec, context=context) if context is not None else ts.KvStore.open(spec)
+            with _gcs_http_url(gcs_endpoint):
+                fut = ts.KvStore.open(spec, context=context) if context is not None else ts.KvStore.open(spec)
             self.kv = self._wait(fut, "", 0, what="open")
         except StorageError:
             raise
@@ -489,6 +493,29 @@ class RemoteOptions:
             os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES", str(self.low_speed_limit))
 
 
+_GCS_URL_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _gcs_http_url(endpoint: str | None) -> Any:
+    """Point tensorstore's ``gcs`` driver at ``endpoint`` (an emulator, a proxy) while a store opens: the
+    driver has no endpoint member in its spec and reads ``TENSORSTORE_GCS_HTTP_URL`` when a store opens
+    (the opened store keeps it). Nothing to do for ``None``."""
+    if endpoint is None:
+        yield
+        return
+    with _GCS_URL_LOCK:
+        old = os.environ.get("TENSORSTORE_GCS_HTTP_URL")
+        os.environ["TENSORSTORE_GCS_HTTP_URL"] = endpoint.rstrip("/")
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("TENSORSTORE_GCS_HTTP_URL", None)
+            else:
+                os.environ["TENSORSTORE_GCS_HTTP_URL"] = old
+
+
 def _is_remote(spec: dict[str, Any]) -> bool:
     return spec.get("driver") in _REMOTE_DRIVERS
 
@@ -549,8 +576,10 @@ def _credentials_hint(spec: dict[str, Any]) -> str:
             return ("; no AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE; "
                     "without them tensorstore reads anonymously)")
     elif spec.get("driver") in ("gcs", "gcs_grpc"):
-        adc = os.path.expanduser("~/.config/gcloud/application_default_credentials.json")
-        if not (env.get("GOOGLE_APPLICATION_CREDENTIALS") or os.path.exists(adc)):
+        config = env.get("CLOUDSDK_CONFIG") or os.path.expanduser("~/.config/gcloud")  # as tensorstore looks
+        adc = os.path.join(config, "application_default_credentials.json")
+        if not (env.get("GOOGLE_APPLICATION_CREDENTIALS") or env.get("GOOGLE_AUTH_TOKEN_FOR_TESTING")
+                or os.path.exists(adc)):
             return ("; no Google Cloud credentials found (set GOOGLE_APPLICATION_CREDENTIALS or run "
                     "`gcloud auth application-default login`)")
     return ""
@@ -594,8 +623,10 @@ def store_for_directory(location: str, io: str = "auto", storage_options: dict[s
     prefix = parsed.path.lstrip("/")
     if prefix and not prefix.endswith("/"):
         prefix += "/"
+    gcs_endpoint = None
     if scheme in ("gs", "gcs"):
         spec = {"driver": "gcs", "bucket": parsed.netloc, "path": prefix}
+        gcs_endpoint = opts.pop("endpoint", None)  # else TENSORSTORE_GCS_HTTP_URL, read by tensorstore itself
     elif scheme == "s3":
         spec = {"driver": "s3", "bucket": parsed.netloc, "path": prefix}
         endpoint = opts.pop("endpoint", None) or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -614,7 +645,7 @@ def store_for_directory(location: str, io: str = "auto", storage_options: dict[s
     spec.update(opts)
     if _is_remote(spec):
         remote.configure_curl()
-    return KvStore(spec, remote=remote)
+    return KvStore(spec, remote=remote, gcs_endpoint=gcs_endpoint)
 
 
 def local_path(source: str) -> str:
