@@ -126,12 +126,22 @@ def load(source: str | os.PathLike | Checkpoint, target: Any = _ALL_TENSORS, *, 
 def plan(source: str | os.PathLike | Checkpoint, target: Any = _ALL_TENSORS, *, mapping: Any = None,
          max_inflight_bytes: int | None = None, io: str = "auto", coalesce_gap: int = 256,
          storage_options: dict[str, Any] | None = None, mesh: Any = None, cast: str = "safe",
-         rules: Any = None, variant: str | None = None) -> Plan:
-    """The program :func:`load` runs (same arguments), per JAX process, without reading tensor bytes: bytes its
-    shards need, bytes and requests it reads (after merging ranges, in the batches ``max_inflight_bytes``
-    makes), per process and per target. For this process it is built by the same function ``load`` uses, so
-    the report is what runs. ``print(plan)`` shows a table. Without ``target``, every saved tensor onto
-    ``mesh`` by ``rules``, as in :func:`load`.
+         rules: Any = None, variant: str | None = None, process_index: int | str | list[int] | None = None,
+         devices_per_process: int | None = None) -> Plan:
+    """The program :func:`load` runs (same arguments), without reading tensor bytes: bytes the process's shards
+    need, bytes and requests it reads (after merging ranges, in the batches ``max_inflight_bytes`` makes), in
+    all and per target. For this process it is built by the same function ``load`` uses, so the report is
+    what runs. ``print(plan)`` shows a table. Without ``target``, every saved tensor onto ``mesh`` by
+    ``rules``, as in :func:`load`.
+
+    ``process_index``: None (default) plans this process only, at a cost in proportion to the saved chunks its
+    devices' shards touch; ``k`` plans process ``k``'s share; ``"all"`` (or a list) plans every process the
+    target spans one after the other, keeping each one's figures in ``plan.processes`` (memory: one process's
+    plan). To plan a mesh whose devices are not here (host 137 of a 256-host job, from a laptop), give the
+    target over a ``jax.sharding.AbstractMesh`` (``NamedSharding(AbstractMesh(sizes, names), spec)``, or
+    ``mesh=`` an AbstractMesh without a target, or :func:`target_for` over one) and ``devices_per_process``:
+    process ``k`` holds the devices ``k * devices_per_process`` to ``(k + 1) * devices_per_process - 1`` of
+    the mesh, counted in row-major order over its axes.
 
     Example:
         >>> import jax, jreshard
@@ -141,12 +151,20 @@ def plan(source: str | os.PathLike | Checkpoint, target: Any = _ALL_TENSORS, *, 
         >>> p = jreshard.plan(ckpt, {t.name: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=SingleDeviceSharding(jax.devices()[0]))})
         >>> p.bytes_to_read >= p.bytes_needed
         True
+        >>> from jax.sharding import AbstractMesh
+        >>> mesh = AbstractMesh((16, 16), ("data", "model"))  # 256 devices, 8 per host: 32 hosts
+        >>> p = jreshard.plan(ckpt, mesh=mesh, devices_per_process=8, process_index=27)
+        >>> sorted(p.processes), p.process, p.bytes_needed > 0
+        ([27], 27, True)
+        >>> len(jreshard.plan(ckpt, mesh=mesh, devices_per_process=8, process_index="all").processes)
+        32
     """
     ckpt = source if isinstance(source, Checkpoint) else open(source, io=io, storage_options=storage_options,
                                                               variant=variant)
     try:
         return ckpt.plan(target, mapping=mapping, max_inflight_bytes=max_inflight_bytes, coalesce_gap=coalesce_gap,
-                         mesh=mesh, cast=cast, rules=rules)
+                         mesh=mesh, cast=cast, rules=rules, process_index=process_index,
+                         devices_per_process=devices_per_process)
     finally:
         if ckpt is not source:
             ckpt.close()

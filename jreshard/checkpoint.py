@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import numbers
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import MappingProxyType
 from typing import Any
@@ -32,6 +33,31 @@ from .storage import IOStats, Store
 from .targets import flatten_target
 from .views import View
 
+_GC_LOCK = threading.Lock()
+_GC_STATE = {"holds": 0, "was_enabled": False}
+
+
+def _gc_paused(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run with Python's cyclic garbage collector paused (as it was before once the last such call
+    ends): a load allocates many small objects (its program), which trigger full collections that scan every
+    live object, jax's included (tens of milliseconds a load). Buffers are freed by reference counting."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with _GC_LOCK:
+            if not _GC_STATE["holds"]:
+                _GC_STATE["was_enabled"] = gc.isenabled()
+                gc.disable()
+            _GC_STATE["holds"] += 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            with _GC_LOCK:
+                _GC_STATE["holds"] -= 1
+                if not _GC_STATE["holds"] and _GC_STATE["was_enabled"]:
+                    gc.enable()
+
+    return run
 
 
 class Checkpoint:
@@ -260,12 +286,22 @@ class Checkpoint:
         return View("saved", name, (), f"saved({name!r})", info.shape, info.dtype)
 
     def plan(self, target: Any = ALL_TENSORS, *, mapping: Any = None, max_inflight_bytes: int | None = None,
-             coalesce_gap: int = 256, mesh: Any = None, cast: str = "safe", rules: Any = None) -> Plan:
-        """The program :meth:`load` would execute, for every JAX process the target spans, without reading
-        tensor bytes (headers only): per process the bytes its shards need, the bytes and requests it reads
-        (after merging, in the batches ``max_inflight_bytes`` makes), and per target the same. For this
-        process it is exactly what ``load`` runs: ``load`` builds the same program with the same function.
-        Without ``target``, every saved tensor onto ``mesh`` by ``rules``, as in :meth:`load`.
+             coalesce_gap: int = 256, mesh: Any = None, cast: str = "safe", rules: Any = None,
+             process_index: int | str | Sequence[int] | None = None, devices_per_process: int | None = None) -> Plan:
+        """The program :meth:`load` would execute, without reading tensor bytes (headers only): the bytes the
+        process's shards need, the bytes and requests it reads (after merging, in the batches
+        ``max_inflight_bytes`` makes), and per target the same. For this process it is exactly what ``load``
+        runs: ``load`` builds the same program with the same function. Without ``target``, every saved tensor
+        onto ``mesh`` by ``rules``, as in :meth:`load`.
+
+        ``process_index``: None plans this process (at a cost in proportion to the saved chunks its devices'
+        shards touch); an int plans that process; ``"all"`` (or a list of processes) plans each process the
+        target spans, one after the other, keeping each one's figures (:class:`ProcessPlan`) but only the
+        program of this process (or of the first one listed). ``devices_per_process`` plans targets over an
+        ``jax.sharding.AbstractMesh`` (``NamedSharding(abstract_mesh, spec)``, or ``mesh=abstract_mesh``
+        without a target), whose devices need not exist here: process ``k`` holds the devices
+        ``k * devices_per_process ...`` of the mesh in row-major order (see
+        :class:`jreshard.planning.AbstractSharding`).
 
         Example:
             >>> import jax, jreshard
@@ -277,17 +313,37 @@ class Checkpoint:
             True
         """
         target = resolve_target(self, target, mesh, rules)
-        plan, _, _ = self._plan(target, mapping, max_inflight_bytes, coalesce_gap, mesh, local_only=False, cast=cast)
+        plan, _, _ = self._plan(target, mapping, max_inflight_bytes, coalesce_gap, mesh, local_only=False, cast=cast,
+                                process_index=process_index, devices_per_process=devices_per_process)
         return plan
 
     def _plan(self, target: Any, mapping: Any, max_inflight_bytes: Any, coalesce_gap: int, mesh: Any,
-              local_only: bool, cast: str = "safe") -> tuple[Plan, list, Any]:
+              local_only: bool, cast: str = "safe", *, process_index: Any = None,
+              devices_per_process: int | None = None) -> tuple[Plan, list, Any]:
         import jax
 
         self._check_open()
         if cast not in ("safe", "unsafe"):
             raise InvalidArgumentError(f"cast must be 'safe' or 'unsafe', not {cast!r}")
-        entries, unflatten = flatten_target(target, mesh=mesh)
+        abstract: dict[str, Any] = {}
+        if devices_per_process is not None or isinstance(mesh, jax.sharding.AbstractMesh):
+            if local_only:
+                raise InvalidArgumentError(f"{self.source}: an AbstractMesh has no devices to load onto; plan over it "
+                                           "with jreshard.plan(..., devices_per_process=N)")
+            target, abstract = _abstract_leaves(self.source, target, devices_per_process)
+            if isinstance(mesh, jax.sharding.AbstractMesh):
+                mesh = None
+        try:
+            entries, unflatten = flatten_target(target, mesh=mesh)
+        except ShardingError as e:
+            if local_only or mesh is not None or "AbstractMesh" not in str(e):
+                raise
+            raise ShardingError(f"{e}; or plan it over the AbstractMesh itself (its devices need not exist here) "
+                                "with devices_per_process=N") from None
+        if abstract:
+            import dataclasses
+
+            entries = [dataclasses.replace(e, sharding=abstract[e.name]) if e.name in abstract else e for e in entries]
         if not entries:
             raise InvalidArgumentError(
                 f"{self.source}: the target is {'None' if target is None else f'an empty {type(target).__name__}'}: "
@@ -300,15 +356,17 @@ class Checkpoint:
         limit = _program.inflight_limit(max_inflight_bytes, targets)
         executor = Executor(self.store, self.io, coalesce_gap)
         this = jax.process_index()
-        plans, program = _program.build(self, targets, limit=limit, io_executor=executor, local_only=local_only,
-                                        keep=this)
+        processes, keep = (([this], this) if local_only else _processes_asked(self.source, process_index, this, targets))
+        plans, program = _program.build(self, targets, limit=limit, io_executor=executor, processes=processes,
+                                        keep=keep)
         self._check_open()
-        plan = _program.report(self, plans, this, targets, program)
+        plan = _program.report(self, plans, this, targets, program, process=keep)
         plan._catalog = self.format.tensors  # shared, for Plan.picture
         return plan, entries, unflatten
 
     # -- loading ----------------------------------------------------------------------------------
 
+    @_gc_paused
     def load(self, target: Any = ALL_TENSORS, *, mapping: Any = None, max_inflight_bytes: int | None = None,
              progress: bool | Callable[[dict[str, Any]], None] = False, coalesce_gap: int = 256,
              mesh: Any = None, cast: str = "safe", rules: Any = None) -> Any:
@@ -506,6 +564,74 @@ class Checkpoint:
 # read(): at most this many boxes per saved dimension combination are traced for strided slices (one box per
 # selected index); strides along the other dimensions are taken on the host from the bounding box read.
 MAX_TRACED_BOXES = 4096
+
+
+def _abstract_leaves(source: Any, target: Any, devices_per_process: int | None) -> tuple[Any, dict[str, Any]]:
+    """``target`` with its array leaves over an AbstractMesh left without a sharding (for
+    :func:`~jreshard.targets.flatten_target`), and their shardings by leaf name as
+    :class:`~jreshard.planning.AbstractSharding` over ``devices_per_process``."""
+    import jax
+
+    from .planning import AbstractSharding
+    from .targets import _path_name
+
+    found: dict[str, Any] = {}
+
+    def is_leaf(x: Any) -> bool:
+        return isinstance(x, (jax.ShapeDtypeStruct, jax.Array))
+
+    def strip(path: Any, leaf: Any) -> Any:
+        sharding = getattr(leaf, "sharding", None) if isinstance(leaf, jax.ShapeDtypeStruct) else None
+        if not (isinstance(sharding, jax.sharding.NamedSharding)
+                and isinstance(sharding.mesh, jax.sharding.AbstractMesh)):
+            return leaf
+        name = _path_name(path)
+        if devices_per_process is None:
+            raise InvalidArgumentError(
+                f"{source}: target leaf {name!r} is sharded over {sharding.mesh}, whose devices do not exist here; "
+                "say how many devices each process holds with devices_per_process=N (or give a concrete mesh=)")
+        found[name] = AbstractSharding(sharding, devices_per_process)
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+
+    stripped = jax.tree_util.tree_map_with_path(strip, target, is_leaf=is_leaf)
+    if devices_per_process is not None and not found:
+        raise InvalidArgumentError(f"{source}: devices_per_process={devices_per_process!r} applies to targets sharded "
+                                   "over a jax.sharding.AbstractMesh, and no target leaf is")
+    return stripped, found
+
+
+def _processes_asked(source: Any, process_index: Any, this: int,
+                     targets: Sequence[Any]) -> tuple[list[int], int]:
+    """The processes a plan covers, in order, and the one whose program it keeps, from ``process_index``."""
+    if process_index is None:
+        return [this], this
+    if isinstance(process_index, str):
+        if process_index != "all":
+            raise InvalidArgumentError(f"process_index must be None, a process number, 'all' or a list of process "
+                                       f"numbers, not {process_index!r}")
+        spanned = _program.target_processes(targets)
+        return spanned, this if this in spanned or not spanned else spanned[0]
+    single = isinstance(process_index, numbers.Integral) and not isinstance(process_index, bool)
+    asked = [process_index] if single else process_index
+    try:
+        asked = list(asked)
+    except TypeError:
+        asked = [process_index]
+    if not asked or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0 for k in asked):
+        raise InvalidArgumentError(f"process_index must be None, a process number (>= 0), 'all' or a list of "
+                                   f"process numbers, not {process_index!r}")
+    asked = list(dict.fromkeys(int(k) for k in asked))
+    if asked != [this]:
+        spanned = set(_program.target_processes(targets))
+        outside = [k for k in asked if k not in spanned]
+        if outside:
+            shown = (f"0..{max(spanned)}" if spanned == set(range(max(spanned) + 1)) else
+                     ", ".join(map(str, sorted(spanned)))) if spanned else "none"
+            raise InvalidArgumentError(
+                f"{source}: process_index {outside[0]} holds no device of the target's shardings (processes {shown}); "
+                "for a mesh over more hosts than this one, give the target over a jax.sharding.AbstractMesh with "
+                "devices_per_process=N")
+    return asked, this if this in asked else asked[0]
 
 
 def _read_keys(index: Any, shape: tuple[int, ...], where: str) -> tuple[tuple[Any, ...], tuple[Any, ...] | None]:

@@ -51,7 +51,8 @@ def _reserve_devices(axes: dict[str, int]) -> int:
     if n > MAX_FAKE_DEVICES:
         text = ",".join(f"{a}={s}" for a, s in axes.items())
         raise InvalidArgumentError(f"the mesh {text} needs {n} devices; the command makes at most "
-                                   f"{MAX_FAKE_DEVICES} CPU devices to stand in for them")
+                                   f"{MAX_FAKE_DEVICES} CPU devices to stand in for them (jreshard plan plans a "
+                                   "larger mesh as an abstract one: give --devices-per-process N)")
     _ensure_cpu_devices(n)
     return n
 
@@ -179,9 +180,11 @@ def _value(v: Any) -> Any:
         return repr(v)
 
 
-def _mesh_and_rules(mesh: str | None, axes: str | None, rules: str | None) -> tuple[dict[str, int], Any]:
+def _mesh_and_rules(mesh: str | None, axes: str | None, rules: str | None,
+                    reserve: bool = True) -> tuple[dict[str, int], Any]:
     """The mesh shape (``--mesh``, else the rules file's ``[mesh]``, else 2x4) and the parsed rules (None: the
-    default rule), all checked before jax starts (whose CPU devices are asked for first)."""
+    default rule), all checked before jax starts (whose CPU devices are asked for first, unless not
+    ``reserve``: an abstract mesh)."""
     from .rules import _is_file, mesh_from_rules_file, parse_mesh, parse_rules
 
     axis_names = None if axes is None else [a.strip() for a in axes.split(",")]
@@ -194,7 +197,8 @@ def _mesh_and_rules(mesh: str | None, axes: str | None, rules: str | None) -> tu
         elif axis_names is not None:
             raise InvalidArgumentError("--axes names the dims of a --mesh like 2x4; the rules file's [mesh] "
                                        "names its axes already")
-    _reserve_devices(shape)
+    if reserve:
+        _reserve_devices(shape)
     return shape, None if rules is None else parse_rules(rules)
 
 
@@ -209,7 +213,7 @@ def _tensor_rows(plan: Any, target: dict[str, Any], pid: int) -> dict[str, dict[
     rows = {}
     counters = plan.processes[pid].tensors
     by_tensor = getattr(plan, "by_tensor", None)  # this process's bytes read, shared among the targets
-    read = by_tensor() if by_tensor is not None and pid == plan.this_process else {}
+    read = by_tensor() if by_tensor is not None and pid == getattr(plan, "planned", plan.this_process) else {}
     for name, sds in target.items():
         c = counters.get(name)
         if c is None:
@@ -235,8 +239,12 @@ def _print_plan(console: Any, plan: Any, target: dict[str, Any], pid: int) -> No
     for col in ("process", "shards", "needed", "to read", "reads", "amplification"):
         table.add_column(col, justify="right")
     for k, p in sorted(plan.processes.items()):
-        table.add_row(f"{k}{'*' if k == plan.this_process else ''}", str(p.pieces), _human(p.bytes_needed),
+        table.add_row(f"{k}{'*' if k == pid else ''}", str(p.pieces), _human(p.bytes_needed),
                       _human(p.bytes_to_read), str(p.num_reads), f"{p.amplification:.2f}")
+    if len(plan.processes) > 1:
+        p = plan.total()
+        table.add_row("all", str(p.pieces), _human(p.bytes_needed), _human(p.bytes_to_read), str(p.num_reads),
+                      f"{p.amplification:.2f}")
     console.print(table)
     rows = _tensor_rows(plan, target, pid)
     table = Table(title=f"per tensor, process {pid}", title_justify="left")
@@ -312,28 +320,57 @@ def cmd_inspect(source: str, as_json: bool) -> int:
         ckpt.close()
 
 
-def cmd_plan(source: str, mesh: str | None, axes: str | None, rules: str | None, process: int | None,
-             tensor: str | None, png: str | None, png_size: str, max_inflight: str | None, as_json: bool) -> int:
+def _process_arg(text: str | int | None) -> int | str | None:
+    """``--process``: None, ``"all"`` or a process number.
+
+    Example:
+        >>> _process_arg("all"), _process_arg("137"), _process_arg(None)
+        ('all', 137, None)
+    """
+    if text is None or isinstance(text, int):
+        return text
+    t = text.strip().lower()
+    if t == "all":
+        return "all"
+    if not t.isdigit():
+        raise InvalidArgumentError(f"--process must be a process number (0, 1, ...) or 'all', not {text!r}")
+    return int(t)
+
+
+def cmd_plan(source: str, mesh: str | None, axes: str | None, rules: str | None, process: int | str | None,
+             tensor: str | None, png: str | None, png_size: str, max_inflight: str | None, as_json: bool,
+             devices_per_process: int | None = None) -> int:
     import jreshard
 
     from .rules import format_spec, target_for
 
-    shape, parsed = _mesh_and_rules(mesh, axes, rules)
+    asked = _process_arg(process)
+    if devices_per_process is not None and devices_per_process <= 0:
+        raise InvalidArgumentError(f"--devices-per-process must be a positive number, not {devices_per_process}")
+    # With --devices-per-process the mesh is abstract (its devices need not exist here): what a host of a
+    # multi-host job reads is planned on any machine.
+    shape, parsed = _mesh_and_rules(mesh, axes, rules, reserve=devices_per_process is None)
     pixels = parse_pixels(png_size)
     limit = None if max_inflight is None else parse_size(max_inflight)
     if png is not None and tensor is None:
         raise InvalidArgumentError("--png draws one tensor: give it with --tensor NAME")
-    m = _mesh(shape)
+    if devices_per_process is None:
+        m = _mesh(shape)
+    else:
+        from jax.sharding import AbstractMesh
+
+        m = AbstractMesh(tuple(shape.values()), tuple(shape))
     _enable_x64()
     ckpt = jreshard.open(source)
     try:
         if tensor is not None:
             ckpt.tensor(tensor)  # an unknown name fails here, naming the closest ones
         target = target_for(ckpt, m, parsed)
-        plan = jreshard.plan(ckpt, target, max_inflight_bytes=limit)
+        plan = jreshard.plan(ckpt, target, max_inflight_bytes=limit, process_index=asked,
+                             devices_per_process=devices_per_process)
     finally:
         ckpt.close()
-    pid = plan.this_process if process is None else process
+    pid = plan.planned
     if pid not in plan.processes:
         raise InvalidArgumentError(f"--process {pid}: the plan spans the processes {sorted(plan.processes)}")
     picture = None if tensor is None else _picture(plan, tensor)
@@ -351,9 +388,14 @@ def cmd_plan(source: str, mesh: str | None, axes: str | None, rules: str | None,
             doc["picture"] = {"tensor": tensor, "text": text, "png": png}
         _emit_json(doc)
         return 0
-    devices = m.devices.flat[0]
+    if devices_per_process is None:
+        where = f"{m.devices.size} {m.devices.flat[0].platform} devices"
+    else:
+        n = m.size
+        where = (f"an abstract mesh of {n} devices, {devices_per_process} per process: "
+                 f"{n // devices_per_process} processes")
     console.print(_text(f"jreshard plan for {plan.source}: mesh {','.join(f'{a}={s}' for a, s in shape.items())} "
-                        f"({m.devices.size} {devices.platform} devices), "
+                        f"({where}), "
                         + ("default rule (dim i over mesh axis i where it divides)" if parsed is None
                            else f"{len(parsed)} rule(s), unmatched names replicated")))
     _print_plan(console, plan, target, pid)
@@ -443,7 +485,10 @@ _PLAN_HELP = """Bytes each process would read to load every tensor of SOURCE ont
 The target is what jreshard.target_for(ckpt, mesh, rules) gives: every saved tensor, with its saved dtype, sharded
 by the first rule whose pattern (a regular expression) is found in its name, replicated when none is (without
 --rules: dim i over mesh axis i where it divides). The figures come from jreshard.plan, the program jreshard.load
-runs. The mesh uses CPU devices when the machine has fewer devices (at most 1024).
+runs. The mesh uses CPU devices when the machine has fewer devices (at most 1024); with --devices-per-process N
+it is an abstract mesh (any size, no devices needed) whose process k holds the devices k*N ... (k+1)*N-1 in
+row-major order. --process K plans process K only (default: this one); --process all plans every process one
+after the other and lists each one's figures and their sum.
 
 RULES: a TOML file ([rules] 'pattern' = "spec" in order, and an optional [mesh] axis = size table) or inline
 PATTERN=SPEC pairs separated by ';'. A spec is comma-separated entries: an axis name, _ (not sharded), or a+b /
@@ -522,8 +567,14 @@ def _app() -> Any:
     def plan_(source: Source, mesh: Mesh = None,
               axes: Annotated[str | None, opt("AXES", "axis names for a --mesh like 2x4 (e.g. fsdp,tp)")] = None,
               rules: Rules = None,
-              process: Annotated[int | None, opt("K", "the process whose tensors are listed "
+              process: Annotated[str | None, opt("K", "the process planned and whose tensors are listed, or "
+                                                 "'all': every process, one after the other "
                                                  "[default: this one]")] = None,
+              devices_per_process: Annotated[int | None, typer.Option(
+                  "--devices-per-process", metavar="N",
+                  help="plan the mesh as an abstract one (its devices need not exist here) whose process k holds "
+                       "devices k*N ... (k+1)*N-1 in row-major order, e.g. --mesh data=16,model=16 "
+                       "--devices-per-process 8 --process 137")] = None,
               tensor: Annotated[str | None, opt("NAME", "draw this tensor's saved chunks against its "
                                                 "target shards")] = None,
               png: Annotated[str | None, opt("FILE", "write the drawing of --tensor as a PNG file")] = None,
@@ -531,7 +582,8 @@ def _app() -> Any:
               max_inflight: Annotated[str | None, opt("SIZE", "the load's max_inflight_bytes (e.g. 256MiB) "
                                                       "[default: the load's, 2GiB]")] = None,
               as_json: Json = False) -> int:
-        return cmd_plan(source, mesh, axes, rules, process, tensor, png, png_size, max_inflight, as_json)
+        return cmd_plan(source, mesh, axes, rules, process, tensor, png, png_size, max_inflight, as_json,
+                        devices_per_process)
 
     @app.command("demo", help=_DEMO_HELP)
     def demo_(source: Annotated[str | None, typer.Argument(metavar="SOURCE", help="a checkpoint path or URL "

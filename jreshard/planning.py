@@ -11,6 +11,7 @@ bytes.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -79,7 +80,9 @@ def overlaps(chunks: Sequence[Chunk], box: Box) -> list[Overlap]:
 
     found = chunk_overlaps(chunks, box)
     if found is not None:
+        COUNTS["overlaps"] += len(found[0])
         return list(map(Overlap, *found))
+    COUNTS["overlaps"] += len(chunks)  # a scan visits every chunk
     out = []
     for i, c in enumerate(chunks):
         lo = [max(o, b0) for o, (b0, _) in zip(c.offsets, box)]
@@ -241,9 +244,184 @@ class Piece:
         return tuple(slice(a, b) for a, b in self.box)
 
 
-def pieces_of(name: str, shape: tuple[int, ...], sharding: Any, addressable_only: bool = True) -> list[Piece]:
+# Work counters of planning (never reset by the library; read differences): "boxes", device boxes computed
+# (:func:`pieces_of`); "overlaps", saved-chunk overlaps visited (:func:`overlaps`). Tests pin with them that a
+# process's plan costs in proportion to the shards of its devices, not to the mesh.
+COUNTS: dict[str, int] = {"boxes": 0, "overlaps": 0}
+
+
+@dataclass(frozen=True)
+class AbstractDevice:
+    """A device of an abstract mesh: its position ``id`` in the mesh's devices (row-major) and its process."""
+
+    id: int
+    process_index: int
+
+
+def _spec_axes(spec: Any, ndim: int, axis_names: Sequence[str], where: str) -> list[tuple[int, ...]]:
+    """Per dim of an array of ``ndim`` dims, the positions (in ``axis_names``) of the mesh axes ``spec``
+    shards it over, major first."""
+    from .errors import ShardingError
+
+    entries = tuple(spec)
+    if len(entries) > ndim:
+        raise ShardingError(f"{where}: the partition spec {spec} has {len(entries)} entries for {ndim} dim(s)")
+    out = []
+    for d in range(ndim):
+        e = entries[d] if d < len(entries) else None
+        names = () if e is None else (e,) if isinstance(e, str) else tuple(e) if isinstance(e, (tuple, list)) else None
+        if names is None or any(not isinstance(a, str) or a not in axis_names for a in names):
+            raise ShardingError(f"{where}: the partition spec {spec} has the entry {e!r}, which is not an axis of "
+                                f"the mesh (axes {tuple(axis_names)})")
+        out.append(tuple(list(axis_names).index(a) for a in names))
+    return out
+
+
+def named_boxes(shape: Sequence[int], axis_sizes: Sequence[int], axis_names: Sequence[str], spec: Any,
+                positions: Sequence[int] | None = None, where: str = "target") -> list[Box]:
+    """The box of every device at ``positions`` (default: all) of a mesh of ``axis_sizes`` named
+    ``axis_names`` (devices in row-major order), under ``NamedSharding(mesh, spec)`` over ``shape``: the same
+    boxes as ``NamedSharding.devices_indices_map``, computed without devices, in time proportional to the
+    positions asked for. A dim sharded ``k`` ways must be a multiple of ``k`` (as jax requires), else
+    :class:`~jreshard.errors.ShardingError`.
+
+    Example:
+        >>> from jax.sharding import PartitionSpec as P
+        >>> named_boxes((8, 6), (2, 4), ("data", "model"), P("model", "data"), [0, 1, 5])
+        [((0, 2), (0, 3)), ((2, 4), (0, 3)), ((2, 4), (3, 6))]
+    """
+    from .errors import ShardingError
+
+    sizes = [int(n) for n in axis_sizes]
+    axes = _spec_axes(spec, len(shape), axis_names, where)
+    ways = [math.prod(sizes[a] for a in dim_axes) for dim_axes in axes]
+    for d, (n, k) in enumerate(zip(shape, ways)):
+        if n % k:
+            raise ShardingError(f"{where} of shape {tuple(shape)}: the partition spec {spec} splits dim {d} ({n}) "
+                                f"{k} ways, which does not divide it")
+    if positions is None:
+        positions = range(math.prod(sizes))
+    strides = c_strides(sizes)
+    out = []
+    for pos in positions:
+        coords = [(pos // st) % sz for st, sz in zip(strides, sizes)]
+        box = []
+        for n, k, dim_axes in zip(shape, ways, axes):
+            i = 0
+            for a in dim_axes:
+                i = i * sizes[a] + coords[a]
+            step = n // k
+            box.append((i * step, (i + 1) * step))
+        out.append(tuple(box))
+    COUNTS["boxes"] += len(out)
+    return out
+
+
+def _named_parts(sharding: Any) -> tuple[tuple[int, ...], tuple[str, ...], Any] | None:
+    """(axis sizes, axis names, spec) of a NamedSharding (over a Mesh or an AbstractMesh) that jreshard can tile
+    itself, else None."""
+    from jax.sharding import NamedSharding
+
+    if isinstance(sharding, AbstractSharding):
+        sharding = sharding.sharding
+    if type(sharding) is not NamedSharding:
+        return None
+    spec = sharding.spec
+    if getattr(spec, "unreduced", None) or getattr(spec, "reduced", None):
+        return None
+    if any(not (e is None or isinstance(e, str) or (isinstance(e, tuple) and all(isinstance(a, str) for a in e)))
+           for e in spec):
+        return None  # UNCONSTRAINED and the like: jax's own map
+    mesh = sharding.mesh
+    return tuple(int(n) for n in mesh.axis_sizes), tuple(mesh.axis_names), spec
+
+
+class AbstractSharding:
+    """A target sharding over a ``jax.sharding.AbstractMesh``, whose devices do not exist here, with the
+    processes that would hold them: process ``k`` owns the ``devices_per_process`` consecutive devices of the
+    mesh (in row-major order over its axes) from ``k * devices_per_process`` on, as ``jax.make_mesh`` lays out
+    hosts' devices along the last axes. Planning only: jreshard never places arrays on it.
+
+    Example:
+        >>> from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
+        >>> s = AbstractSharding(NamedSharding(AbstractMesh((4, 2), ("data", "model")), P("data")), 4)
+        >>> s.num_processes, sorted(d.id for d in s.process_devices(1)), s.shard_shape((8, 2))
+        (2, [4, 5, 6, 7], (2, 2))
+    """
+
+    def __init__(self, sharding: Any, devices_per_process: int) -> None:
+        from .errors import InvalidArgumentError
+
+        if _named_parts(sharding) is None:
+            raise InvalidArgumentError(f"an abstract target sharding must be a jax.sharding.NamedSharding over an "
+                                       f"AbstractMesh with axis names in its spec, not {sharding!r}")
+        self.sharding = sharding
+        self.mesh = sharding.mesh
+        self.spec = sharding.spec
+        n = math.prod(int(s) for s in self.mesh.axis_sizes)
+        if isinstance(devices_per_process, bool) or not isinstance(devices_per_process, int) \
+                or devices_per_process <= 0 or n % devices_per_process:
+            raise InvalidArgumentError(f"devices_per_process must be a positive integer dividing the {n} devices of "
+                                       f"the mesh {dict(self.mesh.shape)}, not {devices_per_process!r}")
+        self.devices_per_process = devices_per_process
+        self.num_devices = n
+        self.num_processes = n // devices_per_process
+
+    def __repr__(self) -> str:
+        return (f"AbstractSharding({dict(self.mesh.shape)}, {self.spec}, devices_per_process="
+                f"{self.devices_per_process})")
+
+    def shard_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(self.sharding.shard_shape(shape))
+
+    def process_devices(self, process: int) -> list[AbstractDevice]:
+        """The devices of process ``process`` (none for a process outside the mesh)."""
+        if not 0 <= process < self.num_processes:
+            return []
+        k = self.devices_per_process
+        return [AbstractDevice(i, process) for i in range(process * k, (process + 1) * k)]
+
+    @property
+    def device_set(self) -> set[AbstractDevice]:
+        return {AbstractDevice(i, i // self.devices_per_process) for i in range(self.num_devices)}
+
+    def devices_indices_map(self, shape: tuple[int, ...]) -> dict[AbstractDevice, tuple[slice, ...]]:
+        """As ``jax.sharding.Sharding.devices_indices_map``, with :class:`AbstractDevice` keys."""
+        devices = sorted(self.device_set, key=lambda d: d.id)
+        return {d: tuple(slice(a, b) for a, b in box)
+                for d, box in zip(devices, named_boxes(shape, self.mesh.axis_sizes, self.mesh.axis_names, self.spec))}
+
+
+def processes_of(sharding: Any) -> set[int]:
+    """The processes that hold devices of ``sharding``.
+
+    Example:
+        >>> import jax
+        >>> from jax.sharding import SingleDeviceSharding
+        >>> processes_of(SingleDeviceSharding(jax.devices()[0]))
+        {0}
+    """
+    if isinstance(sharding, AbstractSharding):
+        return set(range(sharding.num_processes))
+    return {d.process_index for d in sharding.device_set}
+
+
+@functools.lru_cache(maxsize=16)
+def _mesh_processes(mesh: Any) -> tuple[list[Any], dict[int, list[int]]]:
+    """A concrete mesh's devices (row-major) and, per process, the positions of its devices."""
+    flat = list(mesh.devices.flat)
+    by_process: dict[int, list[int]] = {}
+    for i, d in enumerate(flat):
+        by_process.setdefault(d.process_index, []).append(i)
+    return flat, by_process
+
+
+def pieces_of(name: str, shape: tuple[int, ...], sharding: Any, addressable_only: bool = True,
+              process: int | None = None) -> list[Piece]:
     """The distinct target indices of ``sharding`` over ``shape``, per process, each with the devices holding
-    it (a replicated index is one piece with several devices).
+    it (a replicated index is one piece with several devices): of this process's devices
+    (``addressable_only``), of process ``process`` only (given), or of every process. A NamedSharding (and an
+    :class:`AbstractSharding`) is tiled by :func:`named_boxes` for the devices asked for only.
 
     Example:
         >>> import jax
@@ -251,10 +429,31 @@ def pieces_of(name: str, shape: tuple[int, ...], sharding: Any, addressable_only
         >>> [p.box for p in pieces_of("w", (4, 2), SingleDeviceSharding(jax.devices()[0]))]
         [((0, 4), (0, 2))]
     """
-    indices = sharding.addressable_devices_indices_map(shape) if addressable_only else sharding.devices_indices_map(shape)
+    if process is None and addressable_only:
+        import jax
+
+        process = jax.process_index()
+    parts = _named_parts(sharding)
+    if parts is not None:
+        if isinstance(sharding, AbstractSharding):
+            devices = (sharding.process_devices(process) if process is not None
+                       else sorted(sharding.device_set, key=lambda d: d.id))
+            positions = [d.id for d in devices]
+        else:
+            flat, by_process = _mesh_processes(sharding.mesh)
+            positions = list(range(len(flat))) if process is None else by_process.get(process, [])
+            devices = [flat[i] for i in positions]
+        boxes = named_boxes(shape, parts[0], parts[1], parts[2], positions, where=f"target {name!r}")
+        items: Any = zip(devices, boxes)
+    else:
+        if process is not None and process != __import__("jax").process_index() or not addressable_only:
+            indices = sharding.devices_indices_map(shape)
+        else:
+            indices = sharding.addressable_devices_indices_map(shape)
+        items = ((dev, normalize_index(idx, shape)) for dev, idx in indices.items()
+                 if process is None or dev.process_index == process)
     pieces: dict[tuple[int, Box], Piece] = {}
-    for dev, idx in indices.items():
-        box = normalize_index(idx, shape)
+    for dev, box in items:
         piece = pieces.get((dev.process_index, box))
         if piece is None:
             pieces[(dev.process_index, box)] = Piece(name, box, dev.process_index, [dev])
@@ -309,9 +508,11 @@ class TensorPlan:
 class Plan:
     """The work of a load, computed without reading tensor bytes (only headers).
 
-    ``processes`` maps every JAX process the target spans to its :class:`ProcessPlan`; ``bytes_needed``,
-    ``bytes_to_read`` and ``num_reads`` are those of this process. :meth:`by_tensor` splits this process's
-    reads by target, and :meth:`picture` draws a target's shards over the saved chunks.
+    ``processes`` maps the processes planned (this one by default, or those ``process_index`` asked for: see
+    :func:`jreshard.plan`) to their :class:`ProcessPlan`; ``process`` is the one whose program the plan holds
+    (the one asked for, else this process, ``this_process``), and ``bytes_needed``, ``bytes_to_read`` and
+    ``num_reads`` are its figures. :meth:`by_tensor` splits its reads by target, and :meth:`picture` draws a
+    target's shards (of every process) over the saved chunks.
 
     Example:
         >>> import jax, numpy as np, jreshard
@@ -332,31 +533,59 @@ class Plan:
     _targets: list[Any] = field(default_factory=list, repr=False, compare=False)
     # The saved tensors by name (the checkpoint's catalog, shared, not copied), for pictures.
     _catalog: Any = field(default=None, repr=False, compare=False)
+    # The process whose figures and program the plan holds (None: this_process).
+    process: int | None = None
+
+    @property
+    def planned(self) -> int:
+        """The process whose program this plan holds: ``process``, else ``this_process``."""
+        return self.this_process if self.process is None else self.process
 
     @property
     def local(self) -> ProcessPlan:
-        """The :class:`ProcessPlan` of this process."""
-        return self.processes.get(self.this_process, ProcessPlan(self.this_process))
+        """The :class:`ProcessPlan` of the planned process (:attr:`planned`)."""
+        return self.processes.get(self.planned, ProcessPlan(self.planned))
 
     @property
     def bytes_needed(self) -> int:
-        """Bytes this process's distinct shards hold (saved dtype)."""
+        """Bytes the planned process's distinct shards hold (saved dtype)."""
         return self.local.bytes_needed
 
     @property
     def bytes_to_read(self) -> int:
-        """Bytes this process reads (after merging nearby ranges)."""
+        """Bytes the planned process reads (after merging nearby ranges)."""
         return self.local.bytes_to_read
 
     @property
     def num_reads(self) -> int:
-        """Read requests this process issues."""
+        """Read requests the planned process issues."""
         return self.local.num_reads
+
+    def total(self) -> ProcessPlan:
+        """The figures of every planned process summed (``process`` -1; per target as well).
+
+        Example:
+            >>> p = Plan({0: ProcessPlan(0, 10, 20, 2, 1), 1: ProcessPlan(1, 10, 10, 1, 1)}, 0)
+            >>> t = p.total()
+            >>> (t.bytes_needed, t.bytes_to_read, t.num_reads, t.pieces)
+            (20, 30, 3, 2)
+        """
+        out = ProcessPlan(-1)
+        for p in self.processes.values():
+            out.bytes_needed += p.bytes_needed
+            out.bytes_to_read += p.bytes_to_read
+            out.num_reads += p.num_reads
+            out.pieces += p.pieces
+            for name, e in p.tensors.items():
+                t = out.tensors.setdefault(name, {"pieces": 0, "bytes_needed": 0})
+                for k, v in e.items():
+                    t[k] = t.get(k, 0) + v
+        return out
 
     def __repr__(self) -> str:
         local = self.local
         return (f"<jreshard.Plan{f' for {self.source!r}' if self.source else ''}: {len(self.processes)} process(es); "
-                f"process {self.this_process}: {local.pieces} shards, needed {_human(local.bytes_needed)}, read "
+                f"process {self.planned}: {local.pieces} shards, needed {_human(local.bytes_needed)}, read "
                 f"{_human(local.bytes_to_read)} in {local.num_reads} requests ({local.amplification:.2f}x)>")
 
     def __str__(self) -> str:
@@ -364,8 +593,12 @@ class Plan:
                  f"{'process':>8} {'shards':>7} {'needed':>12} {'to read':>12} {'reads':>8} {'ampl.':>6}"]
         for pid in sorted(self.processes):
             p = self.processes[pid]
-            mark = "*" if pid == self.this_process else " "
+            mark = "*" if pid == self.planned else " "
             lines.append(f"{pid:>7}{mark} {p.pieces:>7} {_human(p.bytes_needed):>12} {_human(p.bytes_to_read):>12} "
+                         f"{p.num_reads:>8} {p.amplification:>6.2f}")
+        if len(self.processes) > 1:
+            p = self.total()
+            lines.append(f"{'all':>7}  {p.pieces:>7} {_human(p.bytes_needed):>12} {_human(p.bytes_to_read):>12} "
                          f"{p.num_reads:>8} {p.amplification:>6.2f}")
         if self.as_saved:
             same = sum(self.as_saved.values())
@@ -464,7 +697,8 @@ class Plan:
         tp = self.by_tensor().get(name)
         return target_picture(targets[name], self._catalog, saved,
                               bytes_needed=tp.bytes_needed if tp else 0, bytes_read=tp.bytes_to_read if tp else 0,
-                              process=self.this_process if len(self.processes) > 1 else None)
+                              process=self.planned if len(self.processes) > 1 or self.planned != self.this_process
+                              else None)
 
     def _repr_html_(self) -> str:
         """A table per process, a table per target of this process (``MAX_HTML_ROWS`` at most), and the picture
@@ -472,7 +706,8 @@ class Plan:
         from html import escape
 
         rows = "".join(
-            f"<tr><td>{pid}{' (this)' if pid == self.this_process else ''}</td><td>{p.pieces}</td>"
+            f"<tr><td>{pid}{' (this)' if pid == self.this_process else ''}{' *' if pid == self.planned else ''}"
+            f"</td><td>{p.pieces}</td>"
             f"<td>{_human(p.bytes_needed)}</td><td>{_human(p.bytes_to_read)}</td><td>{p.num_reads}</td>"
             f"<td>{p.amplification:.2f}</td></tr>"
             for pid, p in sorted(self.processes.items())
@@ -497,7 +732,7 @@ class Plan:
                             f"<td>{tp.num_reads}</td><td>{tp.amplification:.2f}</td></tr>")
             if len(per) > MAX_HTML_ROWS:
                 body.append(f'<tr><td colspan="8">\u2026 {len(per) - MAX_HTML_ROWS} more</td></tr>')
-            out.append(f"<p>targets on process {self.this_process}</p><table><tr><th>target</th><th>dtype</th>"
+            out.append(f"<p>targets on process {self.planned}</p><table><tr><th>target</th><th>dtype</th>"
                        "<th>shape</th><th>shards</th><th>needed</th><th>to read</th><th>reads</th>"
                        f"<th>amplification</th></tr>{''.join(body)}</table>")
         drawable = [n for n in per if n in targets]

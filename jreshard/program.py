@@ -25,7 +25,20 @@ import numpy as np
 from .catalog import TensorInfo
 from .errors import InvalidArgumentError, JReshardError, TargetMismatchError
 from .place import check_fits
-from .planning import Box, Piece, Plan, ProcessPlan, c_strides, overlaps, pieces_of, runs_of
+from .planning import (
+    COUNTS,
+    Box,
+    Piece,
+    Plan,
+    ProcessPlan,
+    _named_parts,
+    c_strides,
+    named_boxes,
+    overlaps,
+    pieces_of,
+    processes_of,
+    runs_of,
+)
 from .read import CopyJob, Executor, Prepared
 from .spec import matches_saved
 from .targets import TargetLeaf, key_name, missing_message
@@ -380,21 +393,18 @@ def jobs_of(regions: Sequence[Region], located: dict) -> tuple[list[CopyJob], li
     return jobs, deferred
 
 
-def build(ckpt: Any, targets: Sequence[Target | None], *, limit: int, io_executor: Executor, local_only: bool,
-          keep: int | None) -> tuple[dict[int, ProcessPlan], Program | None]:
-    """Plan every process the targets span (``local_only``: this process only): per process, its batches, their
-    jobs and the requests they issue, summed into a :class:`ProcessPlan`. The program of process ``keep`` is
-    returned whole (the others are summed and dropped)."""
-    work: dict[int, list[tuple[int, Target, Piece, int]]] = {}
-    for t in targets:
-        if t is None:
-            continue
-        for piece in pieces_of(t.name, t.shape, t.sharding, addressable_only=local_only):
-            work.setdefault(piece.process, []).append((t.index, t, piece, t.elem_bytes))
+def build(ckpt: Any, targets: Sequence[Target | None], *, limit: int, io_executor: Executor,
+          processes: Iterable[int], keep: int | None) -> tuple[dict[int, ProcessPlan], Program | None]:
+    """Plan the ``processes`` one after the other: per process, the pieces of its devices
+    (:func:`jreshard.planning.pieces_of`, for that process only), its batches, their jobs and the requests they
+    issue, summed into a :class:`ProcessPlan`; a process holding none of the targets' devices plans nothing.
+    The program of process ``keep`` is returned whole; the others' are summed and dropped before the next
+    process is planned, so memory stays that of one process's plan and the work that of the pieces planned."""
     plans: dict[int, ProcessPlan] = {}
     program = None
-    for pid in sorted(work):
-        items = work[pid]
+    for pid in processes:
+        items = [(t.index, t, piece, t.elem_bytes) for t in targets if t is not None
+                 for piece in pieces_of(t.name, t.shape, t.sharding, addressable_only=False, process=pid)]
         total = sum(_host_bytes(item) for item in items)
         pack = min(limit, max(MIN_PACK, total // 20))
         pp = ProcessPlan(pid)
@@ -407,10 +417,20 @@ def build(ckpt: Any, targets: Sequence[Target | None], *, limit: int, io_executo
             pp.pieces += 1
             entry = pp.tensors.setdefault(t.name, {"pieces": 0, "bytes_needed": 0})
             entry["pieces"] += 1
-        plans[pid] = pp
+        if items or pid == keep:
+            plans[pid] = pp
         if pid == keep:
             program = Program(pid, batches, io_executor)
     return plans, program
+
+
+def target_processes(targets: Sequence[Target | None]) -> list[int]:
+    """The processes that hold devices of the targets' shardings, in order."""
+    out: set[int] = set()
+    for t in targets:
+        if t is not None:
+            out |= processes_of(t.sharding)
+    return sorted(out)
 
 
 def _plan_batch(ckpt: Any, in_parts: bool, items: list, limit: int, executor: Executor, pp: ProcessPlan) -> Batch:
@@ -608,10 +628,34 @@ def as_saved(ckpt: Any, targets: Sequence[Target | None]) -> dict[str, bool]:
     out = {}
     for t in targets:
         if t is not None and t.view._op == "saved":
-            out[t.name] = matches_saved(ckpt.format.tensors[t.view._args], t.sharding)
+            info = ckpt.format.tensors[t.view._args]
+            parts = _named_parts(t.sharding)
+            if parts is None:
+                out[t.name] = matches_saved(info, t.sharding)
+            else:
+                out[t.name] = _named_matches_saved(info, *parts)
     return out
 
 
+def _named_matches_saved(info: TensorInfo, sizes: tuple[int, ...], names: tuple[str, ...], spec: Any) -> bool:
+    """:func:`jreshard.spec.matches_saved` for a NamedSharding, without its devices: the distinct shards (one
+    device per distinct box) are tiled only when there are as many as saved chunks."""
+    if not info.chunks:
+        return True
+    used = {a for e in spec if e is not None for a in ((e,) if isinstance(e, str) else e)}
+    shards = math.prod(n for n, a in zip(sizes, names) if a in used)
+    if shards != len(info.chunks):
+        return False
+    # One device per distinct box: the mesh with the unused axes dropped.
+    sub = [(n, a) for n, a in zip(sizes, names) if a in used]
+    counted = COUNTS["boxes"]  # (a report on the catalog, not work of the processes planned)
+    boxes = named_boxes(info.shape, [n for n, _ in sub], [a for _, a in sub], spec)
+    COUNTS["boxes"] = counted
+    chunks = {tuple((o, o + s) for o, s in zip(c.offsets, c.sizes)) for c in info.chunks}
+    return set(boxes) == chunks
+
+
 def report(ckpt: Any, plans: dict[int, ProcessPlan], this: int, targets: Sequence[Target | None],
-           program: Program | None) -> Plan:
-    return Plan(plans, this, ckpt.source, as_saved(ckpt, targets), _program=program, _targets=list(targets))
+           program: Program | None, process: int | None = None) -> Plan:
+    return Plan(plans, this, ckpt.source, as_saved(ckpt, targets), _program=program, _targets=list(targets),
+                process=process)

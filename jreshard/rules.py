@@ -415,6 +415,10 @@ def target_for(ckpt: Any, mesh: Any, rules: Any = None, *, names: Iterable[str] 
     A spec with more entries than the tensor has dims, or naming an axis ``mesh`` does not have, raises
     :class:`~jreshard.errors.InvalidArgumentError` naming the tensor, the rule and the spec.
 
+    ``mesh`` may be a ``jax.sharding.AbstractMesh`` (axis sizes and names, no devices): the target is then one
+    to plan, not to load (``jreshard.plan(ckpt, target, devices_per_process=N, process_index=k)``), e.g.
+    ``target_for(ckpt, AbstractMesh((16, 16), ("data", "model")), rules)`` on a laptop.
+
     Example:
         >>> import jax, numpy as np, jreshard
         >>> from jax.sharding import Mesh
@@ -425,10 +429,10 @@ def target_for(ckpt: Any, mesh: Any, rules: Any = None, *, names: Iterable[str] 
         [P('model', None), P(None, 'data'), P()]
     """
     import jax
-    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import AbstractMesh, Mesh, NamedSharding
 
-    if not isinstance(mesh, Mesh):
-        raise InvalidArgumentError(f"mesh must be a jax.sharding.Mesh (concrete devices), not {type(mesh).__name__}")
+    if not isinstance(mesh, (Mesh, AbstractMesh)):
+        raise InvalidArgumentError(f"mesh must be a jax.sharding.Mesh or AbstractMesh, not {type(mesh).__name__}")
     compiled = None if rules is None else [(p, re.compile(p), s) for p, s in as_rules(rules)]
     if names is None:
         names = list(ckpt.tensors)

@@ -77,13 +77,15 @@ def main() -> dict:
     for io in ("posix", "tensorstore"):
         result["shards_checked"] += check(jreshard.load(ckpt_dir, targets, io=io), f"load io={io}")
 
-    plan = jreshard.plan(ckpt_dir, targets)
+    plan = jreshard.plan(ckpt_dir, targets, process_index="all")
+    own = jreshard.plan(ckpt_dir, targets)  # the default: this process only
     result["plan_processes"] = sorted(int(k) for k in plan.processes)
     result["plan_bytes_needed"] = plan.bytes_needed
     result["plan_self_matches"] = (
-        plan.processes[pid].bytes_needed == plan.bytes_needed
-        and plan.processes[pid].bytes_to_read == plan.bytes_to_read
-        and plan.processes[pid].num_reads == plan.num_reads
+        plan.processes[pid].bytes_needed == plan.bytes_needed == own.bytes_needed
+        and plan.processes[pid].bytes_to_read == plan.bytes_to_read == own.bytes_to_read
+        and plan.processes[pid].num_reads == plan.num_reads == own.num_reads
+        and sorted(own.processes) == [pid]
     )
 
     # every process must get here before anyone shuts down

@@ -93,7 +93,7 @@ def main() -> dict:
 
         ck = jreshard.open(root / variant)
         try:
-            p = jreshard.plan(ck, targets, mapping=mapping)
+            p = jreshard.plan(ck, targets, mapping=mapping, process_index="all")
             res["plan_processes"] = sorted(int(q) for q in p.processes)
             res["plan"] = per_process(p)
             res["plan_local"] = {"bytes_needed": p.bytes_needed, "bytes_to_read": p.bytes_to_read,
@@ -102,7 +102,7 @@ def main() -> dict:
 
             # the same model given as its (abstract) nnx state
             _, abstract = llama_nnx.abstract_state(cfg, mesh)
-            res["plan_nnx"] = per_process(jreshard.plan(ck, abstract, mapping=mapping))
+            res["plan_nnx"] = per_process(jreshard.plan(ck, abstract, mapping=mapping, process_index="all"))
 
             b0, r0 = ck.io_stats.bytes_read, ck.io_stats.num_reads
             out = jreshard.load(ck, targets, mapping=mapping)
