@@ -7,9 +7,10 @@ whole, decompressed zstd items) are plain strided copies. The others read from t
   at most ``coalesce_gap`` (larger gaps, up to LOCAL_GAP inside a chunk locally, only while they total at most
   1/WASTE of the bytes needed) and cut (between runs) near a request size, become requests; each request feeds
   (job, runs) parts, regular blocks of runs inside it. These requests are the plan's.
-* ``posix`` (local files): requests are cut near BOUNCE; the pool reads each with ``preadv`` into a
-  per-thread buffer (cache-sized) and copies its parts out from there (a request that is one run of one piece
-  is read straight into the piece). No memory maps: a file truncated while being read gives a short read,
+* ``posix`` (local files): requests are cut near BOUNCE; the pool reads each with one scatter ``preadv``
+  straight into the pieces (each run to its place, bridged gaps to a per-thread junk buffer: no staging copy,
+  no second pass over the bytes); only requests with runs placed element by element (transposed) are read
+  into a per-thread buffer (cache-sized) and copied out from there. No memory maps: a file truncated while being read gives a short read,
   hence a TruncatedDataError, where touching a map past the new end raises SIGBUS.
 * ``tensorstore`` (any KvStore): requests are cut near MAX_REQUEST, issued as one batch of byte-range reads;
   each read is copied out on the pool as it arrives.
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .catalog import Locator
-from .errors import JReshardError, TruncatedDataError
+from .errors import JReshardError, StorageError, TruncatedDataError
 from .planning import Overlap, Runs, _grid, c_strides, element_span
 from .storage import LocalStore, Store
 
@@ -39,6 +40,7 @@ BOUNCE = 4 * 2**20  # a local read is cut (between runs) near this size: a per-t
 LOCAL_GAP = 64 * 2**10  # inside a chunk, local reads may read through gaps up to this (within the WASTE budget)
 TILE = 128  # transposing copies go tile by tile, TILE x TILE elements
 WASTE = 16  # gaps above coalesce_gap are read (bridged) only while they total at most 1/WASTE of the bytes needed
+JUNK = 256 * 2**10  # each pool thread's buffer for bytes read through (gaps) when reading straight into pieces
 MAX_REQUEST = 8 * 2**20  # a ranged read is cut (between runs) near this size: parallel requests, cache-sized copies
 # Each pool thread's read buffer (``buf``), shared by executors: Checkpoint.read makes one per call, and a
 # fresh buffer would cost page faults on every call. It lives as long as the thread.
@@ -311,15 +313,70 @@ class Executor:
                 if r.run == n and not r.step and r.count == 1:  # one contiguous run: straight into the piece
                     store.fill(fd, key, start, memoryview(_dest_u8(j)[r.dst : r.dst + n]))
                     return n
+            iov = _scatter_iov(start, stop, feeds, self._junk())
+            if iov is not None and store.fill_scatter(fd, key, start, iov):
+                return n  # read straight into the pieces, each run where it belongs
             buf = getattr(self._local, "buf", None)
             if buf is None or len(buf) < n:
                 buf = self._local.buf = np.empty(max(n, BOUNCE), np.uint8)
             store.fill(fd, key, start, memoryview(buf[:n]))
         except JReshardError as e:
             raise self._named(e, [j for j, _ in feeds]) from None
+        except OSError as e:  # EIO and the like: the disk, not the checkpoint, but still a jreshard error
+            raise self._named(StorageError(f"{store.where(key)}: reading bytes {start}..{stop} failed: "
+                                           f"{e.strerror or e}"), [j for j, _ in feeds]) from None
         for j, part in feeds:
             _copy_runs_from(buf[:n], start - j.locator.base, j, part)
         return n
+
+
+    def _junk(self) -> np.ndarray:
+        """This thread's buffer for the bytes of a read that no piece needs (bridged gaps)."""
+        junk = getattr(self._local, "junk", None)
+        if junk is None:
+            junk = self._local.junk = np.empty(JUNK, np.uint8)
+        return junk
+
+
+def _scatter_iov(start: int, stop: int, feeds: Feeds, junk: np.ndarray) -> np.ndarray | None:
+    """The ``(address, length)`` rows (uint64) that scatter the file bytes ``[start, stop)`` of one request
+    straight into the pieces it feeds: each run to its place in its piece (neighbouring runs contiguous in both
+    file and piece as one row), each gap between runs into ``junk``. None where that does not apply: a run
+    placed element by element (transposed), runs that overlap in the file, a gap larger than ``junk``, or runs
+    outside the request or their piece (these are left to the staged copy, which reports them)."""
+    srcs, dsts, lens = [], [], []
+    for j, r in feeds:
+        if r.step or not r.count:
+            return None
+        dest = _dest_u8(j)
+        d = r.dst_starts()
+        if int(d.min()) < 0 or int(d.max()) + r.run > len(dest):
+            return None
+        srcs.append(r.src_starts() + j.locator.base)
+        dsts.append(d + dest.ctypes.data)
+        lens.append(np.full(len(d), r.run, np.int64))
+    src, dst, length = (np.concatenate(x) for x in (srcs, dsts, lens))
+    if len(feeds) > 1 or (len(src) > 1 and np.any(src[1:] < src[:-1])):
+        order = np.argsort(src, kind="stable")
+        src, dst, length = src[order], dst[order], length[order]
+    end = src + length
+    if int(src[0]) != start or int(end[-1]) != stop or np.any(src[1:] < end[:-1]):
+        return None
+    # Join runs contiguous in the file and in memory.
+    new = np.ones(len(src), dtype=bool)
+    new[1:] = (src[1:] != end[:-1]) | (dst[1:] != dst[:-1] + length[:-1])
+    first = np.flatnonzero(new)
+    src, dst, end = src[first], dst[first], np.maximum.reduceat(end, first)
+    length = end - src
+    gaps = src[1:] - end[:-1]
+    if len(gaps) and int(gaps.max()) > len(junk):
+        return None
+    iov = np.empty((2 * len(src) - 1, 2), np.int64)
+    iov[0::2, 0], iov[0::2, 1] = dst, length
+    iov[1::2, 0], iov[1::2, 1] = junk.ctypes.data, gaps
+    if len(gaps) and not gaps.all():
+        iov = iov[iov[:, 1] > 0]
+    return np.ascontiguousarray(iov).view(np.uint64)
 
 
 @dataclass
@@ -417,6 +474,8 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
                     k0 = k1
         lo, hi = np.array(lo_l, np.int64), np.array(hi_l, np.int64)
         for j, r, x in sparse:
+            if len(r.outer) == 1 and r.src_strides[0] > 0 and _one_region(j, r, x, rs, re, lo, hi, first_win, limit, parts):
+                continue
             m = np.searchsorted(rs, x, "right") - 1
             win = first_win[m] + (x - rs[m]) // limit
             np.minimum.at(lo, win, x)
@@ -478,8 +537,33 @@ def _cut_blocks(j: CopyJob, r: Runs, win: np.ndarray, parts: list[list[tuple[Cop
                                  (b - a,), run, step, item)))
 
 
+def _one_region(j: CopyJob, r: Runs, x: np.ndarray, rs: np.ndarray, re: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                first_win: np.ndarray, limit: int, parts: list[list[tuple[CopyJob, Runs]]]) -> bool:
+    """For a job of one row of runs (file offsets ``x``, stride > 0) that lies in one merged region: its runs
+    cut into windows arithmetically (what :func:`_cut_blocks` and the per-run window bounds give, without
+    per-run work); False (nothing done) when its runs span several regions."""
+    n, s, d = r.outer[0], r.src_strides[0], r.dst_strides[0]
+    x0, last = int(x[0]), int(x[-1])
+    m = int(np.searchsorted(rs, x0, "right")) - 1
+    if m < 0 or last >= int(re[m]):
+        return False
+    r0, f = int(rs[m]), int(first_win[m])
+    w0, w1 = f + (x0 - r0) // limit, f + (last - r0) // limit
+    k0 = 0
+    for w in range(w0, w1 + 1):
+        k1 = n if w == w1 else -(-(r0 + (w - f + 1) * limit - x0) // s)  # runs starting before the cut
+        if k1 > k0:
+            lo[w] = min(int(lo[w]), x0 + k0 * s)
+            hi[w] = max(int(hi[w]), x0 + (k1 - 1) * s + r.run)
+            parts[w].append((j, Runs(r.src + k0 * s, (s,), r.dst + k0 * d, (d,), (k1 - k0,), r.run, r.step, r.item)))
+            k0 = k1
+    return True
+
+
 def _fold(r: Runs) -> Runs:
     """``r`` with neighbouring outer dimensions merged where both grids are regular across them."""
+    if len(r.outer) < 2:
+        return r
     outer, ss, ds = list(r.outer), list(r.src_strides), list(r.dst_strides)
     for d in range(len(outer) - 2, -1, -1):
         if ss[d] == outer[d + 1] * ss[d + 1] and ds[d] == outer[d + 1] * ds[d + 1]:

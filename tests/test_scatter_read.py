@@ -1,0 +1,134 @@
+"""Local reads land straight in the pieces: a request whose runs go to several places (a column-sharded
+target needs a part of every saved row) is read with one scatter ``preadv`` into the pieces, with no staging
+copy; a short read continues where it stopped, a truncated file is a TruncatedDataError, and a load runs with
+the cyclic garbage collector paused (restored afterwards).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jreshard
+from jreshard import read, storage
+from jreshard.errors import TruncatedDataError
+from tests.helpers import check_loaded_array, make_mesh, spec_fits
+
+SPECS = [P(None, "model"), P("data", "model"), P("model", "data"), P("data"), P()]
+
+
+def _targets(ckpt, mesh):
+    targets = {}
+    for k, (name, info) in enumerate(sorted(ckpt.tensors.items())):
+        fitting = [s for s in SPECS if spec_fits(s, info.shape, dict(mesh.shape))]
+        targets[name] = jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=NamedSharding(mesh, fitting[k % len(fitting)]))
+    return targets
+
+
+def test_column_pieces_read_straight_into_pieces(checkpoints, monkeypatch):
+    staged, scattered = [], []
+    copy, fill = read._copy_runs_from, storage.LocalStore.fill_scatter
+
+    def copy_runs(buf, origin, job, runs=None):
+        if job.locator.data is None:  # bytes read from a file (not an archive held in memory)
+            staged.append((job.name, (runs or job.runs).step))
+        return copy(buf, origin, job, runs)
+
+    def fill_scatter(self, fd, key, offset, iov):
+        scattered.append(len(iov))
+        return fill(self, fd, key, offset, iov)
+
+    monkeypatch.setattr(read, "_copy_runs_from", copy_runs)
+    monkeypatch.setattr(storage.LocalStore, "fill_scatter", fill_scatter)
+    mesh = make_mesh("2x4")
+    ref = checkpoints.reference("plain")
+    with jreshard.open(checkpoints.dirs["plain"], io="posix") as ckpt:
+        targets = _targets(ckpt, mesh)
+        out = ckpt.load(targets)
+    for name, arr in out.items():
+        check_loaded_array(arr, targets[name], np.asarray(ref[name]), f"plain: {name}")
+    assert scattered and max(scattered) > 1  # requests scattered over several runs/pieces
+    # Only runs placed element by element (a transposed destination) still go through a staging buffer.
+    assert all(step for _, step in staged), sorted({n for n, step in staged if not step})
+
+
+def _short_preadv(limit):
+    """A preadv that reads at most ``limit`` bytes per call (as a signal or a slow file system may)."""
+
+    def call(fd, iov_addr, count, offset):
+        rows = np.ctypeslib.as_array((ctypes.c_uint64 * (2 * count)).from_address(iov_addr)).reshape(count, 2)
+        done = 0
+        for addr, length in rows.tolist():
+            n = min(length, limit - done)
+            data = os.pread(fd, n, offset + done)
+            ctypes.memmove(addr, data, len(data))
+            done += len(data)
+            if len(data) < n or done == limit:
+                break
+        return done
+
+    return call
+
+
+@pytest.mark.parametrize("limit", [1, 7, 1000])
+def test_scatter_short_reads_continue(tmp_path, monkeypatch, limit):
+    data = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8)
+    (tmp_path / "f.bin").write_bytes(data.tobytes())
+    monkeypatch.setattr(storage, "_PREADV_C", [_short_preadv(limit)])
+    a, b, junk, c = (np.zeros(n, np.uint8) for n in (1500, 700, 300, 2000))
+    iov = np.array([[x.ctypes.data, len(x)] for x in (a, b, junk, c)], np.uint64)
+    store = storage.LocalStore(str(tmp_path))
+    with store._use("f.bin") as fd:
+        assert store.fill_scatter(fd, "f.bin", 100, iov)
+    np.testing.assert_array_equal(np.concatenate([a, b, junk, c]), data[100:4600])
+
+
+def test_scatter_past_the_end_is_truncated(tmp_path):
+    (tmp_path / "f.bin").write_bytes(bytes(range(100)))
+    a, b = np.zeros(60, np.uint8), np.zeros(60, np.uint8)
+    iov = np.array([[a.ctypes.data, 60], [b.ctypes.data, 60]], np.uint64)
+    store = storage.LocalStore(str(tmp_path))
+    with store._use("f.bin") as fd, pytest.raises(TruncatedDataError, match=r"f\.bin.*expected 120 bytes from offset 10 but the file ends at 100"):
+        store.fill_scatter(fd, "f.bin", 10, iov)
+
+
+def test_load_pauses_gc_and_restores_it(checkpoints):
+    seen = []
+    mesh = make_mesh("2x4")
+    with jreshard.open(checkpoints.dirs["plain"]) as ckpt:
+        name, info = next(iter(sorted(ckpt.tensors.items())))
+        target = {name: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=NamedSharding(mesh, P()))}
+        assert gc.isenabled()
+        ckpt.load(target, progress=lambda _: seen.append(gc.isenabled()))
+        assert seen and not any(seen)
+        assert gc.isenabled()
+        gc.disable()
+        try:
+            ckpt.load(target)
+            assert not gc.isenabled()  # a collector the caller paused stays paused
+        finally:
+            gc.enable()
+
+
+@pytest.mark.parametrize("where", ["fill_scatter", "fill"])
+def test_an_io_error_is_a_storage_error_naming_file_and_tensor(checkpoints, monkeypatch, where):
+    """A failing disk (EIO from preadv) ends the load in a StorageError that names the file and the tensors, not
+    a bare OSError."""
+    from jreshard.errors import StorageError
+
+    def broken(self, fd, key, *args):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(storage.LocalStore, where, broken)
+    mesh = make_mesh("2x4")
+    with jreshard.open(checkpoints.dirs["plain"], io="posix") as ckpt:
+        targets = _targets(ckpt, mesh)
+        with pytest.raises(StorageError, match=r"\.distcp.*Input/output error.*while reading tensor"):
+            ckpt.load(targets)
