@@ -573,7 +573,7 @@ def _app() -> Any:
               devices_per_process: Annotated[int | None, typer.Option(
                   "--devices-per-process", metavar="N",
                   help="plan the mesh as an abstract one (its devices need not exist here) whose process k holds "
-                       "devices k*N ... (k+1)*N-1 in row-major order, e.g. --mesh data=16,model=16 "
+                       "devices k*N ... (k+1)*N-1 in row-major order, e.g. --mesh data=64,model=32 "
                        "--devices-per-process 8 --process 137")] = None,
               tensor: Annotated[str | None, opt("NAME", "draw this tensor's saved chunks against its "
                                                 "target shards")] = None,
