@@ -20,7 +20,6 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -31,14 +30,10 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from tests.torch_writers import free_port  # (torch is not imported by it)
+
 _SUFFIX = re.compile(r"^\s*bytes=-(\d+)\s*$")
 _OBJECT = re.compile(r"^/storage/v1/b/([^/]+)/o/([^?]+)")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_emulator(log_path: Path, bucket: str) -> tuple[subprocess.Popen, str]:

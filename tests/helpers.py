@@ -268,3 +268,26 @@ def run_jax_processes(script: str, args_for, tmp_path, nproc: int = 4, timeout_s
         )
         results.append(res)
     return results
+
+
+def run_bounded(fn, limit: float, what: str = "a remote store") -> dict:
+    """Run ``fn()`` in a thread: ``{"value": ...}`` or ``{"error": ...}``; a test failure when it runs longer than
+    ``limit`` s (``what`` hung)."""
+    import threading
+
+    import pytest
+
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            box["error"] = e
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    th.join(limit)
+    if th.is_alive():
+        pytest.fail(f"still running after {limit} s: {what} hung")
+    return box

@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 
 import jax
 import ml_dtypes
@@ -39,8 +38,11 @@ from tests.helpers import (
     distinct_indices,
     make_mesh,
     normal_tensor,
+    run_bounded,
     torch_bits,
 )
+from tests.test_s3 import subset_targets
+from tests.torch_writers import free_port
 
 BUCKET = "jreshard-gcs-test"
 SLACK = 1.1
@@ -57,21 +59,7 @@ _CREDENTIAL_VARS = ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_AUTH_TOKEN_FOR_TES
 
 
 def _bounded(fn, limit: float) -> dict:
-    """Run ``fn()`` in a thread: {"value": ...} or {"error": ...}; a failure when it runs longer than ``limit`` s."""
-    box: dict = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the test thread
-            box["error"] = e
-
-    th = threading.Thread(target=run, daemon=True)
-    th.start()
-    th.join(limit)
-    if th.is_alive():
-        pytest.fail(f"still running after {limit} s: a GCS store hung")
-    return box
+    return run_bounded(fn, limit, "a GCS store")
 
 
 def _value(fn, limit: float):
@@ -98,7 +86,7 @@ def gcs(tmp_path_factory):
     for var in _CREDENTIAL_VARS:
         mp.delenv(var, raising=False)
     mp.setenv("CLOUDSDK_CONFIG", str(tmp_path_factory.mktemp("gcloud")))  # no ADC file there
-    mp.setenv("GCE_METADATA_ROOT", f"127.0.0.1:{gcs_server.free_port()}")
+    mp.setenv("GCE_METADATA_ROOT", f"127.0.0.1:{free_port()}")
     try:
         proc, base = gcs_server.start_emulator(tmp_path_factory.mktemp("gcs") / "emulator.log", BUCKET)
     except RuntimeError as e:
@@ -155,12 +143,7 @@ def _load_counted(gcs, url: str, targets: dict, ref: dict) -> None:
 def test_dcp_sharded_subset(gcs, uploaded):
     """Some tensors of a torch DCP checkpoint, sharded over 8 devices: about their bytes are fetched, no more."""
     ref = uploaded["dcp_ref"]
-    m24, m8 = make_mesh("2x4"), make_mesh("8")
-    targets = {
-        "mp.a": jax.ShapeDtypeStruct((512, 512), np.float32, sharding=NamedSharding(m24, P("data", "model"))),
-        "mp.d": jax.ShapeDtypeStruct((384, 640), np.float32, sharding=NamedSharding(m8, P(None, "data"))),
-        "mp.b": jax.ShapeDtypeStruct((256, 1024), ref["mp.b"].dtype, sharding=NamedSharding(m24, P("model", None))),
-    }
+    targets = subset_targets(ref)
     assert _needed(targets) < 0.7 * sum(a.nbytes for a in ref.values())
     _load_counted(gcs, f"gs://{BUCKET}/dcp/plain/", targets, ref)
 
@@ -217,7 +200,7 @@ def test_missing_object(gcs, uploaded):
 
 def test_refused_connection(gcs):
     url = f"gs://{BUCKET}/st/model.safetensors"
-    opts = {**FAST, "endpoint": f"http://127.0.0.1:{gcs_server.free_port()}"}
+    opts = {**FAST, "endpoint": f"http://127.0.0.1:{free_port()}"}
     err = _raises(lambda: jreshard.open(url, storage_options=opts), 20)
     assert url in str(err) and "connection refused" in str(err), err
 

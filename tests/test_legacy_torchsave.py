@@ -30,13 +30,13 @@ import jreshard
 from jreshard import errors
 from tests.helpers import (
     assert_same,
-    check_catalog,
     check_loaded_array,
     child_env,
     make_mesh,
     random_tensor,
 )
-from tests.test_torchsave import NP_DTYPES, to_numpy, torch_flatten
+from tests.test_torchsave import NP_DTYPES, to_numpy, torch_reference
+from tests.test_torchsave import check_catalog_and_data as check_all
 
 IOS = ("posix", "tensorstore")
 # dtypes torch saves with an UntypedStorage (no legacy typed storage class)
@@ -49,27 +49,6 @@ def save_legacy(obj, path) -> None:
     import torch
 
     torch.save(obj, path, _use_new_zipfile_serialization=False)
-
-
-def torch_reference(*paths):
-    """({name: numpy array}, {name: object}) of what torch.load(weights_only=True) reads from ``paths``."""
-    import torch
-
-    tensors, objects = {}, {}
-    for p in paths:
-        for name, leaf in torch_flatten(torch.load(str(p), weights_only=True, map_location="cpu")):
-            if isinstance(leaf, torch.Tensor):
-                tensors[name] = to_numpy(leaf)
-            else:
-                objects[name] = leaf
-    return tensors, objects
-
-
-def check_all(ck, tensors: dict, objects: dict) -> None:
-    check_catalog(ck, tensors)
-    for name, ref in tensors.items():
-        assert_same(ck.read(name), ref, name)
-    assert dict(ck.objects) == objects
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ import pytest
 
 import jreshard
 from jreshard import errors
+from tests.helpers import run_bounded
 
 SLACK = 1.1
 FAST = {"timeout": 2, "retries": 2, "retry_delay": 0.05, "max_retry_delay": 0.2}
@@ -32,22 +33,8 @@ TENSORS = {"a": np.arange(64 * 1024, dtype=np.float32).reshape(256, 256),
            "b": (np.arange(32 * 1024, dtype=np.int64) * 7).reshape(128, 256)}
 
 
-def _bounded(fn, limit: float):
-    """Run ``fn()`` in a thread; its result or exception, or a failure when it runs longer than ``limit`` s."""
-    box: dict = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the test thread
-            box["error"] = e
-
-    th = threading.Thread(target=run, daemon=True)
-    th.start()
-    th.join(limit)
-    if th.is_alive():
-        pytest.fail(f"still running after {limit} s: a remote store hung")
-    return box
+def _bounded(fn, limit: float) -> dict:
+    return run_bounded(fn, limit, "a remote store")
 
 
 def _raises(fn, limit: float, kind=errors.StorageError):
@@ -302,15 +289,10 @@ BUCKET = "jreshard-faults"
 
 @pytest.fixture(scope="module")
 def s3proxy(tmp_path_factory, data_dir):
-    from tests.test_s3 import REGION, _start_moto, _stop
+    from tests.test_s3 import REGION, _start_moto, _stop, isolate_aws
 
     mp = pytest.MonkeyPatch()
-    mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-    mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    for var in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
-                "AWS_DEFAULT_REGION"):
-        mp.delenv(var, raising=False)
+    isolate_aws(mp)
     try:
         proc, endpoint = _start_moto(tmp_path_factory.mktemp("moto") / "moto.log", dict(os.environ))
     except RuntimeError as e:

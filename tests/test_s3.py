@@ -9,7 +9,6 @@ The module is skipped only when the moto server cannot be started.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,29 +16,29 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
-
-import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jreshard
 from jreshard import errors
-
 from tests import torch_writers as tw
-from tests.helpers import assert_same, box_nbytes, check_loaded_array, distinct_indices, make_mesh, normal_tensor, torch_bits
+from tests.helpers import (
+    assert_same,
+    box_nbytes,
+    check_loaded_array,
+    distinct_indices,
+    make_mesh,
+    normal_tensor,
+    torch_bits,
+)
 
 BUCKET = "jreshard-test"
 REGION = "us-east-1"
 SLACK = 1.1
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start_moto(log_path: Path, env: dict):
@@ -50,7 +49,7 @@ def _start_moto(log_path: Path, env: dict):
         raise RuntimeError(f"moto[server] is not importable: {e}") from e
     last = ""
     for _attempt in range(3):  # a port picked as free can be taken before the server binds it
-        port = _free_port()
+        port = tw.free_port()
         log = open(log_path, "wb")
         proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -95,16 +94,30 @@ class S3:
         return f"s3://{BUCKET}/{key}"
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    # dummy credentials; nothing from the environment may redirect tensorstore elsewhere
+def isolate_aws(mp: pytest.MonkeyPatch) -> None:
+    """Dummy credentials; nothing from the environment may redirect tensorstore elsewhere."""
     mp.setenv("AWS_ACCESS_KEY_ID", "testing")
     mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
     for var in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
                 "AWS_DEFAULT_REGION"):
         mp.delenv(var, raising=False)
+
+
+def subset_targets(ref: dict) -> dict:
+    """Some tensors of the ``plain`` DCP checkpoint, sharded so that a process needs well under all its bytes."""
+    m24, m8 = make_mesh("2x4"), make_mesh("8")
+    return {
+        "mp.a": jax.ShapeDtypeStruct((512, 512), np.float32, sharding=NamedSharding(m24, P("data", "model"))),
+        "mp.d": jax.ShapeDtypeStruct((384, 640), np.float32, sharding=NamedSharding(m8, P(None, "data"))),
+        "mp.b": jax.ShapeDtypeStruct((256, 1024), ref["mp.b"].dtype, sharding=NamedSharding(m24, P("model", None))),
+    }
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    isolate_aws(mp)
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     try:
         proc, endpoint = _start_moto(log, dict(os.environ))
@@ -227,12 +240,7 @@ def test_dcp_catalog_and_objects(s3, uploaded, checkpoints):
 def test_dcp_subset_of_tensors(s3, uploaded):
     """Only some tensors of the checkpoint: the process fetches about their bytes and no more."""
     ref = uploaded["dcp_ref"]
-    m24, m8 = make_mesh("2x4"), make_mesh("8")
-    targets = {
-        "mp.a": jax.ShapeDtypeStruct((512, 512), np.float32, sharding=NamedSharding(m24, P("data", "model"))),
-        "mp.d": jax.ShapeDtypeStruct((384, 640), np.float32, sharding=NamedSharding(m8, P(None, "data"))),
-        "mp.b": jax.ShapeDtypeStruct((256, 1024), ref["mp.b"].dtype, sharding=NamedSharding(m24, P("model", None))),
-    }
+    targets = subset_targets(ref)
     ck = jreshard.open(s3.url("dcp/plain/"), storage_options=s3.options)
     out = ck.load(targets)
     _check_load(out, targets, ref)
