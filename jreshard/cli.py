@@ -108,11 +108,9 @@ def default_target(ckpt: Any, mesh: Any) -> dict[str, Any]:
 
 
 def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+    from .planning import _human as human
+
+    return human(n, 1)
 
 
 def parse_size(text: str) -> int:

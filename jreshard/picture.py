@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .errors import InvalidArgumentError, ShardingError
-from .planning import Box, pieces_of
+from .planning import Box, _human, pieces_of
 
 MAX_SIDE = 8192  # largest width or height of a picture, in pixels or characters
 MAX_BOXES = 200_000  # boxes a picture may hold (a mapped target can trace a shard to many boxes)
@@ -842,11 +842,3 @@ def _count(n: int, one: str, many: str | None = None) -> str:
 
 def _esc(text: str) -> str:
     return html.escape(str(text), quote=True)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"

@@ -759,9 +759,10 @@ class Plan:
 MAX_HTML_ROWS = 50  # rows of a notebook table before "... N more"
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+def _human(n: float, digits: int = 2) -> str:
+    """Bytes in binary units, e.g. ``_human(3 * 2**20) == "3.00 MiB"`` (whole bytes below 1 KiB)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{digits}f} {unit}"
         n /= 1024
-    return str(n)
+    return f"{n:.{digits}f} TiB"

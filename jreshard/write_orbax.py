@@ -661,11 +661,9 @@ def _counters(done: int, total: int, arrays: int, arrays_total: int, t0: float) 
 
 
 def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+    from .planning import _human as human
+
+    return human(n, 1)
 
 
 def progress_line(info: dict[str, Any], width: int = 24) -> str:
