@@ -428,18 +428,24 @@ def test_dcp_relative_path_not_a_string(checkpoints, tmp_path):
         jreshard.open(d)
 
 
+# Every index convention a directory is recognised by (plain, variants, diffusers, PEFT), as a directory and by path.
+INDEX_NAMES = ["model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors.index.fp16.json",
+               "diffusion_pytorch_model.safetensors.index.json", "adapter_model.bin.index.json"]
+
+
 @pytest.mark.parametrize("name", BAD_NAMES)
-@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
-def test_index_entries_outside_the_checkpoint(tmp_path, name, fmt):
+@pytest.mark.parametrize("index", INDEX_NAMES)
+@pytest.mark.parametrize("by_path", [False, True], ids=["dir", "path"])
+def test_index_entries_outside_the_checkpoint(tmp_path, name, index, by_path):
     from safetensors.numpy import save_file
 
     d = tmp_path / "model"
     d.mkdir()
     save_file({"a": np.ones(3, np.float32)}, str(d / "x.safetensors"))
-    index = "model.safetensors.index.json" if fmt == "safetensors" else "pytorch_model.bin.index.json"
+    save_file({"a": np.ones(3, np.float32)}, str(tmp_path / "x.distcp"))  # what '../x.distcp' would reach
     (d / index).write_text(json.dumps({"weight_map": {"a": name}}))
-    with pytest.raises(errors.JReshardError):
-        jreshard.open(d)
+    with pytest.raises(errors.UnsafeCheckpointError, match="outside it; refused"):
+        jreshard.open(d / index if by_path else d)
 
 
 def test_fifo_data_file_is_refused_without_hanging(checkpoints, tmp_path):
