@@ -14,7 +14,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import pytest
 from jax.sharding import Mesh
 
 import jreshard
@@ -127,7 +126,6 @@ def test_plan_json_is_the_python_plan_and_what_load_reads(checkpoints, tmp_path)
     assert (after[0] - before[0], after[1] - before[1]) == (local["bytes_to_read"], local["num_reads"])
 
 
-@pytest.mark.skipif(not hasattr(jreshard.Plan, "picture"), reason="Plan.picture (jreshard/picture.py) not there yet")
 def test_plan_text_picture_and_png(tmp_path):
     png = tmp_path / "head.png"
     proc = run("plan", SAMPLE, "--mesh", "2x4", "--axes", "fsdp,tp", "--rules", r"head\.weight$=fsdp,tp",

@@ -9,7 +9,7 @@ torch's, and the bytes the server sent for a sharded target must stay within 1.1
 
 Faults: a missing object, a refused connection, a host name that does not resolve, HTTP 403 without
 credentials, and a metadata server that accepts connections but never answers (tensorstore probes it once per
-process when it finds no credentials: it must not hang a load). The module is skipped only when the emulator
+process when it finds no credentials: it must not hang a load). The module fails (never skips) when the emulator
 cannot be started.
 """
 
@@ -91,7 +91,7 @@ def gcs(tmp_path_factory):
         proc, base = gcs_server.start_emulator(tmp_path_factory.mktemp("gcs") / "emulator.log", BUCKET)
     except RuntimeError as e:
         mp.undo()
-        pytest.skip(f"cannot start a GCS emulator: {e}")
+        pytest.fail(f"cannot start a GCS emulator (gcp-storage-emulator is in the test extra): {e}")
     proxy = gcs_server.Proxy(base)
     proxy.base = base
     proxy.options = {"endpoint": proxy.endpoint}

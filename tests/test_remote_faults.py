@@ -297,7 +297,7 @@ def s3proxy(tmp_path_factory, data_dir):
         proc, endpoint = _start_moto(tmp_path_factory.mktemp("moto") / "moto.log", dict(os.environ))
     except RuntimeError as e:
         mp.undo()
-        pytest.skip(f"cannot start a moto S3 server: {e}")
+        pytest.fail(f"cannot start a moto S3 server (moto[server] is in the test extra): {e}")
     proxy = _Proxy(endpoint)
     th = threading.Thread(target=proxy.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     th.start()
