@@ -425,28 +425,47 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
         chunk_gap = gap
     by_key: dict[str, list[tuple[CopyJob, Runs]]] = {}
     for j in jobs:
-        by_key.setdefault(j.locator.key, []).extend((j, r) for r in _split_long_runs(j.runs, limit))
+        split = _split_long_runs(j.runs, limit)
+        if len(split) == 1:
+            by_key.setdefault(j.locator.key, []).append((j, split[0]))
+        else:
+            by_key.setdefault(j.locator.key, []).extend((j, r) for r in split)
     for key, kjobs in by_key.items():
         # Intervals to merge: one per dense job (x0: file offset of its first run, n runs, stride s), one per
-        # run of the others.
+        # run of the others. Sparse jobs of one row of runs (the usual case: a piece needing a part of every row
+        # of a chunk) have their runs laid out by array arithmetic, all at once: ``rows`` (x0, n, s, run, base).
         dense: list[tuple[CopyJob, Runs, int, int, int]] = []
-        sparse: list[tuple[CopyJob, Runs, np.ndarray]] = []
+        sparse: list[tuple[CopyJob, Runs, np.ndarray | None]] = []
+        rows: list[tuple[int, int, int, int, int]] = []
         for j, r in kjobs:
-            r = _fold(r)
-            x0 = j.locator.base + r.src
+            if len(r.outer) > 1:
+                r = _fold(r)
+            base = j.locator.base
+            x0 = base + r.src
             if not r.outer:
                 dense.append((j, r, x0, 1, 0))
             elif len(r.outer) == 1 and r.run <= r.src_strides[0] <= r.run + max(gap, min(chunk_gap, r.run // WASTE)):
                 dense.append((j, r, x0, r.outer[0], r.src_strides[0]))
+            elif len(r.outer) == 1:
+                sparse.append((j, r, None))
+                rows.append((x0, r.outer[0], r.src_strides[0], r.run, base))
             else:
-                sparse.append((j, r, r.src_starts() + j.locator.base))
-        starts = np.concatenate([np.array([d[2] for d in dense], np.int64)] + [x for _, _, x in sparse])
-        lengths = np.concatenate([np.array([(n - 1) * s + r.run for _, r, _, n, s in dense], np.int64)]
-                                 + [np.full(len(x), r.run, np.int64) for _, r, x in sparse])
-        chunks = np.concatenate([np.array([j.locator.base for j, *_ in dense], np.int64)]
-                                + [np.full(len(x), j.locator.base, np.int64) for j, _, x in sparse])
+                sparse.append((j, r, r.src_starts() + base))
+        if rows:
+            x0s, ns, ss, runs_, bases = np.array(rows, np.int64).T
+            row_starts = _row_grid(x0s, ns, ss)
+        else:
+            x0s = ns = ss = runs_ = bases = row_starts = np.zeros(0, np.int64)
+        others = [x for _, _, x in sparse if x is not None]
+        starts = np.concatenate([np.array([d[2] for d in dense], np.int64), row_starts] + others)
+        lengths = np.concatenate([np.array([(n - 1) * s + r.run for _, r, _, n, s in dense], np.int64),
+                                  np.repeat(runs_, ns)]
+                                 + [np.full(len(x), r.run, np.int64) for _, r, x in sparse if x is not None])
+        chunks = np.concatenate([np.array([j.locator.base for j, *_ in dense], np.int64), np.repeat(bases, ns)]
+                                + [np.full(len(x), j.locator.base, np.int64) for j, _, x in sparse if x is not None])
         order = np.argsort(starts, kind="stable")
-        useful = sum(n * r.run for _, r, _, n, _ in dense) + sum(len(x) * r.run for _, r, x in sparse)
+        useful = (sum(n * r.run for _, r, _, n, _ in dense) + int((ns * runs_).sum())
+                  + sum(len(x) * r.run for _, r, x in sparse if x is not None))
         bridged = sum((n - 1) * (s - r.run) for _, r, _, n, s in dense if s - r.run > gap)
         rs, re = _merge(starts[order], lengths[order], chunks[order], gap, chunk_gap,
                         max(0, useful // WASTE - bridged))
@@ -473,7 +492,24 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
                     parts[w].append((j, part))
                     k0 = k1
         lo, hi = np.array(lo_l, np.int64), np.array(hi_l, np.int64)
+        # Rows of runs inside one merged region and one window (the usual case): bounds at once, parts as they are.
+        one = np.zeros(len(rows), bool)
+        if rows:
+            last = x0s + (ns - 1) * ss
+            m = np.searchsorted(rs, x0s, "right") - 1
+            w0 = first_win[m] + (x0s - rs[m]) // limit
+            one = (ss > 0) & (last < re[m]) & (w0 == first_win[m] + (last - rs[m]) // limit)
+            np.minimum.at(lo, w0[one], x0s[one])
+            np.maximum.at(hi, w0[one], (last + runs_)[one])
+            w0_l = w0.tolist()
+        k = -1
         for j, r, x in sparse:
+            if x is None:
+                k += 1
+                if one[k]:
+                    parts[w0_l[k]].append((j, r))
+                    continue
+                x = _grid(r.src, r.outer, r.src_strides) + j.locator.base
             if len(r.outer) == 1 and r.src_strides[0] > 0 and _one_region(j, r, x, rs, re, lo, hi, first_win, limit, parts):
                 continue
             m = np.searchsorted(rs, x, "right") - 1
@@ -535,6 +571,19 @@ def _cut_blocks(j: CopyJob, r: Runs, win: np.ndarray, parts: list[list[tuple[Cop
         m, k0 = divmod(a, n)
         parts[w].append((j, Runs(block_src[m] + k0 * s_step, src_strides, block_dst[m] + k0 * d_step, dst_strides,
                                  (b - a,), run, step, item)))
+
+
+def _row_grid(x0: np.ndarray, n: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """The run starts of many rows of runs at once: row i is ``x0[i] + k * s[i]`` for ``k < n[i]``, rows in order.
+
+    Example:
+        >>> _row_grid(np.array([0, 100]), np.array([3, 2]), np.array([10, 5])).tolist()
+        [0, 10, 20, 100, 105]
+    """
+    total = int(n.sum())
+    first = np.cumsum(n) - n
+    k = np.arange(total, dtype=np.int64) - np.repeat(first, n)
+    return np.repeat(x0, n) + k * np.repeat(s, n)
 
 
 def _one_region(j: CopyJob, r: Runs, x: np.ndarray, rs: np.ndarray, re: np.ndarray, lo: np.ndarray, hi: np.ndarray,
