@@ -54,7 +54,7 @@ def _fast_pattern() -> re.Pattern[bytes]:
     alts = [cls(codes) + (b".{%d}" % n if n else b"") for n, codes in sorted(by_len.items())]
     alts.append(re.escape(bytes([_LONG1])) + b"(?:" + b"|".join(re.escape(bytes([k])) + b".{%d}" % k
                                                             for k in range(1, 9)) + b")")
-    return re.compile(b"(?:" + b"|".join(alts) + b")*+", re.S)
+    return re.compile(b"(?:" + b"|".join(alts) + b")*+", re.DOTALL)
 
 
 _FAST = _fast_pattern()
