@@ -22,6 +22,7 @@ that span holds little else, else element by element (see :func:`jreshard.planni
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import threading
@@ -477,11 +478,26 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
         parts: list[list[tuple[CopyJob, Runs]]] = [[] for _ in range(nw)]
         rs_l, fw_l = rs.tolist(), first_win.tolist()
         regions = (np.searchsorted(rs, [d[2] for d in dense], "right") - 1).tolist()
-        for (j, r, x0, n, s), m in zip(dense, regions):
+        # Rows of runs inside one merged region: in one window (the usual case), bounds at once and parts as
+        # they are (``one``); across windows, cut like the dense jobs (``cut``); the others run by run below.
+        one = cut = np.zeros(len(rows), bool)
+        if rows:
+            last = x0s + (ns - 1) * ss
+            m_rows = np.searchsorted(rs, x0s, "right") - 1
+            w0 = first_win[m_rows] + (x0s - rs[m_rows]) // limit
+            inside = (ss > 0) & (m_rows >= 0) & (last < re[m_rows])
+            one = inside & (w0 == first_win[m_rows] + (last - rs[m_rows]) // limit)
+            cut = inside & ~one
+            row_jobs = [(j, r) for j, r, x in sparse if x is None]
+            extra = [(row_jobs[k] + (int(x0s[k]), int(ns[k]), int(ss[k])), int(m_rows[k]))
+                     for k in np.flatnonzero(cut).tolist()]
+        else:
+            extra = []
+        for (j, r, x0, n, s), m in itertools.chain(zip(dense, regions), extra):
             r0, f = rs_l[m], fw_l[m]
-            w0, w1 = f + (x0 - r0) // limit, f + (x0 + (n - 1) * s - r0) // limit
+            w0_, w1 = f + (x0 - r0) // limit, f + (x0 + (n - 1) * s - r0) // limit
             k0 = 0
-            for w in range(w0, w1 + 1):
+            for w in range(w0_, w1 + 1):
                 k1 = n if w == w1 else -(-(r0 + (w - f + 1) * limit - x0) // s)  # runs starting before the cut
                 if k1 > k0:
                     a, b = x0 + k0 * s, x0 + (k1 - 1) * s + r.run
@@ -492,26 +508,20 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
                     parts[w].append((j, part))
                     k0 = k1
         lo, hi = np.array(lo_l, np.int64), np.array(hi_l, np.int64)
-        # Rows of runs inside one merged region and one window (the usual case): bounds at once, parts as they are.
-        one = np.zeros(len(rows), bool)
         if rows:
-            last = x0s + (ns - 1) * ss
-            m = np.searchsorted(rs, x0s, "right") - 1
-            w0 = first_win[m] + (x0s - rs[m]) // limit
-            one = (ss > 0) & (last < re[m]) & (w0 == first_win[m] + (last - rs[m]) // limit)
             np.minimum.at(lo, w0[one], x0s[one])
             np.maximum.at(hi, w0[one], (last + runs_)[one])
             w0_l = w0.tolist()
         k = -1
         for j, r, x in sparse:
-            if x is None:
+            if x is None:  # a row of runs
                 k += 1
                 if one[k]:
                     parts[w0_l[k]].append((j, r))
                     continue
+                if cut[k]:
+                    continue
                 x = _grid(r.src, r.outer, r.src_strides) + j.locator.base
-            if len(r.outer) == 1 and r.src_strides[0] > 0 and _one_region(j, r, x, rs, re, lo, hi, first_win, limit, parts):
-                continue
             m = np.searchsorted(rs, x, "right") - 1
             win = first_win[m] + (x - rs[m]) // limit
             np.minimum.at(lo, win, x)
@@ -584,29 +594,6 @@ def _row_grid(x0: np.ndarray, n: np.ndarray, s: np.ndarray) -> np.ndarray:
     first = np.cumsum(n) - n
     k = np.arange(total, dtype=np.int64) - np.repeat(first, n)
     return np.repeat(x0, n) + k * np.repeat(s, n)
-
-
-def _one_region(j: CopyJob, r: Runs, x: np.ndarray, rs: np.ndarray, re: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-                first_win: np.ndarray, limit: int, parts: list[list[tuple[CopyJob, Runs]]]) -> bool:
-    """For a job of one row of runs (file offsets ``x``, stride > 0) that lies in one merged region: its runs
-    cut into windows arithmetically (what :func:`_cut_blocks` and the per-run window bounds give, without
-    per-run work); False (nothing done) when its runs span several regions."""
-    n, s, d = r.outer[0], r.src_strides[0], r.dst_strides[0]
-    x0, last = int(x[0]), int(x[-1])
-    m = int(np.searchsorted(rs, x0, "right")) - 1
-    if m < 0 or last >= int(re[m]):
-        return False
-    r0, f = int(rs[m]), int(first_win[m])
-    w0, w1 = f + (x0 - r0) // limit, f + (last - r0) // limit
-    k0 = 0
-    for w in range(w0, w1 + 1):
-        k1 = n if w == w1 else -(-(r0 + (w - f + 1) * limit - x0) // s)  # runs starting before the cut
-        if k1 > k0:
-            lo[w] = min(int(lo[w]), x0 + k0 * s)
-            hi[w] = max(int(hi[w]), x0 + (k1 - 1) * s + r.run)
-            parts[w].append((j, Runs(r.src + k0 * s, (s,), r.dst + k0 * d, (d,), (k1 - k0,), r.run, r.step, r.item)))
-            k0 = k1
-    return True
 
 
 def _fold(r: Runs) -> Runs:

@@ -1,6 +1,7 @@
 """The requests a file's copy jobs become (jreshard.read._file_requests), held to what a read needs of them,
 whatever path (per run, per row of runs at once, arithmetic cuts) made them: every run of every job is fed by
-exactly one request (runs longer than the request size cut), which holds all its bytes; each request reads from its first fed byte to its last; and bytes read beyond those needed stay within the gap rules."""
+exactly one request (runs longer than the request size cut), which holds all its bytes; each request reads
+from its first fed byte to its last; and bytes read beyond those needed stay within the gap rules."""
 
 from __future__ import annotations
 
