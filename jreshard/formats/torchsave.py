@@ -3,14 +3,17 @@ unpickler, and the byte location of every storage.
 
 An archive may sit anywhere inside a file (DCP writes one archive per chunk into a ``.distcp`` file), so an
 archive is addressed as a :class:`Blob` (file key, byte offset, length). :func:`open_archives` resolves many
-blobs with few batched reads: the tail (zip central directory), then ``data.pkl``, ``byteorder`` and the
-local header of every storage entry. Payloads themselves are never read here.
+blobs with one batch of reads, two per archive (its first and last KiB), and parses archives of one layout
+once; the archives it cannot parse from those go to :func:`open_archives_general` (the tail, then
+``data.pkl``, ``byteorder`` and the local header of every storage entry). Payloads themselves are never read
+here.
 """
 
 from __future__ import annotations
 
 import collections
 import math
+import operator
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,7 +23,7 @@ import zstandard
 
 from ..catalog import Locator
 from ..dtypes import TORCH_DTYPES, TorchDtype
-from ..errors import CheckpointFormatError, InconsistentCheckpointError, TruncatedDataError
+from ..errors import CheckpointFormatError, InconsistentCheckpointError, JReshardError, TruncatedDataError
 from ..gate import check_view
 from ..storage import Store
 from ..unpickle import MAX_DEPTH, MAX_ENTRIES, PickledOrderedDict, StorageRef, TensorRef, safe_loads
@@ -30,6 +33,11 @@ INFLATE_STEP = 16 * 2**20
 SMALL_BLOB = 64 * 1024  # archives up to this size are read whole in one request
 TAIL = 8 * 1024  # first guess of the central directory's size
 LOCAL_SLACK = 256  # local headers carry alignment padding in their extra field; read this much beyond
+HEAD = 1024  # the fast path's first window: data.pkl, byteorder and data/0's local header of a one-tensor archive
+WINDOW_TAIL = 1024  # its last window: the central directory and end records of an archive of a few entries
+TEMPLATES = 4096  # layouts the fast path remembers per open_archives call
+PROBES_PER_LENGTH = 32  # places (and sizes) of data.pkl among the layouts of one archive length
+DECODED_CACHE = 4096  # distinct data.pkl (decoding to one tensor) remembered per open_archives call
 
 
 @dataclass(frozen=True)
@@ -251,7 +259,268 @@ def open_archives(store: Store, blobs: Sequence[Blob], wheres: Sequence[str], sm
                   tail: int = TAIL) -> list[Archive]:
     """Parse the torch.save archives at ``blobs`` (batched reads; payloads are not read unless the archive
     is compressed or at most ``small`` bytes, in which case it is held in memory whole). ``tail``: the bytes
-    read first from the end of the others, where the central directory is (read again when larger)."""
+    the general path reads first from the end of the others, where the central directory is.
+
+    The fast path reads two windows of every archive not held whole, in one batch: its first HEAD bytes and
+    its last ``min(WINDOW_TAIL, tail)`` (one read when they would meet), and parses them exactly as the general
+    path (:func:`open_archives_general`) parses the archive, noting every byte it looks at. An archive whose
+    parse needs a byte outside its windows (a large data.pkl, many storages, long names), or that the parse
+    refuses, goes to the general path, which then gives its result or raises its error: the fast path only
+    ever returns what the general path returns.
+
+    Archives torch writes for chunks of one shape and dtype differ only in bytes that the parse does not
+    look at (CRC-32 fields, payloads, ``.data/serialization_id``). So a full parse is kept, within this call,
+    as a template for archives of the same length: one whose bytes at every position the template's parse
+    looked at are the template's is parsed the same, and gets the template's entries, byteorder and
+    decoded data.pkl (shared: they are not changed after this returns) without a parse of its own.
+    """
+    win_tail = min(WINDOW_TAIL, tail)
+    reqs: list[tuple[str, int, int]] = []
+    for b in blobs:
+        if b.transforms or b.length <= small or b.length <= HEAD + win_tail:
+            reqs.append((b.key, b.offset, b.offset + b.length))
+        else:
+            reqs.append((b.key, b.offset, b.offset + HEAD))
+            reqs.append((b.key, b.offset + b.length - win_tail, b.offset + b.length))
+    datas = store.read_ranges(reqs) if reqs else []
+    archives: list[Archive | None] = [None] * len(blobs)
+    general: list[int] = []
+    templates = _Templates()
+    decoded: dict[bytes, TensorRef] = {}
+    k = 0
+    for i, b in enumerate(blobs):
+        where = wheres[i]
+        held: bytes | None = None
+        if b.transforms or b.length <= small:
+            held = datas[k]
+            k += 1
+            if b.transforms:
+                try:
+                    held = apply_transforms(held, b.transforms, where, b.limit)
+                except JReshardError:
+                    general.append(i)
+                    continue
+            wins, length = [(0, held)], len(held)
+        elif b.length <= HEAD + win_tail:
+            wins, length = [(0, datas[k])], b.length
+            k += 1
+        else:
+            wins, length = [(0, datas[k]), (b.length - win_tail, datas[k + 1])], b.length
+            k += 2
+        key = (held is not None, length)
+        t = templates.find(key, wins)
+        if t is not None:
+            archive = t.archive_for(b, where, held)
+        else:
+            w = _Windows(wins, length)
+            try:
+                archive = _parse_windows(w, b, where, win_tail, held, decoded)
+            except (_Miss, JReshardError):
+                general.append(i)
+                continue
+            t = _Template.of(w, archive)
+            if t is not None:
+                templates.add(key, t)
+        archives[i] = archive
+    if general:
+        for i, a in zip(general, open_archives_general(store, [blobs[i] for i in general],
+                                                       [wheres[i] for i in general], small, tail)):
+            archives[i] = a
+    return archives  # type: ignore[return-value]
+
+
+class _Miss(Exception):
+    """A byte the fast parse needs lies outside the windows it holds: the general path parses the archive."""
+
+
+class _Windows:
+    """What the fast path holds of one archive: windows ``(start, bytes)`` (relative to the archive start;
+    disjoint, and not touching), and the spans ``[start, stop)`` of them that a parse looked at."""
+
+    __slots__ = ("length", "spans", "wins")
+
+    def __init__(self, wins: list[tuple[int, bytes]], length: int) -> None:
+        self.wins = wins
+        self.length = length
+        self.spans: list[tuple[int, int]] = []
+
+    def get(self, start: int, stop: int, note: bool = True) -> bytes:
+        """Bytes ``[start, stop)`` of the archive, from the window that holds them all, noted as looked at
+        (unless ``note`` is false: the caller then notes what of them it looks at); _Miss when no window
+        holds them."""
+        for s, buf in self.wins:
+            if s <= start and stop <= s + len(buf):
+                if note and stop > start:
+                    self.spans.append((start, stop))
+                return buf if (start, stop) == (s, s + len(buf)) else buf[start - s : stop - s]
+        raise _Miss
+
+
+def _end_spans(tail: bytes, tail_start: int) -> list[tuple[int, int]]:
+    """The bytes :func:`_find_cd` looked at when it succeeded on ``tail``: those from the last end record on
+    (the record is found by ``rfind``: no later one may appear), and the zip64 locator and record when it
+    read them."""
+    pos = tail.rfind(_EOCD)
+    spans = [(tail_start + pos, tail_start + len(tail))]
+    (_, _, _, _, count, cd_size, cd_off, _) = struct.unpack_from("<IHHHHIIH", tail, pos)
+    if count == 0xFFFF or cd_size == 0xFFFFFFFF or cd_off == 0xFFFFFFFF:
+        eocd64_off = struct.unpack_from("<Q", tail, pos - 12)[0]
+        spans += [(tail_start + pos - 20, tail_start + pos), (eocd64_off, eocd64_off + 56)]
+    return spans
+
+
+def _cd_spans(cd: bytes, count: int, cd_off: int) -> list[tuple[int, int]]:
+    """The bytes :func:`_parse_cd` looked at when it succeeded on ``cd``: all of the directory (at ``cd_off``)
+    but the CRC-32 field of each of its ``count`` entries (at +16, four bytes), which it skips."""
+    spans, start, pos = [], 0, 0
+    for _ in range(count):
+        nlen, elen, clen = struct.unpack_from("<HHH", cd, pos + 28)
+        spans.append((cd_off + start, cd_off + pos + 16))
+        start, pos = pos + 20, pos + 46 + nlen + elen + clen
+    spans.append((cd_off + start, cd_off + len(cd)))
+    return spans
+
+
+def _parse_windows(w: _Windows, blob: Blob, where: str, tail: int, held: bytes | None,
+                   decoded: dict[bytes, TensorRef]) -> Archive:
+    """The archive as the general path parses it (as :func:`_archive_in_memory` does when it is ``held``
+    whole, else as :func:`open_archives_general` does with its ``tail`` window), from the windows ``w`` alone,
+    with every byte looked at noted in ``w.spans``. Raises _Miss when a byte it needs is outside the windows,
+    and the general path's errors; either way the general path then parses the archive."""
+    length = w.length
+    tail_start = 0 if held is not None else max(0, length - tail)
+    tail_buf = w.get(tail_start, length, note=False)
+    cd_off, cd_size, count = _find_cd(tail_buf, tail_start, where)
+    w.spans += _end_spans(tail_buf, tail_start)
+    if cd_off + cd_size > length:
+        raise TruncatedDataError(f"{where}: zip central directory runs past the end of the archive")
+    cd = w.get(cd_off, cd_off + cd_size, note=False)
+    entries = _parse_cd(cd, count, cd_off, where)
+    w.spans += _cd_spans(cd, count, cd_off)
+    a = Archive(blob, where, entries, data=held, cd_off=cd_off)
+    a.prefix = _prefix(a)
+    for entry in entries.values():
+        rel = entry.name[len(a.prefix):]
+        hoff = entry.header_offset
+        if held is not None:  # as _archive_in_memory: every entry, its header as long as the central name
+            header = w.get(hoff, hoff + 30 + len(entry.raw_name), note=False)
+        elif rel in ("data.pkl", "byteorder") or rel.startswith("data/"):
+            # The general path checks the local name when its read holds it; this parse always does (a
+            # name it accepts, the general path accepts or does not look at).
+            header = w.get(hoff, hoff + 30, note=False)
+            if header[:4] == _LFH:
+                header += w.get(hoff + 30, hoff + 30 + struct.unpack_from("<H", header, 26)[0], note=False)
+        else:
+            continue
+        entry.data_offset = _local_data_offset(header, entry, where)
+        w.spans += ((hoff, hoff + 4), (hoff + 26, hoff + len(header)))  # signature; lengths and name
+        if held is not None and entry.data_offset + entry.size > length:
+            raise TruncatedDataError(f"{where}: zip entry {entry.name!r} runs past the end of the archive")
+        if rel in ("data.pkl", "byteorder"):
+            a._tails[rel] = w.get(entry.data_offset, entry.data_offset + entry.size)
+    pkl = a._tails.get("data.pkl")
+    _check_layout(list(entries.values()), cd_off, where)
+    _finish(a, decoded)
+    a._tails["data.pkl"] = pkl  # for _Template.of, which removes it
+    return a
+
+
+class _Template:
+    """A full fast parse, as a test for archives of the same length and kind: ``checks``, per window, a getter
+    of the slices the parse looked at and what they held. An archive whose windows hold the same there is
+    parsed the same (the parse is a function of those bytes and the length alone; CRC-32 fields are not among
+    them), so it gets ``archive``'s entries, prefix, byteorder, central directory offset and decoded data.pkl
+    (``pkl``: its bytes)."""
+
+    __slots__ = ("archive", "checks", "pkl", "probe")
+
+    def __init__(self, checks: tuple[tuple[int, Any, Any], ...], archive: Archive, pkl: bytes,
+                 probe: tuple[int, int, int]) -> None:
+        self.checks = checks
+        self.archive = archive
+        self.pkl = pkl
+        self.probe = probe  # (window, start, stop): where its data.pkl is (bytes it looked at)
+
+    @classmethod
+    def of(cls, w: _Windows, archive: Archive) -> _Template | None:
+        """The template of ``archive``, parsed from ``w`` (its data.pkl bytes taken back from it); None if a
+        span looked at does not lie in one window (not for archives the fast path parses)."""
+        pkl = archive._tails.pop("data.pkl")
+        merged: list[list[int]] = []
+        for start, stop in sorted(w.spans):
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], stop)
+            else:
+                merged.append([start, stop])
+        slices: list[list[slice]] = [[] for _ in w.wins]
+        for start, stop in merged:
+            for j, (s, buf) in enumerate(w.wins):
+                if s <= start and stop <= s + len(buf):
+                    slices[j].append(slice(start - s, stop - s))
+                    break
+            else:
+                return None
+        checks = []
+        for j, sl in enumerate(slices):
+            if sl:
+                getter = operator.itemgetter(*sl)
+                checks.append((j, getter, getter(w.wins[j][1])))
+        entry = archive.entries[f"{archive.prefix}data.pkl"]
+        start = entry.data_offset if entry.data_offset is not None else -1
+        for j, (s, buf) in enumerate(w.wins):
+            if s <= start and start + entry.size <= s + len(buf):
+                return cls(tuple(checks), archive, pkl, (j, start - s, start - s + entry.size))
+        return None
+
+    def matches(self, wins: list[tuple[int, bytes]]) -> bool:
+        """Whether windows of an archive of the template's length and kind hold the template's bytes at every
+        position its parse looked at."""
+        for j, getter, value in self.checks:
+            if getter(wins[j][1]) != value:
+                return False
+        return True
+
+    def archive_for(self, blob: Blob, where: str, held: bytes | None) -> Archive:
+        """The Archive of a matching archive at ``blob`` (``held``: its bytes, when held whole)."""
+        t = self.archive
+        obj = t.obj if type(t.obj) is TensorRef else safe_loads(self.pkl, f"{where} (data.pkl)", allow_storages=True)
+        return Archive(blob, where, t.entries, prefix=t.prefix, obj=obj, byteorder=t.byteorder, data=held,
+                       cd_off=t.cd_off)
+
+
+class _Templates:
+    """The templates of one open_archives call, by (held whole, archive length), then by where data.pkl is in
+    the windows, then by its bytes: an archive is compared with the one template whose data.pkl it holds
+    where that template has it (it matches no other), the last one made of that layout."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.by_key: dict[tuple[bool, int], dict[tuple[int, int, int], dict[bytes, _Template]]] = {}
+
+    def find(self, key: tuple[bool, int], wins: list[tuple[int, bytes]]) -> _Template | None:
+        """The template ``wins`` (windows of an archive of kind and length ``key``) match, if any."""
+        for (j, start, stop), table in self.by_key.get(key, {}).items():
+            t = table.get(wins[j][1][start:stop])
+            if t is not None and t.matches(wins):
+                return t
+        return None
+
+    def add(self, key: tuple[bool, int], t: _Template) -> None:
+        """Keep ``t`` (in place of the template of its layout), up to TEMPLATES in all."""
+        probes = self.by_key.setdefault(key, {})
+        if self.count >= TEMPLATES or (t.probe not in probes and len(probes) >= PROBES_PER_LENGTH):
+            return
+        table = probes.setdefault(t.probe, {})
+        self.count += t.pkl not in table
+        table[t.pkl] = t
+
+
+def open_archives_general(store: Store, blobs: Sequence[Blob], wheres: Sequence[str], small: int = SMALL_BLOB,
+                          tail: int = TAIL) -> list[Archive]:
+    """The general way of :func:`open_archives`, for any archive: the tails (``tail`` bytes) of all archives,
+    their central directories where larger, then ``data.pkl``, ``byteorder`` and every storage's local header
+    (one request per entry). :func:`open_archives` hands it the archives its fast path cannot parse, and its
+    results and errors are what the fast path is held to."""
     archives: list[Archive | None] = [None] * len(blobs)
     # Phase 1: whole small/compressed archives, and the tails of the others.
     reqs, idx = [], []
@@ -346,7 +615,9 @@ def _archive_in_memory(b: Blob, data: bytes, where: str) -> Archive:
     return a
 
 
-def _finish(a: Archive) -> None:
+def _finish(a: Archive, decoded: dict[bytes, TensorRef] | None = None) -> None:
+    """The checks that need the whole archive, then ``data.pkl`` decoded. ``decoded``: data.pkl bytes ->
+    the TensorRef they decode to (immutable, so shared), consulted and filled when given."""
     for entry in a.entries.values():
         rel = entry.name[len(a.prefix):]
         if entry.method != 0 and (rel.startswith("data") or rel == "byteorder"):
@@ -357,7 +628,13 @@ def _finish(a: Archive) -> None:
     if bo not in ("little", "big"):
         raise CheckpointFormatError(f"{a.where}: unknown byteorder {bo!r}")
     a.byteorder = bo
-    a.obj = safe_loads(a._tails["data.pkl"], f"{a.where} (data.pkl)", allow_storages=True)
+    pkl = a._tails["data.pkl"]
+    obj = None if decoded is None else decoded.get(pkl)
+    if obj is None:
+        obj = safe_loads(pkl, f"{a.where} (data.pkl)", allow_storages=True)
+        if decoded is not None and type(obj) is TensorRef and len(decoded) < DECODED_CACHE:
+            decoded[pkl] = obj
+    a.obj = obj
     a._tails.clear()
 
 
