@@ -424,6 +424,15 @@ class _ChunkIndex:
         self.max_size = [int((hi[:, k] - lo[:, k]).max()) for k in range(lo.shape[1])]
 
     def overlaps(self, b0: list[int], b1: list[int]):
+        found = self.overlap_arrays(b0, b1)
+        if found is None:
+            return [], [], [], []
+        cand, cstart, pstart, size = found
+        return cand.tolist(), list(map(tuple, cstart.tolist())), list(map(tuple, pstart.tolist())), \
+            list(map(tuple, size.tolist()))
+
+    def overlap_arrays(self, b0: list[int], b1: list[int]):
+        """(chunk ids ascending, starts in the chunk, starts in the box, sizes) as int64 arrays; None if none."""
         best = None
         for k, starts in enumerate(self.starts):
             i = int(np.searchsorted(starts, b0[k] - self.max_size[k], side="right"))
@@ -432,7 +441,7 @@ class _ChunkIndex:
                 best = (k, i, j)
         k, i, j = best
         if j <= i:
-            return [], [], [], []
+            return None
         cand = self.order[k][i:j]
         box0, box1 = np.array(b0, dtype=np.int64), np.array(b1, dtype=np.int64)
         c_lo = self.lo[cand]
@@ -440,8 +449,7 @@ class _ChunkIndex:
         hit = np.flatnonzero((hi > lo).all(axis=1))
         hit = hit[np.argsort(cand[hit], kind="stable")]  # in chunk order
         cand, lo, c_lo, hi = cand[hit], lo[hit], c_lo[hit], hi[hit]
-        return (cand.tolist(), list(map(tuple, (lo - c_lo).tolist())), list(map(tuple, (lo - box0).tolist())),
-                list(map(tuple, (hi - lo).tolist())))
+        return cand, lo - c_lo, lo - box0, hi - lo
 
 
 def _build_index(chunks: tuple) -> _ChunkIndex | None:
@@ -465,6 +473,42 @@ def _build_index(chunks: tuple) -> _ChunkIndex | None:
     return _ChunkIndex(lo, lo + size)
 
 
+def _index_of(chunks: Any, box: Any) -> _ChunkIndex | None:
+    """The index of ``chunks`` (built on first use), or None when it does not apply (see :func:`chunk_overlaps`)."""
+    if type(chunks) is not ChunkTuple or len(chunks) < _INDEX_MIN_CHUNKS:
+        return None
+    try:
+        index = chunks._index
+    except AttributeError:  # first use (threads racing here build it twice, harmlessly)
+        bounds = getattr(chunks, "_bounds", None)
+        index = chunks._index = _build_index(chunks) if bounds is None else _ChunkIndex(*bounds)
+    if index is None or type(box) is not tuple or len(box) != index.lo.shape[1]:
+        return None
+    if not all(type(b) is tuple and len(b) == 2 and type(b[0]) is int and type(b[1]) is int
+               and 0 <= b[0] <= MAX_INT and 0 <= b[1] <= MAX_INT for b in box):
+        return None
+    return index
+
+
+def chunk_overlap_arrays(chunks: Any, box: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """What :func:`chunk_overlaps` gives, as int64 arrays (chunk ids of shape (n,), then (n, ndim) starts in the
+    chunk, starts in the box and sizes); None where it gives None.
+
+    Example:
+        >>> cs = validate_chunks("w", (400,), [Chunk((4 * i,), (4,)) for i in range(100)], "ckpt")
+        >>> [a.tolist() for a in chunk_overlap_arrays(cs, ((6, 13),))]
+        [[1, 2, 3], [[2], [0], [0]], [[0], [2], [6]], [[2], [4], [1]]]
+    """
+    index = _index_of(chunks, box)
+    if index is None:
+        return None
+    found = index.overlap_arrays([b[0] for b in box], [b[1] for b in box])
+    if found is None:
+        empty = np.zeros((0, index.lo.shape[1]), np.int64)
+        return np.zeros(0, np.int64), empty, empty, empty
+    return found
+
+
 def chunk_overlaps(chunks: Any, box: Any) -> tuple[list[int], list[tuple[int, ...]], list[tuple[int, ...]],
                                                    list[tuple[int, ...]]] | None:
     """The overlaps of ``box`` (per dim (start, stop)) with ``chunks``, as four lists (chunk ids in ascending
@@ -481,16 +525,7 @@ def chunk_overlaps(chunks: Any, box: Any) -> tuple[list[int], list[tuple[int, ..
         >>> chunk_overlaps(cs, ((6, 13),))
         ([1, 2, 3], [(2,), (0,), (0,)], [(0,), (2,), (6,)], [(2,), (4,), (1,)])
     """
-    if type(chunks) is not ChunkTuple or len(chunks) < _INDEX_MIN_CHUNKS:
-        return None
-    try:
-        index = chunks._index
-    except AttributeError:  # first use (threads racing here build it twice, harmlessly)
-        bounds = getattr(chunks, "_bounds", None)
-        index = chunks._index = _build_index(chunks) if bounds is None else _ChunkIndex(*bounds)
-    if index is None or type(box) is not tuple or len(box) != index.lo.shape[1]:
-        return None
-    if not all(type(b) is tuple and len(b) == 2 and type(b[0]) is int and type(b[1]) is int
-               and 0 <= b[0] <= MAX_INT and 0 <= b[1] <= MAX_INT for b in box):
+    index = _index_of(chunks, box)
+    if index is None:
         return None
     return index.overlaps([b[0] for b in box], [b[1] for b in box])

@@ -461,6 +461,8 @@ class Checkpoint:
         hosts = _place.allocate([s for step in unit.steps for s in step.slots()])
         for j in unit.jobs:
             j.dest = hosts[j.slot]
+        for lane in unit.lanes:
+            lane.dests = hosts
         try:
             if unit.deferred:  # compressed items: read and decompressed now, one batch
                 located = self._locate((r.info, r.overlap.chunk_id) for r in unit.deferred)
@@ -475,6 +477,8 @@ class Checkpoint:
         finally:
             for j in unit.jobs:
                 j.dest = None
+            for lane in unit.lanes:
+                lane.dests = None
         out = []
         for step in unit.steps:
             buf = hosts[step.slot]

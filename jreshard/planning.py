@@ -651,7 +651,11 @@ class Plan:
                     for (_, start, stop), feed in zip(requests, feeds):
                         weights: dict[str, int] = {}
                         for job, runs in feed:
-                            weights[owner[job.slot]] = weights.get(owner[job.slot], 0) + runs.nbytes
+                            if hasattr(runs, "slot_bytes"):  # a lane's rows (jreshard.lanes.RowBlock)
+                                for slot, nb in runs.slot_bytes().items():
+                                    weights[owner[slot]] = weights.get(owner[slot], 0) + nb
+                            else:
+                                weights[owner[job.slot]] = weights.get(owner[job.slot], 0) + runs.nbytes
                         share(stop - start, weights)
                 whole: dict[tuple[str, int], dict[str, int]] = {}
                 sizes: dict[tuple[str, int], int] = {}

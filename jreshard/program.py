@@ -22,12 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from .catalog import TensorInfo
+from .catalog import TensorInfo, chunk_overlap_arrays
 from .errors import InvalidArgumentError, JReshardError, TargetMismatchError
 from .place import check_fits
 from .planning import (
     COUNTS,
     Box,
+    Overlap,
     Piece,
     Plan,
     ProcessPlan,
@@ -39,6 +40,7 @@ from .planning import (
     processes_of,
     runs_of,
 )
+from .lanes import Lane, RegionBlock, lanes_of
 from .read import CopyJob, Executor, Prepared
 from .spec import matches_saved
 from .targets import TargetLeaf, key_name, missing_message
@@ -49,6 +51,9 @@ DEFAULT_INFLIGHT = 2 * 2**30
 # that saves more than HEADER_COST bytes (about what the header reads of one small archive take).
 PARTIAL = 1.1
 HEADER_COST = 2048
+# Overlaps with many chunks are planned as arrays (jreshard.lanes); False plans every overlap as an object (the
+# tests compare both).
+LANES = True
 MIN_PACK = 64 * 2**20  # batches are packed to max(MIN_PACK, bytes / 20) (progress moves), at most the bound
 
 
@@ -114,6 +119,7 @@ class Unit:
     deferred: list[Region]
     nbytes: int = 0  # saved bytes its steps need
     rel: Box | None = None  # in-parts units: the part's box relative to each piece
+    lanes: list[Lane] = field(default_factory=list)  # rows of runs as arrays, one lane per file
 
 
 @dataclass(eq=False)
@@ -369,6 +375,15 @@ def make_step(target: Target, piece: Piece, box: Box, slot: int, tensors: Any) -
             s, dst, strides = slot, leaf.dst, leaf.strides
         else:
             s, dst, strides = slot + 1 + (k - len(direct)), 0, c_strides(leaf.shape)
+        if k < len(direct) and info.ndim in (1, 2) and LANES:
+            found = chunk_overlap_arrays(info.chunks, leaf.box)
+            if found is not None:  # many chunks: their overlaps as arrays (turned into lanes when located)
+                cid, cstart, pstart, size = found
+                COUNTS["overlaps"] += len(cid)
+                covered += int(size.prod(axis=1).sum())
+                dst0 = dst + pstart @ np.array(strides, np.int64)
+                regions.append(RegionBlock(info, s, cid, cstart, size, dst0, tuple(strides), pstart))
+                continue
         for ov in overlaps(info.chunks, leaf.box):
             covered += math.prod(ov.size)
             regions.append(Region(info, ov, s, dst + sum(p * st for p, st in zip(ov.piece_start, strides)), strides))
@@ -457,10 +472,34 @@ def _unit_of(ckpt: Any, group: list[tuple[Target, Piece]], rel: Box | None, exec
     return unit
 
 
+def _regions_of(block: RegionBlock, rows: np.ndarray) -> list[Region]:
+    """The rows ``rows`` (a mask) of ``block`` as Region objects."""
+    idx = np.flatnonzero(rows)
+    return [Region(block.info, Overlap(c, tuple(cs), tuple(ps), tuple(sz)), block.slot, d, block.strides)
+            for c, cs, ps, sz, d in zip(block.cid[idx].tolist(), block.cstart[idx].tolist(),
+                                         block.pstart[idx].tolist(), block.size[idx].tolist(),
+                                         block.dst0[idx].tolist())]
+
+
+def _region_bytes(r: Region | RegionBlock) -> int:
+    return r.nbytes if type(r) is RegionBlock else math.prod(r.overlap.size) * r.info.dtype.itemsize
+
+
 def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executor: Executor, pp: ProcessPlan) -> Unit:
-    flat = [r for regs in regions for r in regs]
-    located = ckpt._locate((r.info, r.overlap.chunk_id) for r in flat
-                           if r.info.chunks[r.overlap.chunk_id].whole_read_nbytes is None)
+    flat = [r for regs in regions for r in regs if type(r) is Region]
+    blocks = []
+    for b in (r for regs in regions for r in regs if type(r) is RegionBlock):
+        # Rows of chunks read whole (small or compressed items) are planned as Region objects.
+        uniq, inv = np.unique(b.cid, return_inverse=True)
+        whole = np.array([b.info.chunks[c].whole_read_nbytes is not None for c in uniq.tolist()], bool)[inv]
+        if whole.any():
+            flat.extend(_regions_of(b, whole))
+            b = b.subset(~whole)
+        if len(b):
+            blocks.append(b)
+    located = ckpt._locate(itertools.chain(
+        ((r.info, r.overlap.chunk_id) for r in flat if r.info.chunks[r.overlap.chunk_id].whole_read_nbytes is None),
+        ((b.info, c) for b in blocks for c in np.unique(b.cid).tolist())))
     # Small archives (read whole for one request instead of header reads) are located for sub-ranges when
     # this unit needs less than 1/PARTIAL of their bytes: the bytes read then stay near the bytes needed.
     need: dict[tuple[str, int], int] = {}
@@ -480,11 +519,14 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
                and infos[n].chunks[cid].whole_read_nbytes - nbytes > HEADER_COST]
     if partial:
         located.update(ckpt._locate(partial, precise=True))
+    lanes, rest = lanes_of(blocks, located)
+    for b, rows in rest:
+        flat.extend(_regions_of(b, rows))
     jobs, deferred = jobs_of(flat, located)
-    prepared = executor.prepare(jobs)
+    prepared = executor.prepare(jobs, lanes)
     total = 0
     for step, regs in zip(steps, regions):
-        nbytes = sum(math.prod(r.overlap.size) * r.info.dtype.itemsize for r in regs)
+        nbytes = sum(_region_bytes(r) for r in regs)
         total += nbytes
         pp.bytes_needed += nbytes
         pp.tensors.setdefault(step.target.name, {"pieces": 0, "bytes_needed": 0})["bytes_needed"] += nbytes
@@ -494,7 +536,7 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
     whole = {(r.info.name, r.overlap.chunk_id): r.info.chunks[r.overlap.chunk_id].whole_read_nbytes for r in deferred}
     pp.bytes_to_read += sum(whole.values())
     pp.num_reads += len(whole)
-    return Unit(steps, jobs, prepared, deferred, total)
+    return Unit(steps, jobs, prepared, deferred, total, lanes=lanes)
 
 
 # -- batching -------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import math
 import os
 import threading
 from collections.abc import Iterator, Sequence
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ import numpy as np
 from .catalog import Locator
 from .errors import JReshardError, StorageError, TruncatedDataError
 from .planning import Overlap, Runs, _grid, c_strides, element_span
+from .lanes import Lane, RowBlock, block_iov, copy_block_from, row_grid
 from .storage import LocalStore, Store
 
 BOUNCE = 4 * 2**20  # a local read is cut (between runs) near this size: a per-thread buffer that stays in cache
@@ -90,7 +92,7 @@ class CopyJob:
         return strided_view(self.dest, self.overlap.size, self.dst0, self.dst_strides)
 
 
-Feeds = list[tuple[CopyJob, Runs]]  # what one request feeds: (job, runs) parts, regular blocks of runs inside it
+Feeds = list[tuple[Any, Any]]  # what one request feeds: (job, runs) or (lane, row block) parts
 
 
 def _dest_u8(job: CopyJob) -> np.ndarray:
@@ -155,6 +157,15 @@ def _copy_runs_from(buf: np.ndarray, origin: int, job: CopyJob, runs: Runs | Non
     np.copyto(dst, src)
 
 
+def _copy_part(buf: np.ndarray, start: int, j: Any, part: Any) -> None:
+    """Copy what a request feeds ``(job, runs)`` or ``(lane, row block)`` from ``buf``, which holds the file's
+    bytes from ``start``."""
+    if type(part) is RowBlock:
+        copy_block_from(buf, start, j, part, j.key)
+    else:
+        _copy_runs_from(buf, start - j.locator.base, j, part)
+
+
 def _copy_elements_from(buf: np.ndarray, origin: int, job: CopyJob) -> None:
     """Element-wise strided copy of the overlap from ``buf`` (locator-relative byte ``origin``)."""
     item = job.itemsize
@@ -189,19 +200,19 @@ class Executor:
         self.threads = threads or min(8, max(2, 2 * (os.cpu_count() or 1)))
         self._local = _LOCAL
 
-    def prepare(self, jobs: Sequence[CopyJob]) -> Prepared:
-        """The reads that serve ``jobs`` (no I/O): what :meth:`execute` then issues, exactly."""
+    def prepare(self, jobs: Sequence[CopyJob], lanes: Sequence[Lane] = ()) -> Prepared:
+        """The reads that serve ``jobs`` and ``lanes`` (no I/O): what :meth:`execute` then issues, exactly."""
         memory = [j for j in jobs if j.locator.data is not None]
         staged = [j for j in jobs if j.locator.data is None and j.runs is None]
         direct = [j for j in jobs if j.locator.data is None and j.runs is not None and j.runs.count]
         spans = [j.element_span() for j in staged]
         staged_requests = [(j.locator.key, j.locator.base + lo, j.locator.base + hi) for j, (lo, hi) in zip(staged, spans)]
-        if not direct:
+        if not direct and not lanes:
             groups: list[tuple[list[tuple[str, int, int]], list[Feeds]]] = []
         elif self.posix:
-            groups = list(_file_requests(direct, self.gap, BOUNCE, chunk_gap=max(self.gap, LOCAL_GAP)))
+            groups = list(_file_requests(direct, self.gap, BOUNCE, chunk_gap=max(self.gap, LOCAL_GAP), lanes=lanes))
         else:
-            groups = [_requests(direct, self.gap, MAX_REQUEST)]
+            groups = [_requests(direct, self.gap, MAX_REQUEST, lanes=lanes)]
         return Prepared(list(jobs), memory, staged, staged_requests, groups)
 
     def run(self, jobs: Sequence[CopyJob], pool: ThreadPoolExecutor) -> None:
@@ -232,9 +243,9 @@ class Executor:
             raise self._named(e, jobs) from None
 
     @staticmethod
-    def _named(e: JReshardError, jobs: Sequence[CopyJob]) -> JReshardError:
-        """``e`` with the names of the tensors being read added to its message."""
-        names = sorted({j.name for j in jobs})
+    def _named(e: JReshardError, jobs: Sequence[Any]) -> JReshardError:
+        """``e`` with the names of the tensors being read (by copy jobs or lanes) added to its message."""
+        names = sorted({n for j in jobs for n in (j.names if isinstance(j, Lane) else [j.name])})
         return type(e)(f"{e} [while reading tensor(s) {', '.join(map(repr, names[:5]))}]")
 
     # -- any KvStore -----------------------------------------------------------------------------
@@ -256,7 +267,7 @@ class Executor:
             except JReshardError as e:
                 raise self._named(e, [j for j, _ in feeds[k]]) from None
             for j, part in feeds[k]:
-                _copy_runs_from(data, requests[k][1] - j.locator.base, j, part)
+                _copy_part(data, requests[k][1], j, part)
 
         # Reads complete in the background; copies run on the pool as each read arrives.
         for f in [pool.submit(consume, k) for k in range(len(requests))]:
@@ -309,7 +320,7 @@ class Executor:
         store = self.store
         assert isinstance(store, LocalStore)
         try:
-            if len(feeds) == 1:
+            if len(feeds) == 1 and type(feeds[0][1]) is Runs:
                 j, r = feeds[0]
                 if r.run == n and not r.step and r.count == 1:  # one contiguous run: straight into the piece
                     store.fill(fd, key, start, memoryview(_dest_u8(j)[r.dst : r.dst + n]))
@@ -327,7 +338,7 @@ class Executor:
             raise self._named(StorageError(f"{store.where(key)}: reading bytes {start}..{stop} failed: "
                                            f"{e.strerror or e}"), [j for j, _ in feeds]) from None
         for j, part in feeds:
-            _copy_runs_from(buf[:n], start - j.locator.base, j, part)
+            _copy_part(buf[:n], start, j, part)
         return n
 
 
@@ -347,6 +358,14 @@ def _scatter_iov(start: int, stop: int, feeds: Feeds, junk: np.ndarray) -> np.nd
     outside the request or their piece (these are left to the staged copy, which reports them)."""
     srcs, dsts, lens = [], [], []
     for j, r in feeds:
+        if type(r) is RowBlock:
+            got = block_iov(j, r)
+            if got is None:
+                return None
+            srcs.append(got[0])
+            dsts.append(got[1])
+            lens.append(got[2])
+            continue
         if r.step or not r.count:
             return None
         dest = _dest_u8(j)
@@ -398,29 +417,30 @@ class Prepared:
         return self.staged_requests + [r for rs, _ in self.groups for r in rs]
 
 
-def _requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int | None = None
-              ) -> tuple[list[tuple[str, int, int]], list[Feeds]]:
+def _requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int | None = None,
+              lanes: Sequence[Lane] = ()) -> tuple[list[tuple[str, int, int]], list[Feeds]]:
     """The requests of all files (:func:`_file_requests`) at once."""
     requests: list[tuple[str, int, int]] = []
     feeds: list[Feeds] = []
-    for r, f in _file_requests(jobs, gap, limit, chunk_gap):
+    for r, f in _file_requests(jobs, gap, limit, chunk_gap, lanes):
         requests.extend(r)
         feeds.extend(f)
     return requests, feeds
 
 
-def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int | None = None
-                   ) -> Iterator[tuple[list[tuple[str, int, int]], list[Feeds]]]:
-    """The reads that serve ``jobs``: per file, all runs sorted, merged where the gap between them is at most
-    ``gap`` (``chunk_gap``, default ``gap``, between runs of the same chunk), and cut into requests near
-    ``limit`` bytes (a run belongs to the request where it starts; each request reads from its first run's
-    start to its last run's end). Yields, file by file, the requests ``(key, start, stop)`` and what each
-    request feeds: (job, runs) parts, regular blocks of runs inside that request. Runs longer than ``limit``
-    are cut first.
+def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int | None = None,
+                   lanes: Sequence[Lane] = ()) -> Iterator[tuple[list[tuple[str, int, int]], list[Feeds]]]:
+    """The reads that serve ``jobs`` and the rows of ``lanes``: per file, all runs sorted, merged where the gap
+    between them is at most ``gap`` (``chunk_gap``, default ``gap``, between runs of the same chunk), and cut
+    into requests near ``limit`` bytes (a run belongs to the request where it starts; each request reads from
+    its first run's start to its last run's end). Yields, file by file, the requests ``(key, start, stop)`` and
+    what each request feeds: (job, runs) parts, regular blocks of runs inside that request, and (lane,
+    :class:`~jreshard.lanes.RowBlock`) parts. Runs longer than ``limit`` are cut first.
 
-    A job whose runs form one regular row with gaps of at most ``chunk_gap`` (the usual case: a piece needing
-    a part of every row of a chunk) is merged as one interval and cut arithmetically; only the other jobs are
-    handled run by run.
+    A job or lane row whose runs form one regular row with gaps of at most ``chunk_gap`` (the usual case: a
+    piece needing a part of every row of a chunk) is merged as one interval and cut arithmetically; the other
+    rows are merged run by run, all at once (array arithmetic); only jobs of other shapes go run by run in
+    Python.
     """
     if chunk_gap is None:
         chunk_gap = gap
@@ -431,6 +451,11 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
             by_key.setdefault(j.locator.key, []).append((j, split[0]))
         else:
             by_key.setdefault(j.locator.key, []).extend((j, r) for r in split)
+    lanes_by_key: dict[str, list[tuple[Lane, _Rows]]] = {}
+    for lane in lanes:
+        lanes_by_key.setdefault(lane.key, []).append((lane, _split_long_rows(_Rows.of(lane), limit)))
+        by_key.setdefault(lane.key, [])
+    wide = max(gap, 0)
     for key, kjobs in by_key.items():
         # Intervals to merge: one per dense job (x0: file offset of its first run, n runs, stride s), one per
         # run of the others. Sparse jobs of one row of runs (the usual case: a piece needing a part of every row
@@ -452,22 +477,32 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
                 rows.append((x0, r.outer[0], r.src_strides[0], r.run, base))
             else:
                 sparse.append((j, r, r.src_starts() + base))
-        if rows:
-            x0s, ns, ss, runs_, bases = np.array(rows, np.int64).T
-            row_starts = _row_grid(x0s, ns, ss)
-        else:
-            x0s = ns = ss = runs_ = bases = row_starts = np.zeros(0, np.int64)
+        obj = _Rows(*np.array(rows, np.int64).reshape(-1, 5).T)
+        klanes = lanes_by_key.get(key, [])
+        # Lane rows: dense ones (one interval each, like dense jobs) and the others (run by run, like ``rows``).
+        ldense = [(lr.n == 1) | ((lr.run <= lr.s) & (lr.s <= lr.run + np.maximum(wide, np.minimum(chunk_gap, lr.run // WASTE))))
+                  for _, lr in klanes]
         others = [x for _, _, x in sparse if x is not None]
-        starts = np.concatenate([np.array([d[2] for d in dense], np.int64), row_starts] + others)
+        starts = np.concatenate([np.array([d[2] for d in dense], np.int64), row_grid(obj.x0, obj.n, obj.s)]
+                                + [lr.x0[d] for (_, lr), d in zip(klanes, ldense)]
+                                + [row_grid(lr.x0[~d], lr.n[~d], lr.s[~d]) for (_, lr), d in zip(klanes, ldense)]
+                                + others)
         lengths = np.concatenate([np.array([(n - 1) * s + r.run for _, r, _, n, s in dense], np.int64),
-                                  np.repeat(runs_, ns)]
+                                  np.repeat(obj.run, obj.n)]
+                                 + [((lr.n - 1) * lr.s + lr.run)[d] for (_, lr), d in zip(klanes, ldense)]
+                                 + [np.repeat(lr.run[~d], lr.n[~d]) for (_, lr), d in zip(klanes, ldense)]
                                  + [np.full(len(x), r.run, np.int64) for _, r, x in sparse if x is not None])
-        chunks = np.concatenate([np.array([j.locator.base for j, *_ in dense], np.int64), np.repeat(bases, ns)]
+        chunks = np.concatenate([np.array([j.locator.base for j, *_ in dense], np.int64), np.repeat(obj.base, obj.n)]
+                                + [lr.base[d] for (_, lr), d in zip(klanes, ldense)]
+                                + [np.repeat(lr.base[~d], lr.n[~d]) for (_, lr), d in zip(klanes, ldense)]
                                 + [np.full(len(x), j.locator.base, np.int64) for j, _, x in sparse if x is not None])
         order = np.argsort(starts, kind="stable")
-        useful = (sum(n * r.run for _, r, _, n, _ in dense) + int((ns * runs_).sum())
+        useful = (sum(n * r.run for _, r, _, n, _ in dense) + int((obj.n * obj.run).sum())
+                  + sum(int((lr.n * lr.run).sum()) for _, lr in klanes)
                   + sum(len(x) * r.run for _, r, x in sparse if x is not None))
-        bridged = sum((n - 1) * (s - r.run) for _, r, _, n, s in dense if s - r.run > gap)
+        bridged = (sum((n - 1) * (s - r.run) for _, r, _, n, s in dense if s - r.run > gap)
+                   + sum(int(np.where(d & (lr.s - lr.run > gap), (lr.n - 1) * (lr.s - lr.run), 0).sum())
+                         for (_, lr), d in zip(klanes, ldense)))
         rs, re = _merge(starts[order], lengths[order], chunks[order], gap, chunk_gap,
                         max(0, useful // WASTE - bridged))
         # Each merged region is cut into windows of ``limit`` bytes; a run belongs to the window of its start.
@@ -475,22 +510,18 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
         first_win = np.cumsum(nwin) - nwin
         nw = int(nwin.sum())
         lo_l, hi_l = [np.iinfo(np.int64).max] * nw, [-1] * nw  # the bytes each window reads
-        parts: list[list[tuple[CopyJob, Runs]]] = [[] for _ in range(nw)]
+        parts: list[list[tuple[Any, Any]]] = [[] for _ in range(nw)]
         rs_l, fw_l = rs.tolist(), first_win.tolist()
         regions = (np.searchsorted(rs, [d[2] for d in dense], "right") - 1).tolist()
         # Rows of runs inside one merged region: in one window (the usual case), bounds at once and parts as
         # they are (``one``); across windows, cut like the dense jobs (``cut``); the others run by run below.
-        one = cut = np.zeros(len(rows), bool)
-        if rows:
-            last = x0s + (ns - 1) * ss
-            m_rows = np.searchsorted(rs, x0s, "right") - 1
-            w0 = first_win[m_rows] + (x0s - rs[m_rows]) // limit
-            inside = (ss > 0) & (m_rows >= 0) & (last < re[m_rows])
-            one = inside & (w0 == first_win[m_rows] + (last - rs[m_rows]) // limit)
-            cut = inside & ~one
+        wins = _Windows(rs, re, first_win, limit)
+        ow = wins.of(obj)
+        picked = np.flatnonzero(ow.cut)
+        if len(picked):
             row_jobs = [(j, r) for j, r, x in sparse if x is None]
-            extra = [(row_jobs[k] + (int(x0s[k]), int(ns[k]), int(ss[k])), int(m_rows[k]))
-                     for k in np.flatnonzero(cut).tolist()]
+            extra = [(row_jobs[k] + (x0, n, s), m) for k, x0, n, s, m in
+                     zip(picked.tolist(), *(a[picked].tolist() for a in (obj.x0, obj.n, obj.s, ow.m)))]
         else:
             extra = []
         for (j, r, x0, n, s), m in itertools.chain(zip(dense, regions), extra):
@@ -508,18 +539,40 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
                     parts[w].append((j, part))
                     k0 = k1
         lo, hi = np.array(lo_l, np.int64), np.array(hi_l, np.int64)
-        if rows:
-            np.minimum.at(lo, w0[one], x0s[one])
-            np.maximum.at(hi, w0[one], (last + runs_)[one])
-            w0_l = w0.tolist()
+        if len(obj.x0):
+            np.minimum.at(lo, ow.w0[ow.one], obj.x0[ow.one])
+            np.maximum.at(hi, ow.w0[ow.one], (ow.last + obj.run)[ow.one])
+            w0_l = ow.w0.tolist()
+        for lane, lr in klanes:
+            lw = wins.of(lr)
+            # Rows across windows are cut into one sub-row per window (the dense jobs' arithmetic, at once).
+            placed, win = lr.cut_at(lw, first_win, rs, limit)
+            if len(win):
+                last = placed.x0 + (placed.n - 1) * placed.s
+                np.minimum.at(lo, win, placed.x0)
+                np.maximum.at(hi, win, last + placed.run)
+                order = np.argsort(win, kind="stable")
+                ws = win[order]
+                cuts = (np.flatnonzero(np.diff(ws)) + 1).tolist()
+                for a, b in zip([0, *cuts], [*cuts, len(order)]):
+                    parts[int(ws[a])].append((lane, placed.block(order[a:b])))
+            for k in np.flatnonzero(lw.out).tolist():  # runs in several merged regions: run by run
+                x = row_grid(lr.x0[k : k + 1], lr.n[k : k + 1], lr.s[k : k + 1])
+                m = np.searchsorted(rs, x, "right") - 1
+                win = first_win[m] + (x - rs[m]) // limit
+                np.minimum.at(lo, win, x)
+                np.maximum.at(hi, win, x + int(lr.run[k]))
+                edges = np.flatnonzero(np.diff(win)) + 1
+                for a, b in zip([0, *edges.tolist()], [*edges.tolist(), len(win)]):
+                    parts[int(win[a])].append((lane, lr.cut(k, a, b)))
         k = -1
         for j, r, x in sparse:
             if x is None:  # a row of runs
                 k += 1
-                if one[k]:
+                if ow.one[k]:
                     parts[w0_l[k]].append((j, r))
                     continue
-                if cut[k]:
+                if ow.cut[k]:
                     continue
                 x = _grid(r.src, r.outer, r.src_strides) + j.locator.base
             m = np.searchsorted(rs, x, "right") - 1
@@ -529,6 +582,124 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
             _cut_blocks(j, r, win, parts)
         used = np.flatnonzero(hi >= 0).tolist()
         yield [(key, int(lo[w]), int(hi[w])) for w in used], [parts[w] for w in used]
+
+
+@dataclass
+class _Rows:
+    """Rows of runs as arrays (file offsets absolute); for lanes also destinations, slots and tensors."""
+
+    x0: np.ndarray
+    n: np.ndarray
+    s: np.ndarray
+    run: np.ndarray
+    base: np.ndarray
+    dst: np.ndarray | None = None
+    ds: np.ndarray | None = None
+    slot: np.ndarray | None = None
+    tensor: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, lane: Lane) -> _Rows:
+        return cls(lane.x0, lane.n, lane.s, lane.run, lane.base, lane.dst, lane.ds, lane.slot, lane.tensor)
+
+    def block(self, rows: np.ndarray) -> RowBlock:
+        return RowBlock(self.x0[rows], self.n[rows], self.s[rows], self.run[rows], self.dst[rows], self.ds[rows],
+                        self.slot[rows], self.tensor[rows])
+
+    def take(self, rows: np.ndarray) -> _Rows:
+        return _Rows(*(None if a is None else a[rows] for a in (self.x0, self.n, self.s, self.run, self.base, self.dst,
+                                                                  self.ds, self.slot, self.tensor)))
+
+    def cut_at(self, lw: Any, first_win: np.ndarray, rs: np.ndarray, limit: int) -> tuple[_Rows, np.ndarray]:
+        """The rows that lie in one merged region (``lw``: :meth:`_Windows.of`), each cut into one sub-row per
+        window it reaches (runs belong to the window of their start), and the window of each sub-row."""
+        one, cut = np.flatnonzero(lw.one), np.flatnonzero(lw.cut)
+        if not len(cut):
+            return self.take(one), lw.w0[one]
+        m = lw.m[cut]
+        r0, f = rs[m], first_win[m]
+        x0, n, s = self.x0[cut], self.n[cut], self.s[cut]
+        w0 = lw.w0[cut]
+        w1 = f + (x0 + (n - 1) * s - r0) // limit
+        count = w1 - w0 + 1
+        row = np.repeat(np.arange(len(cut)), count)
+        w = np.repeat(w0, count) + (np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count))
+        # runs starting before the end of window w: ceil((end of w - x0) / s), at most n
+        end = r0[row] + (w - f[row] + 1) * limit
+        k1 = np.minimum(n[row], -(-(end - x0[row]) // s[row]))
+        k0 = np.concatenate(([0], k1[:-1]))
+        k0[np.concatenate(([True], row[1:] != row[:-1]))] = 0
+        keep = k1 > k0
+        row, w, k0, k1 = row[keep], w[keep], k0[keep], k1[keep]
+        sub = self.take(cut[row])
+        sub.x0 = sub.x0 + k0 * sub.s
+        sub.dst = sub.dst + k0 * sub.ds
+        sub.n = k1 - k0
+        both = self.take(one)
+        cat = np.concatenate
+        return (_Rows(*(cat((a, b)) for a, b in zip(
+            (both.x0, both.n, both.s, both.run, both.base, both.dst, both.ds, both.slot, both.tensor),
+            (sub.x0, sub.n, sub.s, sub.run, sub.base, sub.dst, sub.ds, sub.slot, sub.tensor)))),
+            cat((lw.w0[one], w)))
+
+    def cut(self, row: int, k0: int, k1: int) -> RowBlock:
+        """Runs ``k0 .. k1 - 1`` of row ``row``."""
+        s, ds = int(self.s[row]), int(self.ds[row])
+        return RowBlock(np.array([int(self.x0[row]) + k0 * s]), np.array([k1 - k0]), self.s[row : row + 1],
+                        self.run[row : row + 1], np.array([int(self.dst[row]) + k0 * ds]), self.ds[row : row + 1],
+                        self.slot[row : row + 1], self.tensor[row : row + 1])
+
+
+def _split_long_rows(r: _Rows, limit: int) -> _Rows:
+    """Rows whose runs are longer than ``limit`` bytes cut into single runs of at most ``limit`` bytes (as
+    :func:`_split_long_runs` cuts a job's)."""
+    long = r.run > limit
+    if not long.any():
+        return r
+    keep = np.flatnonzero(~long)
+    cut = np.flatnonzero(long)
+    # every run k of every long row, then every piece o of it
+    per_run = -(-r.run[cut] // limit)
+    runs_of_row = np.repeat(cut, r.n[cut])
+    k = np.arange(len(runs_of_row)) - np.repeat(np.cumsum(r.n[cut]) - r.n[cut], r.n[cut])
+    pieces = np.repeat(per_run, r.n[cut])
+    row = np.repeat(runs_of_row, pieces)
+    o = (np.arange(int(pieces.sum())) - np.repeat(np.cumsum(pieces) - pieces, pieces)) * limit
+    kk = np.repeat(k, pieces)
+    x0 = r.x0[row] + kk * r.s[row] + o
+    dst = r.dst[row] + kk * r.ds[row] + o
+    run = np.minimum(limit, r.run[row] - o)
+    one = np.ones(len(row), np.int64)
+    zero = np.zeros(len(row), np.int64)
+    cat = np.concatenate
+    return _Rows(cat((r.x0[keep], x0)), cat((r.n[keep], one)), cat((r.s[keep], zero)), cat((r.run[keep], run)),
+                 cat((r.base[keep], r.base[row])), cat((r.dst[keep], dst)), cat((r.ds[keep], zero)),
+                 cat((r.slot[keep], r.slot[row])), cat((r.tensor[keep], r.tensor[row])))
+
+
+@dataclass
+class _Windows:
+    """Merged regions (``rs``, ``re``) cut into windows of ``limit`` bytes (``first_win``: the first window of
+    each region); :meth:`of` places rows of runs in them."""
+
+    rs: np.ndarray
+    re: np.ndarray
+    first_win: np.ndarray
+    limit: int
+
+    def of(self, r: _Rows) -> Any:
+        """Per row: its region ``m``, last run start ``last``, first window ``w0``, and whether it lies in one
+        region and one window (``one``), in one region across windows (``cut``) or in several regions
+        (``out``)."""
+        from types import SimpleNamespace
+
+        last = r.x0 + (r.n - 1) * r.s
+        m = np.searchsorted(self.rs, r.x0, "right") - 1
+        mm = np.maximum(m, 0)
+        w0 = self.first_win[mm] + (r.x0 - self.rs[mm]) // self.limit
+        inside = (m >= 0) & (last < self.re[mm]) & ((r.s > 0) | (r.n == 1))
+        one = inside & (w0 == self.first_win[mm] + (last - self.rs[mm]) // self.limit)
+        return SimpleNamespace(m=m, last=last, w0=w0, one=one, cut=inside & ~one, out=~inside)
 
 
 def _merge(starts: np.ndarray, lengths: np.ndarray, chunks: np.ndarray, gap: int, chunk_gap: int,
@@ -581,19 +752,6 @@ def _cut_blocks(j: CopyJob, r: Runs, win: np.ndarray, parts: list[list[tuple[Cop
         m, k0 = divmod(a, n)
         parts[w].append((j, Runs(block_src[m] + k0 * s_step, src_strides, block_dst[m] + k0 * d_step, dst_strides,
                                  (b - a,), run, step, item)))
-
-
-def _row_grid(x0: np.ndarray, n: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """The run starts of many rows of runs at once: row i is ``x0[i] + k * s[i]`` for ``k < n[i]``, rows in order.
-
-    Example:
-        >>> _row_grid(np.array([0, 100]), np.array([3, 2]), np.array([10, 5])).tolist()
-        [0, 10, 20, 100, 105]
-    """
-    total = int(n.sum())
-    first = np.cumsum(n) - n
-    k = np.arange(total, dtype=np.int64) - np.repeat(first, n)
-    return np.repeat(x0, n) + k * np.repeat(s, n)
 
 
 def _fold(r: Runs) -> Runs:

@@ -1,0 +1,236 @@
+"""Many copy jobs as arrays: the common case of a load planned without a Python object per overlap.
+
+A checkpoint of N ranks has N chunks per tensor, and a process's pieces overlap several of them each: at pod
+scale a plan has millions of overlaps. Most are the same kind of copy: a box of a C-contiguous saved chunk
+(a ``torch.save`` storage at a known file offset) into a C-ordered box of a shard buffer, which is a *row of
+runs* (``n`` runs of ``run`` bytes, ``s`` bytes apart in the file and ``ds`` bytes apart in the buffer; one run
+when the box is contiguous in both). :class:`RegionBlock` holds a leaf's overlaps with a tensor's chunks as
+arrays (from :func:`jreshard.catalog.chunk_overlap_arrays`), :func:`lanes_of` turns the blocks of a unit into
+one :class:`Lane` per file (rows as arrays, exactly the runs :func:`jreshard.planning.runs_of` gives for each
+overlap), and :func:`jreshard.read._file_requests` merges and cuts a lane's rows into requests with the same
+arithmetic as the other jobs'. A request feeds ``(lane, RowBlock)`` parts, read straight into the buffers
+(:func:`block_iov`) or copied from a staged read (:func:`copy_block_from`).
+
+Overlaps that are not such rows (in-memory or compressed items, big-endian or strided storages, transposed
+destinations, casts through temporaries) stay :class:`jreshard.program.Region` objects and copy jobs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .catalog import TensorInfo
+from .errors import TruncatedDataError
+
+
+@dataclass(eq=False)
+class RegionBlock:
+    """Overlaps of one traced leaf with the chunks of saved tensor ``info``, as arrays: chunk ids ``cid`` (n,),
+    starts in the chunk ``cstart``, sizes ``size`` and starts in the leaf's box ``pstart`` (n, ndim); element
+    ``i`` of overlap ``r`` lands at element ``dst0[r] + sum(i_k * strides_k)`` of slot ``slot``."""
+
+    info: TensorInfo
+    slot: int
+    cid: np.ndarray
+    cstart: np.ndarray
+    size: np.ndarray
+    dst0: np.ndarray
+    strides: tuple[int, ...]
+    pstart: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.cid)
+
+    def subset(self, rows: np.ndarray) -> RegionBlock:
+        """The rows ``rows`` (a mask or indices) as a block."""
+        return RegionBlock(self.info, self.slot, self.cid[rows], self.cstart[rows], self.size[rows], self.dst0[rows],
+                           self.strides, self.pstart[rows])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.size.prod(axis=1).sum()) * self.info.dtype.itemsize
+
+
+@dataclass(eq=False)
+class Lane:
+    """The rows of runs of one unit in one file ``key``: row i copies ``n[i]`` runs of ``run[i]`` bytes from file
+    offsets ``x0[i] + k * s[i]`` to bytes ``dst[i] + k * ds[i]`` of the buffer of slot ``slot[i]`` (``dests``,
+    bound while the unit runs). ``base[i]`` is the file offset of its chunk's storage (runs of one chunk may be
+    read through larger gaps), ``tensor[i]`` indexes ``names``."""
+
+    key: str
+    names: list[str]
+    x0: np.ndarray
+    n: np.ndarray
+    s: np.ndarray
+    run: np.ndarray
+    dst: np.ndarray
+    ds: np.ndarray
+    base: np.ndarray
+    slot: np.ndarray
+    tensor: np.ndarray
+    dests: list[np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+    def __len__(self) -> int:
+        return len(self.x0)
+
+
+@dataclass(eq=False)
+class RowBlock:
+    """Rows of a :class:`Lane` (or runs of one row) that one request feeds (file offsets absolute)."""
+
+    x0: np.ndarray
+    n: np.ndarray
+    s: np.ndarray
+    run: np.ndarray
+    dst: np.ndarray
+    ds: np.ndarray
+    slot: np.ndarray
+    tensor: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return int((self.n * self.run).sum())
+
+    def slot_bytes(self) -> dict[int, int]:
+        """Bytes fed per slot."""
+        nb = self.n * self.run
+        return {int(k): int(nb[self.slot == k].sum()) for k in np.unique(self.slot)}
+
+    def span(self) -> tuple[int, int]:
+        """[first, last) file bytes its runs touch."""
+        return int(self.x0.min()), int((self.x0 + (self.n - 1) * self.s + self.run).max())
+
+
+def row_grid(x0: np.ndarray, n: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """The run starts of many rows of runs at once: row i is ``x0[i] + k * s[i]`` for ``k < n[i]``, in order.
+
+    Example:
+        >>> row_grid(np.array([0, 100]), np.array([3, 2]), np.array([10, 5])).tolist()
+        [0, 10, 20, 100, 105]
+    """
+    total = int(n.sum())
+    first = np.cumsum(n) - n
+    k = np.arange(total, dtype=np.int64) - np.repeat(first, n)
+    return np.repeat(x0, n) + k * np.repeat(s, n)
+
+
+def _dest_bytes(lane: Lane) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """The lane's slot buffers as flat bytes, their addresses and sizes (by slot)."""
+    from .read import _flat_u8
+
+    assert lane.dests is not None
+    flat = [_flat_u8(d) for d in lane.dests]
+    return flat, np.array([f.ctypes.data for f in flat], np.int64), np.array([len(f) for f in flat], np.int64)
+
+
+def block_iov(lane: Lane, blk: RowBlock) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """File offsets, destination addresses and lengths of every run of ``blk``; None if a run would land
+    outside its buffer (left to :func:`copy_block_from`, which reports it)."""
+    _, addr, size = _dest_bytes(lane)
+    end = blk.dst + (blk.n - 1) * blk.ds + blk.run
+    if len(blk.dst) and (int(blk.dst.min()) < 0 or bool((end > size[blk.slot]).any())):
+        return None
+    src = row_grid(blk.x0, blk.n, blk.s)
+    dst = row_grid(blk.dst + addr[blk.slot], blk.n, blk.ds)
+    return src, dst, np.repeat(blk.run, blk.n)
+
+
+def copy_block_from(buf: np.ndarray, origin: int, lane: Lane, blk: RowBlock, where: str) -> None:
+    """Copy the runs of ``blk`` from ``buf`` (uint8, whose byte 0 is file byte ``origin``) into the buffers."""
+    flat, _, _ = _dest_bytes(lane)
+    for x0, n, s, run, dst, ds, slot, t in zip(*(a.tolist() for a in (blk.x0, blk.n, blk.s, blk.run, blk.dst,
+                                                                       blk.ds, blk.slot, blk.tensor))):
+        lo, hi = x0 - origin, x0 + (n - 1) * s + run - origin
+        dest = flat[slot]
+        if lo < 0 or hi > len(buf) or dst < 0 or dst + (n - 1) * ds + run > len(dest):
+            raise TruncatedDataError(f"{where}: tensor {lane.names[t]!r}: bytes [{x0}, {x0 + hi - lo}) are outside "
+                                     "what was read")
+        src_v = np.ndarray((n, run), np.uint8, buffer=buf, offset=lo, strides=(s, 1))
+        dst_v = np.ndarray((n, run), np.uint8, buffer=dest, offset=dst, strides=(ds, 1))
+        np.copyto(dst_v, src_v)
+
+
+def lanes_of(blocks: list[RegionBlock], located: dict[tuple[str, int], Any]) -> tuple[list[Lane], list[tuple[RegionBlock, np.ndarray]]]:
+    """The lanes (one per file) of the overlaps in ``blocks`` whose chunks are located (``located``: Locators by
+    (tensor name, chunk id)) as plain little-endian C-contiguous storages in files and whose copy is a row of
+    runs; and, per block, the rows left to copy jobs (a boolean mask), as (block, mask) pairs.
+
+    Each row is exactly what :func:`jreshard.planning.runs_of` gives for the overlap: size-1 dims dropped, the
+    innermost dim contiguous in both storage and buffer, the next folded into one run when it is contiguous
+    in both too."""
+    from .planning import c_strides
+
+    parts: list[tuple[np.ndarray, ...]] = []
+    names: list[str] = []
+    keys: dict[str, int] = {}
+    rest: list[tuple[RegionBlock, np.ndarray]] = []
+    for t, blk in enumerate(blocks):
+        info, item = blk.info, blk.info.dtype.itemsize
+        ndim = blk.size.shape[1]
+        names.append(info.name)
+        uniq, inv = np.unique(blk.cid, return_inverse=True)
+        ok_c = np.zeros(len(uniq), bool)
+        base_c = np.zeros(len(uniq), np.int64)
+        soff_c = np.zeros(len(uniq), np.int64)
+        key_c = np.zeros(len(uniq), np.int64)
+        for i, c in enumerate(uniq.tolist()):
+            loc = located.get((info.name, c))
+            if (loc is None or loc.data is not None or (loc.byteorder != "little" and item > 1)
+                    or loc.strides != c_strides(info.chunks[c].sizes)):
+                continue
+            ok_c[i] = True
+            base_c[i], soff_c[i] = loc.base, loc.storage_offset
+            key_c[i] = keys.setdefault(loc.key, len(keys))
+        size = blk.size
+        ok = ok_c[inv]
+        if ndim == 1:
+            s0 = size[:, 0]
+            e0 = blk.strides[0]
+            ok &= (s0 == 1) | (e0 == 1)
+            x_el = soff_c[inv] + blk.cstart[:, 0]
+            n = np.ones(len(blk), np.int64)
+            run = s0 * item
+            s = ds = np.zeros(len(blk), np.int64)
+        else:  # 2
+            s0, s1 = size[:, 0], size[:, 1]
+            e0, e1 = blk.strides
+            cols = np.array([info.chunks[c].sizes[1] for c in uniq.tolist()], np.int64)[inv]
+            inner = s1 != 1
+            # s1 != 1: the row is contiguous in storage; it must be in the buffer too (else element-wise).
+            # s1 == 1: a column; only a single element, or a column contiguous in both, is a run.
+            ok &= np.where(inner, e1 == 1, (s0 == 1) | ((cols == 1) & (e0 == 1)))
+            fold = (s0 == 1) | ~inner | ((cols == s1) & (e0 == s1))
+            n = np.where(fold, 1, s0)
+            run = np.where(fold, s0 * s1, s1) * item
+            s = np.where(fold, 0, cols * item)
+            ds = np.where(fold, 0, e0 * item)
+            x_el = soff_c[inv] + blk.cstart[:, 0] * cols + blk.cstart[:, 1]
+        x0 = base_c[inv] + x_el * item
+        if not ok.all():
+            rest.append((blk, ~ok))
+        if ok.any():
+            parts.append((key_c[inv][ok], x0[ok], n[ok], s[ok], run[ok], (blk.dst0 * item)[ok], ds[ok],
+                          base_c[inv][ok], np.full(int(ok.sum()), blk.slot, np.int64),
+                          np.full(int(ok.sum()), t, np.int64)))
+    if not parts:
+        return [], rest
+    key, x0, n, s, run, dst, ds, base, slot, tensor = (np.concatenate(c) for c in zip(*parts))
+    order = np.argsort(key, kind="stable")
+    key_sorted = key[order]
+    starts = np.concatenate(([0], np.flatnonzero(np.diff(key_sorted)) + 1)).tolist()
+    stops = [*starts[1:], len(order)]
+    by_index = {v: k for k, v in keys.items()}
+    lanes = []
+    for a, b in zip(starts, stops):
+        rows = order[a:b]
+        lanes.append(Lane(by_index[int(key_sorted[a])], names, x0[rows], n[rows], s[rows], run[rows], dst[rows],
+                          ds[rows], base[rows], slot[rows], tensor[rows]))
+    return lanes, rest

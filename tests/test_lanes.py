@@ -1,0 +1,140 @@
+"""Overlaps planned as arrays (jreshard.lanes) against the same overlaps planned as Python objects.
+
+Lanes are used for tensors with many saved chunks (pod-scale checkpoints); here the threshold is lowered so that
+the 4-rank checkpoints torch writes in the tests take that path too. Loads must equal torch's tensors, and a
+plan made with lanes must read exactly what the same plan made object by object reads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jreshard
+import jreshard.catalog as catalog
+import jreshard.program as program
+from jreshard.catalog import Locator
+from jreshard.lanes import Lane
+from jreshard.planning import Overlap, Runs, _grid
+from jreshard.read import CopyJob, _file_requests
+from tests import torch_writers as tw
+from tests.helpers import SPECS, check_loaded_array, make_mesh, spec_fits
+
+
+@pytest.fixture
+def lanes_always(monkeypatch):
+    """Every tensor's overlaps go through the chunk index, hence through lanes."""
+    monkeypatch.setattr(catalog, "_INDEX_MIN_CHUNKS", 1)
+
+
+def _targets(checkpoints, variant, mesh, spec):
+    refs = checkpoints.reference(variant)
+    mesh_shape = dict(zip(mesh.axis_names, mesh.devices.shape))
+    return {name: jax.ShapeDtypeStruct(refs[name].shape, refs[name].dtype, sharding=NamedSharding(mesh, spec))
+            for name in checkpoints.names[variant] if spec_fits(spec, refs[name].shape, mesh_shape)}
+
+
+def _numbers(plan):
+    return (plan.bytes_needed, plan.bytes_to_read, plan.num_reads,
+            {n: (t.pieces, t.bytes_needed, t.bytes_to_read, t.num_reads) for n, t in plan.by_tensor().items()})
+
+
+def _lane_rows(plan) -> int:
+    return sum(len(lane) for b in plan._program.batches for u in b.units for lane in u.lanes)
+
+
+CASES = [("2x4", "P(data,model)"), ("2x4", "P(None,model)"), ("8", "P(data)"), ("4x2", "P(model,data)"),
+         ("8", "P()"), ("4x2", "P(None,data)")]
+
+
+@pytest.mark.parametrize("mesh_key,spec_key", CASES, ids=[f"{m}-{s}" for m, s in CASES])
+@pytest.mark.parametrize("io", ["posix", "tensorstore"])
+@pytest.mark.parametrize("variant", tw.VARIANTS)
+def test_lanes_load_exactly_and_read_what_objects_read(checkpoints, lanes_always, monkeypatch, variant, io,
+                                                      mesh_key, spec_key):
+    mesh = make_mesh(mesh_key)
+    targets = _targets(checkpoints, variant, mesh, SPECS[spec_key])
+    ckpt = jreshard.open(checkpoints.dirs[variant], io=io)
+    with_lanes = ckpt.plan(targets)
+    if variant != "zstd" and any(tw.TENSORS_BY_NAME[n].big for n in targets):
+        assert _lane_rows(with_lanes) > 0  # (compressed chunks and small archives are read whole: never lanes)
+    monkeypatch.setattr(program, "LANES", False)
+    objects = jreshard.open(checkpoints.dirs[variant], io=io).plan(targets)
+    assert _lane_rows(objects) == 0
+    assert _numbers(with_lanes) == _numbers(objects)
+    monkeypatch.setattr(program, "LANES", True)
+    before = (ckpt.io_stats.bytes_read, ckpt.io_stats.num_reads)
+    out = ckpt.load(targets)
+    assert ckpt.io_stats.bytes_read - before[0] == with_lanes.bytes_to_read
+    assert ckpt.io_stats.num_reads - before[1] == with_lanes.num_reads
+    refs = checkpoints.reference(variant)
+    for name, t in targets.items():
+        check_loaded_array(out[name], t, refs[name], f"lanes {variant}/{io}/{mesh_key}/{spec_key}:{name}")
+
+
+@st.composite
+def rows_in_a_file(draw):
+    """Rows of runs (a band of columns of some rows of a chunk) of chunks laid out in one file, as copy jobs
+    and as the equivalent lane rows."""
+    jobs, rows = [], []
+    base = 0
+    for _ in range(draw(st.integers(1, 5))):
+        nrows, width = draw(st.integers(1, 30)), draw(st.integers(1, 80))
+        base += draw(st.integers(0, 200))
+        loc = Locator("f", base, 0, (width, 1), nrows * width)
+        for _ in range(draw(st.integers(1, 4))):
+            r0 = draw(st.integers(0, nrows - 1))
+            n = draw(st.integers(1, nrows - r0))
+            a = draw(st.integers(0, width - 1))
+            run = draw(st.integers(1, width - a))
+            if run == width and n > 1 and draw(st.booleans()):  # whole rows: one run, as runs_of folds them
+                run, n = run * n, 1
+            src = r0 * width + a
+            dst = draw(st.integers(0, 50))
+            ds = run + draw(st.integers(0, 5))
+            runs = Runs(src, (width,), dst, (ds,), (n,), run) if n > 1 else Runs(src, (), dst, (), (), run)
+            ov = Overlap(0, (r0, a), (0, 0), (n, run))
+            jobs.append(CopyJob("t", loc, (nrows, width), ov, None, runs, 1, dst, (ds, 1), slot=0))
+            rows.append((base + src, n, width if n > 1 else 0, run, dst, ds if n > 1 else 0, base))
+        base += nrows * width
+    a = np.array(rows, np.int64).T
+    lane = Lane("f", ["t"], a[0], a[1], a[2], a[3], a[4], a[5], a[6], np.zeros(len(rows), np.int64),
+                np.zeros(len(rows), np.int64))
+    return jobs, lane
+
+
+def _fed_bytes(groups):
+    """(file byte, destination byte) of everything the requests feed, and the requests."""
+    requests, fed = [], []
+    for reqs, feeds in groups:
+        for req, feed in zip(reqs, feeds):
+            requests.append(req)
+            for j, part in feed:
+                if isinstance(j, Lane):
+                    for x0, n, s, run, dst, ds in zip(*(v.tolist() for v in (part.x0, part.n, part.s, part.run,
+                                                                             part.dst, part.ds))):
+                        fed += [(x0 + k * s + i, dst + k * ds + i) for k in range(n) for i in range(run)]
+                        assert req[1] <= x0 and x0 + (n - 1) * s + run <= req[2]
+                else:
+                    src = _grid(part.src, part.outer, part.src_strides) + j.locator.base
+                    dst = _grid(part.dst, part.outer, part.dst_strides)
+                    fed += [(int(x) + i, int(d) + i) for x, d in zip(src, dst) for i in range(part.run)]
+                    assert req[1] <= int(src.min()) and int(src.max()) + part.run <= req[2]
+    return requests, sorted(fed)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows_in_a_file(), st.sampled_from([0, 8, 64]), st.sampled_from([16, 100, 1 << 20]),
+       st.sampled_from([None, 32, 4096]))
+def test_lane_requests_equal_copy_job_requests(case, gap, limit, chunk_gap):
+    jobs, lane = case
+    by_jobs = _fed_bytes(_file_requests(jobs, gap, limit, chunk_gap))
+    by_lane = _fed_bytes(_file_requests([], gap, limit, chunk_gap, lanes=[lane]))
+    assert by_lane[0] == by_jobs[0]  # the same requests, in the same order
+    assert by_lane[1] == by_jobs[1]  # feeding the same bytes to the same places
