@@ -56,12 +56,12 @@ class RegionBlock:
 
 @dataclass(eq=False)
 class Lane:
-    """The rows of runs of one unit in one file ``key``: row i copies ``n[i]`` runs of ``run[i]`` bytes from file
-    offsets ``x0[i] + k * s[i]`` to bytes ``dst[i] + k * ds[i]`` of the buffer of slot ``slot[i]`` (``dests``,
-    bound while the unit runs). ``base[i]`` is the file offset of its chunk's storage (runs of one chunk may be
-    read through larger gaps), ``tensor[i]`` indexes ``names``."""
+    """The rows of runs of one unit: row i copies ``n[i]`` runs of ``run[i]`` bytes from offsets
+    ``x0[i] + k * s[i]`` of file ``keys[kid[i]]`` to bytes ``dst[i] + k * ds[i]`` of the buffer of slot ``slot[i]``
+    (``dests``, bound while the unit runs). ``base[i]`` is the file offset of its chunk's storage (runs of one
+    chunk may be read through larger gaps), ``tensor[i]`` indexes ``names``."""
 
-    key: str
+    keys: list[str]
     names: list[str]
     x0: np.ndarray
     n: np.ndarray
@@ -72,6 +72,7 @@ class Lane:
     base: np.ndarray
     slot: np.ndarray
     tensor: np.ndarray
+    kid: np.ndarray
     dests: list[np.ndarray] | None = field(default=None, repr=False)
 
     @property
@@ -80,6 +81,11 @@ class Lane:
 
     def __len__(self) -> int:
         return len(self.x0)
+
+    def only(self, key: str) -> Lane:
+        """The rows in file ``key`` (sharing this lane's buffers once bound)."""
+        rows = self.kid == (self.keys.index(key) if key in self.keys else -1)
+        return _Subset(self, rows)
 
 
 @dataclass(eq=False)
@@ -158,10 +164,12 @@ def copy_block_from(buf: np.ndarray, origin: int, lane: Lane, blk: RowBlock, whe
         np.copyto(dst_v, src_v)
 
 
-def lanes_of(blocks: list[RegionBlock], located: dict[tuple[str, int], Any]) -> tuple[list[Lane], list[tuple[RegionBlock, np.ndarray]]]:
-    """The lanes (one per file) of the overlaps in ``blocks`` whose chunks are located (``located``: Locators by
-    (tensor name, chunk id)) as plain little-endian C-contiguous storages in files and whose copy is a row of
-    runs; and, per block, the rows left to copy jobs (a boolean mask), as (block, mask) pairs.
+def lanes_of(blocks: list[RegionBlock], located: dict[tuple[str, int], Any]
+             ) -> tuple[list[Lane], list[tuple[RegionBlock, np.ndarray]]]:
+    """The lane (one, for all files; none if empty) of the overlaps in ``blocks`` whose chunks are located
+    (``located``: Locators by (tensor name, chunk id)) as plain little-endian C-contiguous storages in files and
+    whose copy is a row of runs; and, per block, the rows left to copy jobs (a boolean mask), as (block, mask)
+    pairs.
 
     Each row is exactly what :func:`jreshard.planning.runs_of` gives for the overlap: size-1 dims dropped, the
     innermost dim contiguous in both storage and buffer, the next folded into one run when it is contiguous
@@ -223,14 +231,22 @@ def lanes_of(blocks: list[RegionBlock], located: dict[tuple[str, int], Any]) -> 
     if not parts:
         return [], rest
     key, x0, n, s, run, dst, ds, base, slot, tensor = (np.concatenate(c) for c in zip(*parts))
-    order = np.argsort(key, kind="stable")
-    key_sorted = key[order]
-    starts = np.concatenate(([0], np.flatnonzero(np.diff(key_sorted)) + 1)).tolist()
-    stops = [*starts[1:], len(order)]
-    by_index = {v: k for k, v in keys.items()}
-    lanes = []
-    for a, b in zip(starts, stops):
-        rows = order[a:b]
-        lanes.append(Lane(by_index[int(key_sorted[a])], names, x0[rows], n[rows], s[rows], run[rows], dst[rows],
-                          ds[rows], base[rows], slot[rows], tensor[rows]))
-    return lanes, rest
+    return [Lane(list(keys), names, x0, n, s, run, dst, ds, base, slot, tensor, key)], rest
+
+
+class _Subset(Lane):
+    """Some rows of a lane, for the file-by-file pass of :func:`jreshard.read._file_requests`; its buffers are
+    those bound to the whole lane."""
+
+    def __init__(self, whole: Lane, rows: np.ndarray) -> None:
+        self._whole = whole
+        super().__init__(whole.keys, whole.names, *(getattr(whole, f)[rows] for f in (
+            "x0", "n", "s", "run", "dst", "ds", "base", "slot", "tensor", "kid")))
+
+    @property  # type: ignore[override]
+    def dests(self) -> list[np.ndarray] | None:
+        return self._whole.dests
+
+    @dests.setter
+    def dests(self, value: Any) -> None:
+        pass

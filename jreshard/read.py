@@ -157,11 +157,11 @@ def _copy_runs_from(buf: np.ndarray, origin: int, job: CopyJob, runs: Runs | Non
     np.copyto(dst, src)
 
 
-def _copy_part(buf: np.ndarray, start: int, j: Any, part: Any) -> None:
-    """Copy what a request feeds ``(job, runs)`` or ``(lane, row block)`` from ``buf``, which holds the file's
-    bytes from ``start``."""
+def _copy_part(buf: np.ndarray, start: int, j: Any, part: Any, key: str) -> None:
+    """Copy what a request feeds ``(job, runs)`` or ``(lane, row block)`` from ``buf``, which holds the bytes of
+    file ``key`` from ``start``."""
     if type(part) is RowBlock:
-        copy_block_from(buf, start, j, part, j.key)
+        copy_block_from(buf, start, j, part, key)
     else:
         _copy_runs_from(buf, start - j.locator.base, j, part)
 
@@ -267,7 +267,7 @@ class Executor:
             except JReshardError as e:
                 raise self._named(e, [j for j, _ in feeds[k]]) from None
             for j, part in feeds[k]:
-                _copy_part(data, requests[k][1], j, part)
+                _copy_part(data, requests[k][1], j, part, requests[k][0])
 
         # Reads complete in the background; copies run on the pool as each read arrives.
         for f in [pool.submit(consume, k) for k in range(len(requests))]:
@@ -338,7 +338,7 @@ class Executor:
             raise self._named(StorageError(f"{store.where(key)}: reading bytes {start}..{stop} failed: "
                                            f"{e.strerror or e}"), [j for j, _ in feeds]) from None
         for j, part in feeds:
-            _copy_part(buf[:n], start, j, part)
+            _copy_part(buf[:n], start, j, part, key)
         return n
 
 
@@ -428,6 +428,9 @@ def _requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int | No
     return requests, feeds
 
 
+_SPAN = 1 << 40  # file offsets below this are merged for all files at once (file k's offsets shifted by k * _SPAN)
+
+
 def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int | None = None,
                    lanes: Sequence[Lane] = ()) -> Iterator[tuple[list[tuple[str, int, int]], list[Feeds]]]:
     """The reads that serve ``jobs`` and the rows of ``lanes``: per file, all runs sorted, merged where the gap
@@ -440,153 +443,203 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
     A job or lane row whose runs form one regular row with gaps of at most ``chunk_gap`` (the usual case: a
     piece needing a part of every row of a chunk) is merged as one interval and cut arithmetically; the other
     rows are merged run by run, all at once (array arithmetic); only jobs of other shapes go run by run in
-    Python.
+    Python. All files are merged in one pass, file k's offsets shifted by ``k * _SPAN`` (gaps between files
+    are never bridged); files with offsets beyond that go one by one.
     """
     if chunk_gap is None:
         chunk_gap = gap
-    by_key: dict[str, list[tuple[CopyJob, Runs]]] = {}
+    keys: dict[str, int] = {}
+    items: list[tuple[CopyJob, Runs, int]] = []
+    top = 0
     for j in jobs:
-        split = _split_long_runs(j.runs, limit)
-        if len(split) == 1:
-            by_key.setdefault(j.locator.key, []).append((j, split[0]))
-        else:
-            by_key.setdefault(j.locator.key, []).extend((j, r) for r in split)
-    lanes_by_key: dict[str, list[tuple[Lane, _Rows]]] = {}
+        kid = keys.setdefault(j.locator.key, len(keys))
+        for r in _split_long_runs(j.runs, limit):
+            items.append((j, r, kid))
+            top = max(top, j.locator.base + r.src_span[1])
+    lane_rows: list[tuple[Lane, _Rows]] = []
     for lane in lanes:
-        lanes_by_key.setdefault(lane.key, []).append((lane, _split_long_rows(_Rows.of(lane), limit)))
-        by_key.setdefault(lane.key, [])
-    wide = max(gap, 0)
-    for key, kjobs in by_key.items():
-        # Intervals to merge: one per dense job (x0: file offset of its first run, n runs, stride s), one per
-        # run of the others. Sparse jobs of one row of runs (the usual case: a piece needing a part of every row
-        # of a chunk) have their runs laid out by array arithmetic, all at once: ``rows`` (x0, n, s, run, base).
-        dense: list[tuple[CopyJob, Runs, int, int, int]] = []
-        sparse: list[tuple[CopyJob, Runs, np.ndarray | None]] = []
-        rows: list[tuple[int, int, int, int, int]] = []
-        for j, r in kjobs:
-            if len(r.outer) > 1:
-                r = _fold(r)
-            base = j.locator.base
-            x0 = base + r.src
-            if not r.outer:
-                dense.append((j, r, x0, 1, 0))
-            elif len(r.outer) == 1 and r.run <= r.src_strides[0] <= r.run + max(gap, min(chunk_gap, r.run // WASTE)):
-                dense.append((j, r, x0, r.outer[0], r.src_strides[0]))
-            elif len(r.outer) == 1:
-                sparse.append((j, r, None))
-                rows.append((x0, r.outer[0], r.src_strides[0], r.run, base))
-            else:
-                sparse.append((j, r, r.src_starts() + base))
-        obj = _Rows(*np.array(rows, np.int64).reshape(-1, 5).T)
-        klanes = lanes_by_key.get(key, [])
-        # Lane rows: dense ones (one interval each, like dense jobs) and the others (run by run, like ``rows``).
-        ldense = [(lr.n == 1) | ((lr.run <= lr.s) & (lr.s <= lr.run + np.maximum(wide, np.minimum(chunk_gap, lr.run // WASTE))))
-                  for _, lr in klanes]
-        others = [x for _, _, x in sparse if x is not None]
-        starts = np.concatenate([np.array([d[2] for d in dense], np.int64), row_grid(obj.x0, obj.n, obj.s)]
-                                + [lr.x0[d] for (_, lr), d in zip(klanes, ldense)]
-                                + [row_grid(lr.x0[~d], lr.n[~d], lr.s[~d]) for (_, lr), d in zip(klanes, ldense)]
-                                + others)
-        lengths = np.concatenate([np.array([(n - 1) * s + r.run for _, r, _, n, s in dense], np.int64),
-                                  np.repeat(obj.run, obj.n)]
-                                 + [((lr.n - 1) * lr.s + lr.run)[d] for (_, lr), d in zip(klanes, ldense)]
-                                 + [np.repeat(lr.run[~d], lr.n[~d]) for (_, lr), d in zip(klanes, ldense)]
-                                 + [np.full(len(x), r.run, np.int64) for _, r, x in sparse if x is not None])
-        chunks = np.concatenate([np.array([j.locator.base for j, *_ in dense], np.int64), np.repeat(obj.base, obj.n)]
-                                + [lr.base[d] for (_, lr), d in zip(klanes, ldense)]
-                                + [np.repeat(lr.base[~d], lr.n[~d]) for (_, lr), d in zip(klanes, ldense)]
-                                + [np.full(len(x), j.locator.base, np.int64) for j, _, x in sparse if x is not None])
-        order = np.argsort(starts, kind="stable")
-        useful = (sum(n * r.run for _, r, _, n, _ in dense) + int((obj.n * obj.run).sum())
-                  + sum(int((lr.n * lr.run).sum()) for _, lr in klanes)
-                  + sum(len(x) * r.run for _, r, x in sparse if x is not None))
-        bridged = (sum((n - 1) * (s - r.run) for _, r, _, n, s in dense if s - r.run > gap)
-                   + sum(int(np.where(d & (lr.s - lr.run > gap), (lr.n - 1) * (lr.s - lr.run), 0).sum())
-                         for (_, lr), d in zip(klanes, ldense)))
-        rs, re = _merge(starts[order], lengths[order], chunks[order], gap, chunk_gap,
-                        max(0, useful // WASTE - bridged))
-        # Each merged region is cut into windows of ``limit`` bytes; a run belongs to the window of its start.
-        nwin = (re - rs - 1) // max(1, limit) + 1
-        first_win = np.cumsum(nwin) - nwin
-        nw = int(nwin.sum())
-        lo_l, hi_l = [np.iinfo(np.int64).max] * nw, [-1] * nw  # the bytes each window reads
-        parts: list[list[tuple[Any, Any]]] = [[] for _ in range(nw)]
-        rs_l, fw_l = rs.tolist(), first_win.tolist()
-        regions = (np.searchsorted(rs, [d[2] for d in dense], "right") - 1).tolist()
-        # Rows of runs inside one merged region: in one window (the usual case), bounds at once and parts as
-        # they are (``one``); across windows, cut like the dense jobs (``cut``); the others run by run below.
-        wins = _Windows(rs, re, first_win, limit)
-        ow = wins.of(obj)
-        picked = np.flatnonzero(ow.cut)
-        if len(picked):
-            row_jobs = [(j, r) for j, r, x in sparse if x is None]
-            extra = [(row_jobs[k] + (x0, n, s), m) for k, x0, n, s, m in
-                     zip(picked.tolist(), *(a[picked].tolist() for a in (obj.x0, obj.n, obj.s, ow.m)))]
+        kid = np.array([keys.setdefault(k, len(keys)) for k in lane.keys], np.int64)[lane.kid]
+        lr = _split_long_rows(_Rows.of(lane, kid), limit)
+        lane_rows.append((lane, lr))
+        if len(lr.x0):
+            top = max(top, int((lr.x0 + (lr.n - 1) * lr.s + lr.run).max()))
+    if top >= _SPAN or len(keys) >= (1 << 62) // _SPAN or max(gap, chunk_gap) >= _SPAN - top:  # file by file
+        if len(keys) > 1:
+            for key in keys:
+                yield from _file_requests([j for j in jobs if j.locator.key == key], gap, limit, chunk_gap,
+                                          [lane.only(key) for lane in lanes])
+            return
+    span = _SPAN if len(keys) > 1 else 0
+    names = list(keys)
+    # Intervals to merge: one per dense job (x0: file offset of its first run, n runs, stride s), one per run of
+    # the others. Sparse jobs of one row of runs (the usual case: a piece needing a part of every row of a
+    # chunk) have their runs laid out by array arithmetic, all at once: ``rows`` (x0, n, s, run, base).
+    dense: list[tuple[CopyJob, Runs, int, int, int]] = []
+    sparse: list[tuple[CopyJob, Runs, np.ndarray | None]] = []
+    rows: list[tuple[int, int, int, int, int]] = []
+    for j, r, kid in items:
+        if len(r.outer) > 1:
+            r = _fold(r)
+        base = j.locator.base + kid * span
+        x0 = base + r.src
+        if not r.outer:
+            dense.append((j, r, x0, 1, 0))
+        elif len(r.outer) == 1 and r.run <= r.src_strides[0] <= r.run + max(gap, min(chunk_gap, r.run // WASTE)):
+            dense.append((j, r, x0, r.outer[0], r.src_strides[0]))
+        elif len(r.outer) == 1:
+            sparse.append((j, r, None))
+            rows.append((x0, r.outer[0], r.src_strides[0], r.run, base))
         else:
-            extra = []
-        for (j, r, x0, n, s), m in itertools.chain(zip(dense, regions), extra):
-            r0, f = rs_l[m], fw_l[m]
-            w0_, w1 = f + (x0 - r0) // limit, f + (x0 + (n - 1) * s - r0) // limit
-            k0 = 0
-            for w in range(w0_, w1 + 1):
-                k1 = n if w == w1 else -(-(r0 + (w - f + 1) * limit - x0) // s)  # runs starting before the cut
-                if k1 > k0:
-                    a, b = x0 + k0 * s, x0 + (k1 - 1) * s + r.run
-                    lo_l[w] = min(lo_l[w], a)
-                    hi_l[w] = max(hi_l[w], b)
-                    part = r if not r.outer else Runs(r.src + k0 * s, r.src_strides, r.dst + k0 * r.dst_strides[0],
-                                                      r.dst_strides, (k1 - k0,), r.run, r.step, r.item)
-                    parts[w].append((j, part))
-                    k0 = k1
-        lo, hi = np.array(lo_l, np.int64), np.array(hi_l, np.int64)
-        if len(obj.x0):
-            np.minimum.at(lo, ow.w0[ow.one], obj.x0[ow.one])
-            np.maximum.at(hi, ow.w0[ow.one], (ow.last + obj.run)[ow.one])
-            w0_l = ow.w0.tolist()
-        for lane, lr in klanes:
-            lw = wins.of(lr)
-            # Rows across windows are cut into one sub-row per window (the dense jobs' arithmetic, at once).
-            placed, win = lr.cut_at(lw, first_win, rs, limit)
-            if len(win):
-                last = placed.x0 + (placed.n - 1) * placed.s
-                np.minimum.at(lo, win, placed.x0)
-                np.maximum.at(hi, win, last + placed.run)
-                order = np.argsort(win, kind="stable")
-                ws = win[order]
-                cuts = (np.flatnonzero(np.diff(ws)) + 1).tolist()
-                for a, b in zip([0, *cuts], [*cuts, len(order)]):
-                    parts[int(ws[a])].append((lane, placed.block(order[a:b])))
-            for k in np.flatnonzero(lw.out).tolist():  # runs in several merged regions: run by run
-                x = row_grid(lr.x0[k : k + 1], lr.n[k : k + 1], lr.s[k : k + 1])
-                m = np.searchsorted(rs, x, "right") - 1
-                win = first_win[m] + (x - rs[m]) // limit
-                np.minimum.at(lo, win, x)
-                np.maximum.at(hi, win, x + int(lr.run[k]))
-                edges = np.flatnonzero(np.diff(win)) + 1
-                for a, b in zip([0, *edges.tolist()], [*edges.tolist(), len(win)]):
-                    parts[int(win[a])].append((lane, lr.cut(k, a, b)))
-        k = -1
-        for j, r, x in sparse:
-            if x is None:  # a row of runs
-                k += 1
-                if ow.one[k]:
-                    parts[w0_l[k]].append((j, r))
-                    continue
-                if ow.cut[k]:
-                    continue
-                x = _grid(r.src, r.outer, r.src_strides) + j.locator.base
+            sparse.append((j, r, r.src_starts() + base))
+    obj = _Rows(*np.array(rows, np.int64).reshape(-1, 5).T)
+    # Lane rows (shifted like the jobs): dense ones are one interval each, like dense jobs; the others go run by
+    # run, like ``rows``.
+    klanes = [(lane, lr.shifted(span)) for lane, lr in lane_rows]
+    ldense = [(lr.n == 1) | ((lr.run <= lr.s)
+                             & (lr.s <= lr.run + np.maximum(gap, np.minimum(chunk_gap, lr.run // WASTE))))
+              for _, lr in klanes]
+    others = [x for _, _, x in sparse if x is not None]
+    # The rows merged run by run, with side-by-side bands of the same rows fused first (what the merge would join
+    # anyway: no gap between them): pieces that split a chunk's rows between them read as whole rows.
+    cat = np.concatenate
+    f_start, f_len, f_chunk = _fused_runs(cat([obj.x0] + [lr.x0[~d] for (_, lr), d in zip(klanes, ldense)]),
+                                          cat([obj.n] + [lr.n[~d] for (_, lr), d in zip(klanes, ldense)]),
+                                          cat([obj.s] + [lr.s[~d] for (_, lr), d in zip(klanes, ldense)]),
+                                          cat([obj.run] + [lr.run[~d] for (_, lr), d in zip(klanes, ldense)]),
+                                          cat([obj.base] + [lr.base[~d] for (_, lr), d in zip(klanes, ldense)]))
+    starts = cat([np.array([d[2] for d in dense], np.int64), f_start]
+                 + [lr.x0[d] for (_, lr), d in zip(klanes, ldense)] + others)
+    if not len(starts):
+        return
+    lengths = cat([np.array([(n - 1) * s + r.run for _, r, _, n, s in dense], np.int64), f_len]
+                  + [((lr.n - 1) * lr.s + lr.run)[d] for (_, lr), d in zip(klanes, ldense)]
+                  + [np.full(len(x), r.run, np.int64) for _, r, x in sparse if x is not None])
+    chunks = cat([np.array([x0 - r.src for _, r, x0, _, _ in dense], np.int64), f_chunk]
+                 + [lr.base[d] for (_, lr), d in zip(klanes, ldense)]
+                 + [np.full(len(x), int(x[0]) - r.src, np.int64) for _, r, x in sparse if x is not None])
+    order = np.argsort(starts, kind="stable")
+    useful = (sum(n * r.run for _, r, _, n, _ in dense) + int((obj.n * obj.run).sum())
+              + sum(int((lr.n * lr.run).sum()) for _, lr in klanes)
+              + sum(len(x) * r.run for _, r, x in sparse if x is not None))
+    bridged = (sum((n - 1) * (s - r.run) for _, r, _, n, s in dense if s - r.run > gap)
+               + sum(int(np.where(d & (lr.s - lr.run > gap), (lr.n - 1) * (lr.s - lr.run), 0).sum())
+                     for (_, lr), d in zip(klanes, ldense)))
+    rs, re = _merge(starts[order], lengths[order], chunks[order], gap, chunk_gap, max(0, useful // WASTE - bridged))
+    # Each merged region is cut into windows of ``limit`` bytes; a run belongs to the window of its start.
+    nwin = (re - rs - 1) // max(1, limit) + 1
+    first_win = np.cumsum(nwin) - nwin
+    nw = int(nwin.sum())
+    lo_l, hi_l = [np.iinfo(np.int64).max] * nw, [-1] * nw  # the bytes each window reads
+    parts: list[list[tuple[Any, Any]]] = [[] for _ in range(nw)]
+    rs_l, fw_l = rs.tolist(), first_win.tolist()
+    regions = (np.searchsorted(rs, [d[2] for d in dense], "right") - 1).tolist()
+    # Rows of runs inside one merged region: in one window (the usual case), bounds at once and parts as
+    # they are (``one``); across windows, cut like the dense jobs (``cut``); the others run by run below.
+    wins = _Windows(rs, re, first_win, limit)
+    ow = wins.of(obj)
+    picked = np.flatnonzero(ow.cut)
+    if len(picked):
+        row_jobs = [(j, r) for j, r, x in sparse if x is None]
+        extra = [(row_jobs[k] + (x0, n, s), m) for k, x0, n, s, m in
+                 zip(picked.tolist(), *(a[picked].tolist() for a in (obj.x0, obj.n, obj.s, ow.m)))]
+    else:
+        extra = []
+    for (j, r, x0, n, s), m in itertools.chain(zip(dense, regions), extra):
+        r0, f = rs_l[m], fw_l[m]
+        w0_, w1 = f + (x0 - r0) // limit, f + (x0 + (n - 1) * s - r0) // limit
+        k0 = 0
+        for w in range(w0_, w1 + 1):
+            k1 = n if w == w1 else -(-(r0 + (w - f + 1) * limit - x0) // s)  # runs starting before the cut
+            if k1 > k0:
+                a, b = x0 + k0 * s, x0 + (k1 - 1) * s + r.run
+                lo_l[w] = min(lo_l[w], a)
+                hi_l[w] = max(hi_l[w], b)
+                part = r if not r.outer else Runs(r.src + k0 * s, r.src_strides, r.dst + k0 * r.dst_strides[0],
+                                                  r.dst_strides, (k1 - k0,), r.run, r.step, r.item)
+                parts[w].append((j, part))
+                k0 = k1
+    lo, hi = np.array(lo_l, np.int64), np.array(hi_l, np.int64)
+    if len(obj.x0):
+        np.minimum.at(lo, ow.w0[ow.one], obj.x0[ow.one])
+        np.maximum.at(hi, ow.w0[ow.one], (ow.last + obj.run)[ow.one])
+        w0_l = ow.w0.tolist()
+    for lane, lr in klanes:
+        lw = wins.of(lr)
+        # Rows across windows are cut into one sub-row per window (the dense jobs' arithmetic, at once).
+        placed, win = lr.cut_at(lw, first_win, rs, limit)
+        if len(win):
+            last = placed.x0 + (placed.n - 1) * placed.s
+            np.minimum.at(lo, win, placed.x0)
+            np.maximum.at(hi, win, last + placed.run)
+            order = np.argsort(win, kind="stable")
+            ws = win[order]
+            cuts = (np.flatnonzero(np.diff(ws)) + 1).tolist()
+            for a, b in zip([0, *cuts], [*cuts, len(order)]):
+                parts[int(ws[a])].append((lane, placed.block(order[a:b], span)))
+        for k in np.flatnonzero(lw.out).tolist():  # runs in several merged regions: run by run
+            x = row_grid(lr.x0[k : k + 1], lr.n[k : k + 1], lr.s[k : k + 1])
             m = np.searchsorted(rs, x, "right") - 1
             win = first_win[m] + (x - rs[m]) // limit
             np.minimum.at(lo, win, x)
-            np.maximum.at(hi, win, x + r.run)
-            _cut_blocks(j, r, win, parts)
-        used = np.flatnonzero(hi >= 0).tolist()
-        yield [(key, int(lo[w]), int(hi[w])) for w in used], [parts[w] for w in used]
+            np.maximum.at(hi, win, x + int(lr.run[k]))
+            edges = np.flatnonzero(np.diff(win)) + 1
+            for a, b in zip([0, *edges.tolist()], [*edges.tolist(), len(win)]):
+                parts[int(win[a])].append((lane, lr.cut(k, a, b, span)))
+    k = -1
+    for j, r, x in sparse:
+        if x is None:  # a row of runs
+            k += 1
+            if ow.one[k]:
+                parts[w0_l[k]].append((j, r))
+                continue
+            if ow.cut[k]:
+                continue
+            x = _grid(r.src, r.outer, r.src_strides) + int(obj.base[k])
+        m = np.searchsorted(rs, x, "right") - 1
+        win = first_win[m] + (x - rs[m]) // limit
+        np.minimum.at(lo, win, x)
+        np.maximum.at(hi, win, x + r.run)
+        _cut_blocks(j, r, win, parts)
+    used = np.flatnonzero(hi >= 0)
+    kid = lo[used] // span if span else np.zeros(len(used), np.int64)
+    bounds = (np.flatnonzero(np.diff(kid)) + 1).tolist()
+    used_l, kid_l = used.tolist(), kid.tolist()
+    lo_u, hi_u = (lo[used] - kid * span).tolist(), (hi[used] - kid * span).tolist()
+    for a, b in zip([0, *bounds], [*bounds, len(used_l)]):
+        key = names[kid_l[a]]
+        yield [(key, lo_u[i], hi_u[i]) for i in range(a, b)], [parts[used_l[i]] for i in range(a, b)]
+
+
+def _fused_runs(x0: np.ndarray, n: np.ndarray, s: np.ndarray, run: np.ndarray, base: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The runs of rows (starts, lengths, chunk ids) for merging, with rows of the same chunk, count and stride
+    that sit side by side in the file (one starting where the other's first run ends) fused into one row: the
+    union of their bytes is the same, in fewer runs. A fused row whose runs touch each other is one interval.
+
+    Example (two column bands of the same 3 rows of 10 bytes, then an unrelated row):
+        >>> st, ln, ch = _fused_runs(np.array([0, 4, 100]), np.array([3, 3, 2]), np.array([10, 10, 8]),
+        ...                          np.array([4, 6, 2]), np.array([0, 0, 100]))
+        >>> st.tolist(), ln.tolist(), ch.tolist()
+        ([0, 100, 108], [30, 2, 2], [0, 100, 100])
+    """
+    if len(x0) > 1:
+        order = np.lexsort((x0, s, n, base))
+        x0, n, s, run, base = x0[order], n[order], s[order], run[order], base[order]
+        new = np.ones(len(x0), bool)
+        new[1:] = (base[1:] != base[:-1]) | (n[1:] != n[:-1]) | (s[1:] != s[:-1]) | (x0[1:] != x0[:-1] + run[:-1])
+        first = np.flatnonzero(new)
+        x0, n, s, base = x0[first], n[first], s[first], base[first]
+        run = np.add.reduceat(run, first)
+    whole = run == s  # rows of touching runs: one interval
+    return (np.concatenate((x0[whole], row_grid(x0[~whole], n[~whole], s[~whole]))),
+            np.concatenate(((n * s)[whole], np.repeat(run[~whole], n[~whole]))),
+            np.concatenate((base[whole], np.repeat(base[~whole], n[~whole]))))
 
 
 @dataclass
 class _Rows:
-    """Rows of runs as arrays (file offsets absolute); for lanes also destinations, slots and tensors."""
+    """Rows of runs as arrays (file offsets; shifted by ``kid * span`` in a pass over several files); for lanes
+    also destinations, slots, tensors and file ids ``kid``."""
 
     x0: np.ndarray
     n: np.ndarray
@@ -597,18 +650,28 @@ class _Rows:
     ds: np.ndarray | None = None
     slot: np.ndarray | None = None
     tensor: np.ndarray | None = None
+    kid: np.ndarray | None = None
+
+    _FIELDS = ("x0", "n", "s", "run", "base", "dst", "ds", "slot", "tensor", "kid")
 
     @classmethod
-    def of(cls, lane: Lane) -> _Rows:
-        return cls(lane.x0, lane.n, lane.s, lane.run, lane.base, lane.dst, lane.ds, lane.slot, lane.tensor)
+    def of(cls, lane: Lane, kid: np.ndarray) -> _Rows:
+        return cls(lane.x0, lane.n, lane.s, lane.run, lane.base, lane.dst, lane.ds, lane.slot, lane.tensor, kid)
 
-    def block(self, rows: np.ndarray) -> RowBlock:
-        return RowBlock(self.x0[rows], self.n[rows], self.s[rows], self.run[rows], self.dst[rows], self.ds[rows],
-                        self.slot[rows], self.tensor[rows])
+    def shifted(self, span: int) -> _Rows:
+        """File offsets shifted by ``kid * span``."""
+        if not span:
+            return self
+        shift = self.kid * span
+        return dataclasses.replace(self, x0=self.x0 + shift, base=self.base + shift)
 
     def take(self, rows: np.ndarray) -> _Rows:
-        return _Rows(*(None if a is None else a[rows] for a in (self.x0, self.n, self.s, self.run, self.base, self.dst,
-                                                                  self.ds, self.slot, self.tensor)))
+        return _Rows(*(getattr(self, f)[rows] for f in self._FIELDS))
+
+    def block(self, rows: np.ndarray, span: int) -> RowBlock:
+        """Rows ``rows`` as a part of a request (file offsets unshifted)."""
+        return RowBlock(self.x0[rows] - self.kid[rows] * span, self.n[rows], self.s[rows], self.run[rows],
+                        self.dst[rows], self.ds[rows], self.slot[rows], self.tensor[rows])
 
     def cut_at(self, lw: Any, first_win: np.ndarray, rs: np.ndarray, limit: int) -> tuple[_Rows, np.ndarray]:
         """The rows that lie in one merged region (``lw``: :meth:`_Windows.of`), each cut into one sub-row per
@@ -636,16 +699,14 @@ class _Rows:
         sub.dst = sub.dst + k0 * sub.ds
         sub.n = k1 - k0
         both = self.take(one)
-        cat = np.concatenate
-        return (_Rows(*(cat((a, b)) for a, b in zip(
-            (both.x0, both.n, both.s, both.run, both.base, both.dst, both.ds, both.slot, both.tensor),
-            (sub.x0, sub.n, sub.s, sub.run, sub.base, sub.dst, sub.ds, sub.slot, sub.tensor)))),
-            cat((lw.w0[one], w)))
+        return (_Rows(*(np.concatenate((getattr(both, f), getattr(sub, f))) for f in self._FIELDS)),
+                np.concatenate((lw.w0[one], w)))
 
-    def cut(self, row: int, k0: int, k1: int) -> RowBlock:
-        """Runs ``k0 .. k1 - 1`` of row ``row``."""
+    def cut(self, row: int, k0: int, k1: int, span: int) -> RowBlock:
+        """Runs ``k0 .. k1 - 1`` of row ``row`` (file offsets unshifted)."""
         s, ds = int(self.s[row]), int(self.ds[row])
-        return RowBlock(np.array([int(self.x0[row]) + k0 * s]), np.array([k1 - k0]), self.s[row : row + 1],
+        x0 = int(self.x0[row]) - int(self.kid[row]) * span
+        return RowBlock(np.array([x0 + k0 * s]), np.array([k1 - k0]), self.s[row : row + 1],
                         self.run[row : row + 1], np.array([int(self.dst[row]) + k0 * ds]), self.ds[row : row + 1],
                         self.slot[row : row + 1], self.tensor[row : row + 1])
 
@@ -674,7 +735,7 @@ def _split_long_rows(r: _Rows, limit: int) -> _Rows:
     cat = np.concatenate
     return _Rows(cat((r.x0[keep], x0)), cat((r.n[keep], one)), cat((r.s[keep], zero)), cat((r.run[keep], run)),
                  cat((r.base[keep], r.base[row])), cat((r.dst[keep], dst)), cat((r.ds[keep], zero)),
-                 cat((r.slot[keep], r.slot[row])), cat((r.tensor[keep], r.tensor[row])))
+                 cat((r.slot[keep], r.slot[row])), cat((r.tensor[keep], r.tensor[row])), cat((r.kid[keep], r.kid[row])))
 
 
 @dataclass

@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 import jax
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import jreshard
 import jreshard.catalog as catalog
@@ -104,8 +103,8 @@ def rows_in_a_file(draw):
             rows.append((base + src, n, width if n > 1 else 0, run, dst, ds if n > 1 else 0, base))
         base += nrows * width
     a = np.array(rows, np.int64).T
-    lane = Lane("f", ["t"], a[0], a[1], a[2], a[3], a[4], a[5], a[6], np.zeros(len(rows), np.int64),
-                np.zeros(len(rows), np.int64))
+    zeros = np.zeros(len(rows), np.int64)
+    lane = Lane(["f"], ["t"], a[0], a[1], a[2], a[3], a[4], a[5], a[6], zeros, zeros, zeros)
     return jobs, lane
 
 
