@@ -74,6 +74,7 @@ class Lane:
     tensor: np.ndarray
     kid: np.ndarray
     dests: list[np.ndarray] | None = field(default=None, repr=False)
+    whole: Lane | None = field(default=None, repr=False)  # the lane these rows were taken from (its buffers)
 
     @property
     def name(self) -> str:
@@ -85,7 +86,8 @@ class Lane:
     def only(self, key: str) -> Lane:
         """The rows in file ``key`` (sharing this lane's buffers once bound)."""
         rows = self.kid == (self.keys.index(key) if key in self.keys else -1)
-        return _Subset(self, rows)
+        return Lane(self.keys, self.names, *(getattr(self, f)[rows] for f in (
+            "x0", "n", "s", "run", "dst", "ds", "base", "slot", "tensor", "kid")), whole=self.whole or self)
 
 
 @dataclass(eq=False)
@@ -232,21 +234,3 @@ def lanes_of(blocks: list[RegionBlock], located: dict[tuple[str, int], Any]
         return [], rest
     key, x0, n, s, run, dst, ds, base, slot, tensor = (np.concatenate(c) for c in zip(*parts))
     return [Lane(list(keys), names, x0, n, s, run, dst, ds, base, slot, tensor, key)], rest
-
-
-class _Subset(Lane):
-    """Some rows of a lane, for the file-by-file pass of :func:`jreshard.read._file_requests`; its buffers are
-    those bound to the whole lane."""
-
-    def __init__(self, whole: Lane, rows: np.ndarray) -> None:
-        self._whole = whole
-        super().__init__(whole.keys, whole.names, *(getattr(whole, f)[rows] for f in (
-            "x0", "n", "s", "run", "dst", "ds", "base", "slot", "tensor", "kid")))
-
-    @property  # type: ignore[override]
-    def dests(self) -> list[np.ndarray] | None:
-        return self._whole.dests
-
-    @dests.setter
-    def dests(self, value: Any) -> None:
-        pass

@@ -458,7 +458,10 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
             top = max(top, j.locator.base + r.src_span[1])
     lane_rows: list[tuple[Lane, _Rows]] = []
     for lane in lanes:
-        kid = np.array([keys.setdefault(k, len(keys)) for k in lane.keys], np.int64)[lane.kid]
+        ids = np.zeros(len(lane.keys), np.int64)
+        for k in np.unique(lane.kid).tolist():  # the files it has rows in
+            ids[k] = keys.setdefault(lane.keys[k], len(keys))
+        kid = ids[lane.kid]
         lr = _split_long_rows(_Rows.of(lane, kid), limit)
         lane_rows.append((lane, lr))
         if len(lr.x0):
@@ -494,7 +497,7 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
     obj = _Rows(*np.array(rows, np.int64).reshape(-1, 5).T)
     # Lane rows (shifted like the jobs): dense ones are one interval each, like dense jobs; the others go run by
     # run, like ``rows``.
-    klanes = [(lane, lr.shifted(span)) for lane, lr in lane_rows]
+    klanes = [(lane.whole or lane, lr.shifted(span)) for lane, lr in lane_rows]  # parts name the bound lane
     ldense = [(lr.n == 1) | ((lr.run <= lr.s)
                              & (lr.s <= lr.run + np.maximum(gap, np.minimum(chunk_gap, lr.run // WASTE))))
               for _, lr in klanes]
@@ -518,13 +521,27 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
                  + [lr.base[d] for (_, lr), d in zip(klanes, ldense)]
                  + [np.full(len(x), int(x[0]) - r.src, np.int64) for _, r, x in sparse if x is not None])
     order = np.argsort(starts, kind="stable")
-    useful = (sum(n * r.run for _, r, _, n, _ in dense) + int((obj.n * obj.run).sum())
-              + sum(int((lr.n * lr.run).sum()) for _, lr in klanes)
-              + sum(len(x) * r.run for _, r, x in sparse if x is not None))
-    bridged = (sum((n - 1) * (s - r.run) for _, r, _, n, s in dense if s - r.run > gap)
-               + sum(int(np.where(d & (lr.s - lr.run > gap), (lr.n - 1) * (lr.s - lr.run), 0).sum())
-                     for (_, lr), d in zip(klanes, ldense)))
-    rs, re = _merge(starts[order], lengths[order], chunks[order], gap, chunk_gap, max(0, useful // WASTE - bridged))
+    # Per file: the bytes needed, and those read through the gaps of dense rows; larger gaps may then be read
+    # through while they total at most 1/WASTE of the bytes needed, less those.
+    nk = max(1, len(keys))
+    kid_of = (lambda x: x // span) if span else (lambda x: x * 0)
+    useful = np.zeros(nk, np.int64)
+    bridged = np.zeros(nk, np.int64)
+    for _, r, x0, n, s in dense:
+        k = x0 // span if span else 0
+        useful[k] += n * r.run
+        if s - r.run > gap:
+            bridged[k] += (n - 1) * (s - r.run)
+    for _, r, x in sparse:
+        if x is not None:
+            useful[int(x[0]) // span if span else 0] += len(x) * r.run
+    np.add.at(useful, kid_of(obj.x0), obj.n * obj.run)
+    for (_, lr), d in zip(klanes, ldense):
+        np.add.at(useful, kid_of(lr.x0), lr.n * lr.run)
+        np.add.at(bridged, kid_of(lr.x0), np.where(d & (lr.s - lr.run > gap), (lr.n - 1) * (lr.s - lr.run), 0))
+    budget = np.maximum(0, useful // WASTE - bridged)
+    rs, re = _merge(starts[order], lengths[order], chunks[order], gap, chunk_gap,
+                    budget if span else int(budget[0]), span)
     # Each merged region is cut into windows of ``limit`` bytes; a run belongs to the window of its start.
     nwin = (re - rs - 1) // max(1, limit) + 1
     first_win = np.cumsum(nwin) - nwin
@@ -764,10 +781,12 @@ class _Windows:
 
 
 def _merge(starts: np.ndarray, lengths: np.ndarray, chunks: np.ndarray, gap: int, chunk_gap: int,
-           budget: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+           budget: int | np.ndarray | None = None, span: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Merge byte runs (sorted by start) into reads: gaps of at most ``gap`` are bridged; larger
     gaps of at most ``chunk_gap`` between runs of the same chunk (same ``chunks`` value) too, smallest first,
     while those total at most ``budget`` bytes (None: no limit). Returns the (starts, stops) of the merged reads.
+    With ``span``, the runs are of several files (file k's offsets shifted by ``k * span``) and ``budget`` is an
+    array: file k's gaps are bridged within ``budget[k]``, smallest first, exactly as for that file alone.
 
     Example (gaps of 2, 6 and 4 bytes; gaps up to 3 always, a budget of 4 for the others: 2 and 4 bridged):
         >>> s, e = _merge(np.array([0, 12, 28, 42]), np.array([10, 10, 10, 10]), np.zeros(4, np.int64), 3, 16, 4)
@@ -784,7 +803,17 @@ def _merge(starts: np.ndarray, lengths: np.ndarray, chunks: np.ndarray, gap: int
         # Overlapping runs and gaps up to ``gap`` always join; larger gaps join smallest first within the
         # budget, so that they add at most 1/WASTE to the bytes needed.
         cand = np.flatnonzero(join & (gaps > gap))
-        if len(cand):
+        if len(cand) and span:
+            file = starts[1:][cand] // span
+            order = np.lexsort((gaps[cand], file))  # by file, then gap (stable)
+            order, file = cand[order], file[order]
+            used = np.cumsum(gaps[order])
+            first = np.flatnonzero(np.concatenate(([True], file[1:] != file[:-1])))
+            before = np.repeat(used[first] - gaps[order][first], np.diff(np.concatenate((first, [len(order)]))))
+            allowed = order[used - before <= np.asarray(budget)[file]]
+            join[cand] = False
+            join[allowed] = True
+        elif len(cand):
             order = cand[np.argsort(gaps[cand], kind="stable")]
             allowed = order[np.cumsum(gaps[order]) <= budget]
             join[cand] = False
