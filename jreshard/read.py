@@ -593,15 +593,6 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
             cuts = (np.flatnonzero(np.diff(ws)) + 1).tolist()
             for a, b in zip([0, *cuts], [*cuts, len(order)]):
                 parts[int(ws[a])].append((lane, placed.block(order[a:b], span)))
-        for k in np.flatnonzero(lw.out).tolist():  # runs in several merged regions: run by run
-            x = row_grid(lr.x0[k : k + 1], lr.n[k : k + 1], lr.s[k : k + 1])
-            m = np.searchsorted(rs, x, "right") - 1
-            win = first_win[m] + (x - rs[m]) // limit
-            np.minimum.at(lo, win, x)
-            np.maximum.at(hi, win, x + int(lr.run[k]))
-            edges = np.flatnonzero(np.diff(win)) + 1
-            for a, b in zip([0, *edges.tolist()], [*edges.tolist(), len(win)]):
-                parts[int(win[a])].append((lane, lr.cut(k, a, b, span)))
     k = -1
     for j, r, x in sparse:
         if x is None:  # a row of runs
@@ -691,11 +682,13 @@ class _Rows:
                         self.dst[rows], self.ds[rows], self.slot[rows], self.tensor[rows])
 
     def cut_at(self, lw: Any, first_win: np.ndarray, rs: np.ndarray, limit: int) -> tuple[_Rows, np.ndarray]:
-        """The rows that lie in one merged region (``lw``: :meth:`_Windows.of`), each cut into one sub-row per
-        window it reaches (runs belong to the window of their start), and the window of each sub-row."""
-        one, cut = np.flatnonzero(lw.one), np.flatnonzero(lw.cut)
-        if not len(cut):
+        """The rows (``lw``: :meth:`_Windows.of`) cut into one sub-row per window their runs reach (a run belongs
+        to the window of its start), and the window of each sub-row: arithmetic for rows inside one merged
+        region, run by run (arrays) for the others."""
+        one, cut, out = np.flatnonzero(lw.one), np.flatnonzero(lw.cut), np.flatnonzero(lw.out)
+        if not len(cut) and not len(out):
             return self.take(one), lw.w0[one]
+        sub_o, win_o = self._runs_in_windows(out, first_win, rs, limit)
         m = lw.m[cut]
         r0, f = rs[m], first_win[m]
         x0, n, s = self.x0[cut], self.n[cut], self.s[cut]
@@ -716,16 +709,27 @@ class _Rows:
         sub.dst = sub.dst + k0 * sub.ds
         sub.n = k1 - k0
         both = self.take(one)
-        return (_Rows(*(np.concatenate((getattr(both, f), getattr(sub, f))) for f in self._FIELDS)),
-                np.concatenate((lw.w0[one], w)))
+        return (_Rows(*(np.concatenate((getattr(both, f), getattr(sub, f), getattr(sub_o, f)))
+                        for f in self._FIELDS)), np.concatenate((lw.w0[one], w, win_o)))
 
-    def cut(self, row: int, k0: int, k1: int, span: int) -> RowBlock:
-        """Runs ``k0 .. k1 - 1`` of row ``row`` (file offsets unshifted)."""
-        s, ds = int(self.s[row]), int(self.ds[row])
-        x0 = int(self.x0[row]) - int(self.kid[row]) * span
-        return RowBlock(np.array([x0 + k0 * s]), np.array([k1 - k0]), self.s[row : row + 1],
-                        self.run[row : row + 1], np.array([int(self.dst[row]) + k0 * ds]), self.ds[row : row + 1],
-                        self.slot[row : row + 1], self.tensor[row : row + 1])
+    def _runs_in_windows(self, rows: np.ndarray, first_win: np.ndarray, rs: np.ndarray, limit: int
+                         ) -> tuple[_Rows, np.ndarray]:
+        """Rows ``rows`` (whose runs lie in several merged regions) cut where the window of their runs changes:
+        the sub-rows, and the window of each."""
+        n = self.n[rows]
+        x = row_grid(self.x0[rows], n, self.s[rows])
+        which = np.repeat(np.arange(len(rows)), n)
+        k = np.arange(len(x)) - np.repeat(np.cumsum(n) - n, n)
+        m = np.searchsorted(rs, x, "right") - 1
+        win = first_win[m] + (x - rs[m]) // limit
+        new = np.ones(len(x), bool)
+        new[1:] = (which[1:] != which[:-1]) | (win[1:] != win[:-1])
+        first = np.flatnonzero(new)
+        sub = self.take(rows[which[first]])
+        sub.x0 = x[first]
+        sub.dst = sub.dst + k[first] * sub.ds
+        sub.n = np.diff(np.concatenate((first, [len(x)])))
+        return sub, win[first]
 
 
 def _split_long_rows(r: _Rows, limit: int) -> _Rows:
