@@ -425,7 +425,7 @@ def build(ckpt: Any, targets: Sequence[Target | None], *, limit: int, io_executo
         pp = ProcessPlan(pid)
         batches = []
         for in_parts, batch in _batches(items, limit, pack):
-            b = _plan_batch(ckpt, in_parts, batch, limit, io_executor, pp)
+            b = _plan_batch(ckpt, in_parts, batch, limit, io_executor, pp, feeds=pid == keep)
             if pid == keep:
                 batches.append(b)
         for _, t, piece, _ in items:
@@ -448,17 +448,18 @@ def target_processes(targets: Sequence[Target | None]) -> list[int]:
     return sorted(out)
 
 
-def _plan_batch(ckpt: Any, in_parts: bool, items: list, limit: int, executor: Executor, pp: ProcessPlan) -> Batch:
+def _plan_batch(ckpt: Any, in_parts: bool, items: list, limit: int, executor: Executor, pp: ProcessPlan,
+                feeds: bool = True) -> Batch:
     group = [(t, piece) for _, t, piece, _ in items]
     if not in_parts:
-        return Batch(False, [_unit_of(ckpt, group, None, executor, pp)])
+        return Batch(False, [_unit_of(ckpt, group, None, executor, pp, feeds)])
     elem = items[0][3]
     parts = _parts(tuple((0, n) for n in items[0][2].shape), elem, max(elem, limit // len(group)))
-    return Batch(True, [_unit_of(ckpt, group, rel, executor, pp) for rel in parts], group)
+    return Batch(True, [_unit_of(ckpt, group, rel, executor, pp, feeds) for rel in parts], group)
 
 
 def _unit_of(ckpt: Any, group: list[tuple[Target, Piece]], rel: Box | None, executor: Executor,
-             pp: ProcessPlan) -> Unit:
+             pp: ProcessPlan, feeds: bool = True) -> Unit:
     """The unit reading the pieces of ``group`` whole (``rel`` None), or their part ``rel`` (relative box)."""
     steps, regions, slot = [], [], 0
     for t, piece in group:
@@ -467,7 +468,7 @@ def _unit_of(ckpt: Any, group: list[tuple[Target, Piece]], rel: Box | None, exec
         slot += 1 + len(step.temps)
         steps.append(step)
         regions.append(regs)
-    unit = plan_unit(ckpt, steps, regions, executor, pp)
+    unit = plan_unit(ckpt, steps, regions, executor, pp, feeds)
     unit.rel = rel
     return unit
 
@@ -485,7 +486,10 @@ def _region_bytes(r: Region | RegionBlock) -> int:
     return r.nbytes if type(r) is RegionBlock else math.prod(r.overlap.size) * r.info.dtype.itemsize
 
 
-def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executor: Executor, pp: ProcessPlan) -> Unit:
+def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executor: Executor, pp: ProcessPlan,
+              feeds: bool = True) -> Unit:
+    """The unit that fills ``steps`` from their ``regions``, its reads counted into ``pp``. ``feeds`` False: a
+    unit only counted (another process's), whose requests are made without what each feeds (never run)."""
     flat = [r for regs in regions for r in regs if type(r) is Region]
     blocks = []
     for b in (r for regs in regions for r in regs if type(r) is RegionBlock):
@@ -523,7 +527,7 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
     for b, rows in rest:
         flat.extend(_regions_of(b, rows))
     jobs, deferred = jobs_of(flat, located)
-    prepared = executor.prepare(jobs, lanes)
+    prepared = executor.prepare(jobs, lanes, feeds=feeds)
     total = 0
     for step, regs in zip(steps, regions):
         nbytes = sum(_region_bytes(r) for r in regs)

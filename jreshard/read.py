@@ -200,8 +200,9 @@ class Executor:
         self.threads = threads or min(8, max(2, 2 * (os.cpu_count() or 1)))
         self._local = _LOCAL
 
-    def prepare(self, jobs: Sequence[CopyJob], lanes: Sequence[Lane] = ()) -> Prepared:
-        """The reads that serve ``jobs`` and ``lanes`` (no I/O): what :meth:`execute` then issues, exactly."""
+    def prepare(self, jobs: Sequence[CopyJob], lanes: Sequence[Lane] = (), feeds: bool = True) -> Prepared:
+        """The reads that serve ``jobs`` and ``lanes`` (no I/O): what :meth:`execute` then issues, exactly.
+        ``feeds`` False: the requests only, each feeding None (for counting; such a Prepared cannot run)."""
         memory = [j for j in jobs if j.locator.data is not None]
         staged = [j for j in jobs if j.locator.data is None and j.runs is None]
         direct = [j for j in jobs if j.locator.data is None and j.runs is not None and j.runs.count]
@@ -210,9 +211,10 @@ class Executor:
         if not direct and not lanes:
             groups: list[tuple[list[tuple[str, int, int]], list[Feeds]]] = []
         elif self.posix:
-            groups = list(_file_requests(direct, self.gap, BOUNCE, chunk_gap=max(self.gap, LOCAL_GAP), lanes=lanes))
+            groups = list(_file_requests(direct, self.gap, BOUNCE, chunk_gap=max(self.gap, LOCAL_GAP), lanes=lanes,
+                                         feeds=feeds))
         else:
-            groups = [_requests(direct, self.gap, MAX_REQUEST, lanes=lanes)]
+            groups = [_requests(direct, self.gap, MAX_REQUEST, lanes=lanes, feeds=feeds)]
         return Prepared(list(jobs), memory, staged, staged_requests, groups)
 
     def run(self, jobs: Sequence[CopyJob], pool: ThreadPoolExecutor) -> None:
@@ -418,21 +420,22 @@ class Prepared:
 
 
 def _requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int | None = None,
-              lanes: Sequence[Lane] = ()) -> tuple[list[tuple[str, int, int]], list[Feeds]]:
+              lanes: Sequence[Lane] = (), feeds: bool = True) -> tuple[list[tuple[str, int, int]], list[Feeds]]:
     """The requests of all files (:func:`_file_requests`) at once."""
     requests: list[tuple[str, int, int]] = []
-    feeds: list[Feeds] = []
-    for r, f in _file_requests(jobs, gap, limit, chunk_gap, lanes):
+    fed: list[Feeds] = []
+    for r, f in _file_requests(jobs, gap, limit, chunk_gap, lanes, feeds):
         requests.extend(r)
-        feeds.extend(f)
-    return requests, feeds
+        fed.extend(f)
+    return requests, fed
 
 
 _SPAN = 1 << 40  # file offsets below this are merged for all files at once (file k's offsets shifted by k * _SPAN)
 
 
 def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int | None = None,
-                   lanes: Sequence[Lane] = ()) -> Iterator[tuple[list[tuple[str, int, int]], list[Feeds]]]:
+                   lanes: Sequence[Lane] = (), feeds: bool = True
+                   ) -> Iterator[tuple[list[tuple[str, int, int]], list[Feeds]]]:
     """The reads that serve ``jobs`` and the rows of ``lanes``: per file, all runs sorted, merged where the gap
     between them is at most ``gap`` (``chunk_gap``, default ``gap``, between runs of the same chunk), and cut
     into requests near ``limit`` bytes (a run belongs to the request where it starts; each request reads from
@@ -444,7 +447,8 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
     piece needing a part of every row of a chunk) is merged as one interval and cut arithmetically; the other
     rows are merged run by run, all at once (array arithmetic); only jobs of other shapes go run by run in
     Python. All files are merged in one pass, file k's offsets shifted by ``k * _SPAN`` (gaps between files
-    are never bridged); files with offsets beyond that go one by one.
+    are never bridged); files with offsets beyond that go one by one. ``feeds`` False: only the requests (each
+    feeds None), for a plan that is counted, not run.
     """
     if chunk_gap is None:
         chunk_gap = gap
@@ -470,7 +474,7 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
         if len(keys) > 1:
             for key in keys:
                 yield from _file_requests([j for j in jobs if j.locator.key == key], gap, limit, chunk_gap,
-                                          [lane.only(key) for lane in lanes])
+                                          [lane.only(key) for lane in lanes], feeds)
             return
     span = _SPAN if len(keys) > 1 else 0
     names = list(keys)
@@ -571,9 +575,10 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
                 a, b = x0 + k0 * s, x0 + (k1 - 1) * s + r.run
                 lo_l[w] = min(lo_l[w], a)
                 hi_l[w] = max(hi_l[w], b)
-                part = r if not r.outer else Runs(r.src + k0 * s, r.src_strides, r.dst + k0 * r.dst_strides[0],
-                                                  r.dst_strides, (k1 - k0,), r.run, r.step, r.item)
-                parts[w].append((j, part))
+                if feeds:
+                    part = r if not r.outer else Runs(r.src + k0 * s, r.src_strides, r.dst + k0 * r.dst_strides[0],
+                                                      r.dst_strides, (k1 - k0,), r.run, r.step, r.item)
+                    parts[w].append((j, part))
                 k0 = k1
     lo, hi = np.array(lo_l, np.int64), np.array(hi_l, np.int64)
     if len(obj.x0):
@@ -588,6 +593,8 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
             last = placed.x0 + (placed.n - 1) * placed.s
             np.minimum.at(lo, win, placed.x0)
             np.maximum.at(hi, win, last + placed.run)
+            if not feeds:
+                continue
             order = np.argsort(win, kind="stable")
             ws = win[order]
             cuts = (np.flatnonzero(np.diff(ws)) + 1).tolist()
@@ -598,7 +605,8 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
         if x is None:  # a row of runs
             k += 1
             if ow.one[k]:
-                parts[w0_l[k]].append((j, r))
+                if feeds:
+                    parts[w0_l[k]].append((j, r))
                 continue
             if ow.cut[k]:
                 continue
@@ -607,7 +615,8 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
         win = first_win[m] + (x - rs[m]) // limit
         np.minimum.at(lo, win, x)
         np.maximum.at(hi, win, x + r.run)
-        _cut_blocks(j, r, win, parts)
+        if feeds:
+            _cut_blocks(j, r, win, parts)
     used = np.flatnonzero(hi >= 0)
     kid = lo[used] // span if span else np.zeros(len(used), np.int64)
     bounds = (np.flatnonzero(np.diff(kid)) + 1).tolist()
@@ -615,7 +624,8 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
     lo_u, hi_u = (lo[used] - kid * span).tolist(), (hi[used] - kid * span).tolist()
     for a, b in zip([0, *bounds], [*bounds, len(used_l)]):
         key = names[kid_l[a]]
-        yield [(key, lo_u[i], hi_u[i]) for i in range(a, b)], [parts[used_l[i]] for i in range(a, b)]
+        yield ([(key, lo_u[i], hi_u[i]) for i in range(a, b)],
+               [parts[used_l[i]] for i in range(a, b)] if feeds else [None] * (b - a))
 
 
 def _fused_runs(x0: np.ndarray, n: np.ndarray, s: np.ndarray, run: np.ndarray, base: np.ndarray

@@ -140,6 +140,11 @@ def test_lane_requests_equal_copy_job_requests(case, gap, limit, chunk_gap):
     by_lane = _fed_bytes(_file_requests([], gap, limit, chunk_gap, lanes=[lane]))
     assert sorted(by_lane[0]) == sorted(by_jobs[0])  # the same requests
     assert by_lane[1] == by_jobs[1]  # feeding the same bytes to the same places
+    # Counted only (another process's plan): the same requests, feeding nothing.
+    for kw in ({}, {"lanes": [lane]}):
+        counted = list(_file_requests([] if kw else jobs, gap, limit, chunk_gap, feeds=False, **kw))
+        assert sorted(r for reqs, _ in counted for r in reqs) == sorted(by_jobs[0])
+        assert all(f is None for _, fs in counted for f in fs)
     # All files in one pass (offsets shifted per file) or file by file: the same requests and feeds.
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(read, "_SPAN", 64)  # every offset beyond it: file by file
