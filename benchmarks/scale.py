@@ -22,7 +22,11 @@ child's ``ru_maxrss``, and "+" the growth over its ``ru_maxrss`` after its impor
   open     ``jreshard.open(path)`` and ``len(ckpt.tensors)``;
   plan     ``jreshard.plan(ckpt, target)`` for one process with 8 CPU devices on a (2, 4) ('data', 'model') mesh:
            matrices ``P('data', 'model')``, vectors ``P('model')`` (timed after its own open);
-  load     layer 0's real tensors loaded onto that mesh (after an open) and compared with :func:`expected`.
+  load     layer 0's real tensors loaded onto that mesh (after an open) and compared with :func:`expected`;
+  host     one host's plan in a 256-process job, from a laptop: ``jreshard.plan(ckpt, target, process_index=137,
+           devices_per_process=8)`` over ``AbstractMesh((64, 32), ('data', 'model'))`` (2,048 devices; matrices
+           ``P('data', 'model')``, vectors ``P('model')``), timed after its own open;
+  mesh     the whole-mesh report of that job (``process_index="all"``: 256 processes planned one by one).
 
 Checkpoints are built once under ``--workdir`` (default /tmp/jreshard-scale, ``r{R}/``) and reused. R = 2,048
 runs only if the R = 1,024 open and plan peaks stayed under ``--max-peak-gib`` (default 6).
@@ -55,7 +59,8 @@ LAYERS, D, FFN, VOCAB, KV = 80, 8192, 28672, 128256, 8 * 128
 REAL = ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
         "model.layers.0.self_attn.v_proj.weight", "model.layers.0.input_layernorm.weight",
         "model.layers.0.post_attention_layernorm.weight", "model.norm.weight")
-MODES = ("torch", "open", "plan", "load")
+MODES = ("torch", "open", "plan", "load", "host", "mesh")
+POD = ((64, 32), ("data", "model"), 8, 137)  # the pod mesh of the host/mesh modes: 2,048 devices, 8 per process
 
 
 def llama70b() -> list[tuple[str, tuple[int, ...]]]:
@@ -225,6 +230,17 @@ def _peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _pod_target(ckpt: Any) -> dict:
+    import jax
+    from jax.sharding import AbstractMesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = AbstractMesh(*POD[:2])
+    return {name: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=NamedSharding(mesh, P("data", "model") if t.ndim == 2
+                                                                                 else P("model")))
+            for name, t in ckpt.tensors.items()}
+
+
 def _target(ckpt: Any, names: Any = None) -> dict:
     import jax
     import numpy as np
@@ -260,7 +276,7 @@ def child(mode: str, path: str) -> dict:
 
     import jreshard
 
-    if mode in ("plan", "load"):
+    if mode in ("plan", "load", "host", "mesh"):
         jax.devices()
     base = _peak()
     t0 = time.perf_counter()
@@ -277,6 +293,13 @@ def child(mode: str, path: str) -> dict:
         target = _target(ckpt)
         t0 = time.perf_counter()
         p = jreshard.plan(ckpt, target)
+        out.update(s=time.perf_counter() - t0, peak=_peak(), num_reads=p.num_reads, bytes_needed=p.bytes_needed,
+                   bytes_to_read=p.bytes_to_read, processes=len(p.processes))
+        return out
+    if mode in ("host", "mesh"):
+        target = _pod_target(ckpt)
+        t0 = time.perf_counter()
+        p = jreshard.plan(ckpt, target, process_index=POD[3] if mode == "host" else "all", devices_per_process=POD[2])
         out.update(s=time.perf_counter() - t0, peak=_peak(), num_reads=p.num_reads, bytes_needed=p.bytes_needed,
                    bytes_to_read=p.bytes_to_read, processes=len(p.processes))
         return out
@@ -346,6 +369,14 @@ def table(rows: list[dict]) -> str:
         out.append(f"| {row['ranks']:,} | {row['chunks']:,} | {row['metadata_bytes'] / 2**20:.1f} | {_fmt_s(t)} | "
                    f"{_fmt_peak(t)} | {_fmt_s(o)} | {_fmt_peak(o)} | {_ratio(o, t)} | {peak_ratio} | {_fmt_s(p)} | "
                    f"{_fmt_peak(p)} | {plan_open} | {check} |")
+    out.append("\n| R | one host's plan (process 137 of 256) s | peak GiB | host / open | whole-mesh report (256 "
+               "processes) s | peak GiB | reads (all processes) |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        h, m = row.get("host", {"skipped": "not run"}), row.get("mesh", {"skipped": "not run"})
+        host_open = "-" if "skipped" in h else f"{h['s'] / h['open_s']:.2f}"
+        reads = "-" if "skipped" in m else f"{m['num_reads']:,}"
+        out.append(f"| {row['ranks']:,} | {_fmt_s(h)} | {_fmt_peak(h)} | {host_open} | {_fmt_s(m)} | {_fmt_peak(m)} "
+                   f"| {reads} |")
     by = {row["ranks"]: row for row in rows}
     lo, hi = by.get(512), by.get(max(by)) if by else None
     if lo and hi and hi is not lo:
@@ -362,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-peak-gib", type=float, default=6.0,
                    help="run R=2048 only if R=1024's open and plan peaks stayed under this (default %(default)s)")
     p.add_argument("--only", action="append", choices=MODES, help="measure only this (repeatable)")
+    p.add_argument("--mesh-ranks", default="64,512", help="R at which the whole-mesh report runs (default %(default)s)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--child", nargs=2, metavar=("MODE", "PATH"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -391,8 +423,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"R={r}: {row['chunks']:,} chunks ({row['empty_chunks']} empty), .metadata "
               f"{row['metadata_bytes'] / 2**20:.1f} MiB, {row['apparent_gib']:.0f} GiB apparent, "
               f"{row['disk_gib']:.2f} GiB on disk", flush=True)
+        mesh_ranks = {int(x) for x in args.mesh_ranks.split(",") if x}
         for mode in MODES:
-            row[mode] = run_child(mode, path, args.timeout) if mode in modes else {"skipped": "not run"}
+            wanted = mode in modes and (mode != "mesh" or r in mesh_ranks)
+            row[mode] = run_child(mode, path, args.timeout) if wanted else {"skipped": "not run"}
             print(f"  {mode}: {json.dumps(row[mode])}", flush=True)
         rows.append(row)
         if args.json:
