@@ -151,3 +151,18 @@ def test_lane_requests_equal_copy_job_requests(case, gap, limit, chunk_gap):
         for made, alone in ((by_jobs, _fed_bytes(_file_requests(jobs, gap, limit, chunk_gap))),
                             (by_lane, _fed_bytes(_file_requests([], gap, limit, chunk_gap, lanes=[lane])))):
             assert sorted(alone[0]) == sorted(made[0]) and alone[1] == made[1]
+
+
+@pytest.mark.parametrize("variant", ["plain", "safetensors"])
+def test_read_through_lanes_equals_torch(checkpoints, lanes_always, variant):
+    ckpt = jreshard.open(checkpoints.dirs[variant])
+    refs = checkpoints.reference(variant)
+    # 2-d tensors whose chunks are located for sub-ranges (not read whole): their reads go through lanes
+    located = [n for n in checkpoints.names[variant]
+               if refs[n].ndim == 2 and all(c.whole_read_nbytes is None for c in ckpt.tensors[n].chunks)]
+    assert located
+    for name in located:
+        ref = refs[name]
+        rows, cols = ref.shape
+        for index in [np.s_[:, :], np.s_[1 : rows - 1, 3 : cols // 2], np.s_[rows // 3, :], np.s_[:, cols - 1]]:
+            np.testing.assert_array_equal(ckpt.read(name, index), ref[index], err_msg=f"{variant}:{name}[{index}]")
