@@ -76,10 +76,6 @@ class Lane:
     dests: list[np.ndarray] | None = field(default=None, repr=False)
     whole: Lane | None = field(default=None, repr=False)  # the lane these rows were taken from (its buffers)
 
-    @property
-    def name(self) -> str:
-        return self.names[0]
-
     def __len__(self) -> int:
         return len(self.x0)
 
@@ -111,10 +107,6 @@ class RowBlock:
         """Bytes fed per slot."""
         nb = self.n * self.run
         return {int(k): int(nb[self.slot == k].sum()) for k in np.unique(self.slot)}
-
-    def span(self) -> tuple[int, int]:
-        """[first, last) file bytes its runs touch."""
-        return int(self.x0.min()), int((self.x0 + (self.n - 1) * self.s + self.run).max())
 
 
 def row_grid(x0: np.ndarray, n: np.ndarray, s: np.ndarray) -> np.ndarray:
