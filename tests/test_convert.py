@@ -290,7 +290,11 @@ def test_cli_convert(checkpoints, tmp_path):
 def test_cli_ctrl_c_exits_130_and_removes_partial_output(checkpoints, tmp_path):
     dest = tmp_path / "interrupted"
     work = work_dir_of(dest)
-    proc = _start(["-m", "jreshard", "convert", str(checkpoints.dirs[VARIANT]), str(dest), "--max-inflight", "1KiB"])
+    # The jreshard command, each batch held 50 ms (a test hook): the Ctrl-C lands mid-conversion however fast the
+    # machine is, not after its last batch.
+    cli = ("import sys, time, jreshard.write_orbax as c; c._batch_hook = lambda info: time.sleep(0.05); "
+           "from jreshard.cli import main; sys.argv = ['jreshard', *sys.argv[1:]]; sys.exit(main())")
+    proc = _start(["-c", cli, "convert", str(checkpoints.dirs[VARIANT]), str(dest), "--max-inflight", "1KiB"])
     try:
         _wait_for_batches(proc, work, 2)
         proc.send_signal(signal.SIGINT)
