@@ -291,8 +291,10 @@ def test_cli_ctrl_c_exits_130_and_removes_partial_output(checkpoints, tmp_path):
     dest = tmp_path / "interrupted"
     work = work_dir_of(dest)
     # The jreshard command, each batch held 50 ms (a test hook): the Ctrl-C lands mid-conversion however fast the
-    # machine is, not after its last batch.
-    cli = ("import sys, time, jreshard.write_orbax as c; c._batch_hook = lambda info: time.sleep(0.05); "
+    # machine is, not after its last batch. Ctrl-C is handled as in a terminal even when the test runner was started
+    # with SIGINT ignored (a background job of a non-interactive shell), which its children would inherit.
+    cli = ("import signal, sys, time, jreshard.write_orbax as c; "
+           "signal.signal(signal.SIGINT, signal.default_int_handler); c._batch_hook = lambda info: time.sleep(0.05); "
            "from jreshard.cli import main; sys.argv = ['jreshard', *sys.argv[1:]]; sys.exit(main())")
     proc = _start(["-c", cli, "convert", str(checkpoints.dirs[VARIANT]), str(dest), "--max-inflight", "1KiB"])
     try:
