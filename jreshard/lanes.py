@@ -6,9 +6,9 @@ scale a plan has millions of overlaps. Most are the same kind of copy: a box of 
 runs* (``n`` runs of ``run`` bytes, ``s`` bytes apart in the file and ``ds`` bytes apart in the buffer; one run
 when the box is contiguous in both). :class:`RegionBlock` holds a leaf's overlaps with a tensor's chunks as
 arrays (from :func:`jreshard.catalog.chunk_overlap_arrays`), :func:`lanes_of` turns the blocks of a unit into
-one :class:`Lane` per file (rows as arrays, exactly the runs :func:`jreshard.planning.runs_of` gives for each
-overlap), and :func:`jreshard.read._file_requests` merges and cuts a lane's rows into requests with the same
-arithmetic as the other jobs'. A request feeds ``(lane, RowBlock)`` parts, read straight into the buffers
+one :class:`Lane` (:class:`Rows` of runs as arrays, exactly the runs :func:`jreshard.planning.runs_of` gives for
+each overlap), and :func:`jreshard.read._file_requests` merges and cuts a lane's rows into requests with the
+same arithmetic as the other jobs'. A request feeds ``(lane, Rows)`` parts, read straight into the buffers
 (:func:`block_iov`) or copied from a staged read (:func:`copy_block_from`).
 
 Overlaps that are not such rows (in-memory or compressed items, big-endian or strided storages, transposed
@@ -54,50 +54,38 @@ class RegionBlock:
         return int(self.size.prod(axis=1).sum()) * self.info.dtype.itemsize
 
 
-@dataclass(eq=False)
-class Lane:
-    """The rows of runs of one unit: row i copies ``n[i]`` runs of ``run[i]`` bytes from offsets
-    ``x0[i] + k * s[i]`` of file ``keys[kid[i]]`` to bytes ``dst[i] + k * ds[i]`` of the buffer of slot ``slot[i]``
-    (``dests``, bound while the unit runs). ``base[i]`` is the file offset of its chunk's storage (runs of one
-    chunk may be read through larger gaps), ``tensor[i]`` indexes ``names``."""
+@dataclass
+class Rows:
+    """Rows of runs as arrays: row i copies ``n[i]`` runs of ``run[i]`` bytes from file offsets ``x0[i] + k * s[i]``
+    to bytes ``dst[i] + k * ds[i]`` of the buffer of slot ``slot[i]``; ``base[i]`` is the file offset of its
+    chunk's storage (runs of one chunk may be read through larger gaps), ``tensor[i]`` indexes the lane's
+    ``names`` and ``kid[i]`` its file. A lane's rows, and what one request feeds of them, are Rows; the planner's
+    rows of copy jobs carry only the first five."""
 
-    keys: list[str]
-    names: list[str]
     x0: np.ndarray
     n: np.ndarray
     s: np.ndarray
     run: np.ndarray
-    dst: np.ndarray
-    ds: np.ndarray
     base: np.ndarray
-    slot: np.ndarray
-    tensor: np.ndarray
-    kid: np.ndarray
-    dests: list[np.ndarray] | None = field(default=None, repr=False)
-    whole: Lane | None = field(default=None, repr=False)  # the lane these rows were taken from (its buffers)
+    dst: np.ndarray | None = None
+    ds: np.ndarray | None = None
+    slot: np.ndarray | None = None
+    tensor: np.ndarray | None = None
+    kid: np.ndarray | None = None
+
+    FIELDS = ("x0", "n", "s", "run", "base", "dst", "ds", "slot", "tensor", "kid")
 
     def __len__(self) -> int:
         return len(self.x0)
 
-    def only(self, key: str) -> Lane:
-        """The rows in file ``key`` (sharing this lane's buffers once bound)."""
-        rows = self.kid == (self.keys.index(key) if key in self.keys else -1)
-        return Lane(self.keys, self.names, *(getattr(self, f)[rows] for f in (
-            "x0", "n", "s", "run", "dst", "ds", "base", "slot", "tensor", "kid")), whole=self.whole or self)
+    def take(self, rows: np.ndarray | slice) -> Rows:
+        """The rows ``rows`` (a mask, indices or a slice)."""
+        return Rows(*(None if getattr(self, f) is None else getattr(self, f)[rows] for f in self.FIELDS))
 
-
-@dataclass(eq=False)
-class RowBlock:
-    """Rows of a :class:`Lane` (or runs of one row) that one request feeds (file offsets absolute)."""
-
-    x0: np.ndarray
-    n: np.ndarray
-    s: np.ndarray
-    run: np.ndarray
-    dst: np.ndarray
-    ds: np.ndarray
-    slot: np.ndarray
-    tensor: np.ndarray
+    @staticmethod
+    def concat(parts: list[Rows]) -> Rows:
+        return Rows(*(None if getattr(parts[0], f) is None else np.concatenate([getattr(p, f) for p in parts])
+                      for f in Rows.FIELDS))
 
     @property
     def nbytes(self) -> int:
@@ -107,6 +95,27 @@ class RowBlock:
         """Bytes fed per slot."""
         nb = self.n * self.run
         return {int(k): int(nb[self.slot == k].sum()) for k in np.unique(self.slot)}
+
+
+@dataclass(eq=False)
+class Lane:
+    """The rows of runs of one unit (all files): ``rows``, whose file ids index ``keys`` and tensor ids ``names``;
+    ``dests``, the unit's slot buffers, bound while the unit runs; ``whole``, the lane these rows were taken
+    from (whose buffers are bound), for the rows of one file."""
+
+    keys: list[str]
+    names: list[str]
+    rows: Rows
+    dests: list[np.ndarray] | None = field(default=None, repr=False)
+    whole: Lane | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def only(self, key: str) -> Lane:
+        """The rows in file ``key`` (sharing this lane's buffers once bound)."""
+        mask = self.rows.kid == (self.keys.index(key) if key in self.keys else -1)
+        return Lane(self.keys, self.names, self.rows.take(mask), whole=self.whole or self)
 
 
 def row_grid(x0: np.ndarray, n: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -131,7 +140,7 @@ def _dest_bytes(lane: Lane) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     return flat, np.array([f.ctypes.data for f in flat], np.int64), np.array([len(f) for f in flat], np.int64)
 
 
-def block_iov(lane: Lane, blk: RowBlock) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def block_iov(lane: Lane, blk: Rows) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """File offsets, destination addresses and lengths of every run of ``blk``; None if a run would land
     outside its buffer (left to :func:`copy_block_from`, which reports it)."""
     _, addr, size = _dest_bytes(lane)
@@ -143,7 +152,7 @@ def block_iov(lane: Lane, blk: RowBlock) -> tuple[np.ndarray, np.ndarray, np.nda
     return src, dst, np.repeat(blk.run, blk.n)
 
 
-def copy_block_from(buf: np.ndarray, origin: int, lane: Lane, blk: RowBlock, where: str) -> None:
+def copy_block_from(buf: np.ndarray, origin: int, lane: Lane, blk: Rows, where: str) -> None:
     """Copy the runs of ``blk`` from ``buf`` (uint8, whose byte 0 is file byte ``origin``) into the buffers."""
     flat, _, _ = _dest_bytes(lane)
     for x0, n, s, run, dst, ds, slot, t in zip(*(a.tolist() for a in (blk.x0, blk.n, blk.s, blk.run, blk.dst,
@@ -170,7 +179,7 @@ def lanes_of(blocks: list[RegionBlock], located: dict[tuple[str, int], Any]
     in both too."""
     from .planning import c_strides
 
-    parts: list[tuple[np.ndarray, ...]] = []
+    parts: list[Rows] = []
     names: list[str] = []
     keys: dict[str, int] = {}
     rest: list[tuple[RegionBlock, np.ndarray]] = []
@@ -219,10 +228,9 @@ def lanes_of(blocks: list[RegionBlock], located: dict[tuple[str, int], Any]
         if not ok.all():
             rest.append((blk, ~ok))
         if ok.any():
-            parts.append((key_c[inv][ok], x0[ok], n[ok], s[ok], run[ok], (blk.dst0 * item)[ok], ds[ok],
-                          base_c[inv][ok], np.full(int(ok.sum()), blk.slot, np.int64),
-                          np.full(int(ok.sum()), t, np.int64)))
+            parts.append(Rows(x0[ok], n[ok], s[ok], run[ok], base_c[inv][ok], (blk.dst0 * item)[ok], ds[ok],
+                              np.full(int(ok.sum()), blk.slot, np.int64), np.full(int(ok.sum()), t, np.int64),
+                              key_c[inv][ok]))
     if not parts:
         return [], rest
-    key, x0, n, s, run, dst, ds, base, slot, tensor = (np.concatenate(c) for c in zip(*parts))
-    return [Lane(list(keys), names, x0, n, s, run, dst, ds, base, slot, tensor, key)], rest
+    return [Lane(list(keys), names, Rows.concat(parts))], rest

@@ -651,7 +651,7 @@ class Plan:
                     for (_, start, stop), feed in zip(requests, feeds):
                         weights: dict[str, int] = {}
                         for job, runs in feed:
-                            if hasattr(runs, "slot_bytes"):  # a lane's rows (jreshard.lanes.RowBlock)
+                            if hasattr(runs, "slot_bytes"):  # a lane's rows (jreshard.lanes.Rows)
                                 for slot, nb in runs.slot_bytes().items():
                                     weights[owner[slot]] = weights.get(owner[slot], 0) + nb
                             else:

@@ -119,7 +119,7 @@ class Unit:
     deferred: list[Region]
     nbytes: int = 0  # saved bytes its steps need
     rel: Box | None = None  # in-parts units: the part's box relative to each piece
-    lanes: list[Lane] = field(default_factory=list)  # rows of runs as arrays, one lane per file
+    lanes: list[Lane] = field(default_factory=list)  # rows of runs as arrays (one lane, all files)
 
 
 @dataclass(eq=False)

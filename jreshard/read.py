@@ -27,16 +27,16 @@ import math
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .catalog import Locator
 from .errors import JReshardError, StorageError, TruncatedDataError
+from .lanes import Lane, Rows, block_iov, copy_block_from, row_grid
 from .planning import Overlap, Runs, _grid, c_strides, element_span
-from .lanes import Lane, RowBlock, block_iov, copy_block_from, row_grid
 from .storage import LocalStore, Store
 
 BOUNCE = 4 * 2**20  # a local read is cut (between runs) near this size: a per-thread buffer that stays in cache
@@ -160,7 +160,7 @@ def _copy_runs_from(buf: np.ndarray, origin: int, job: CopyJob, runs: Runs | Non
 def _copy_part(buf: np.ndarray, start: int, j: Any, part: Any, key: str) -> None:
     """Copy what a request feeds ``(job, runs)`` or ``(lane, row block)`` from ``buf``, which holds the bytes of
     file ``key`` from ``start``."""
-    if type(part) is RowBlock:
+    if type(part) is Rows:
         copy_block_from(buf, start, j, part, key)
     else:
         _copy_runs_from(buf, start - j.locator.base, j, part)
@@ -360,7 +360,7 @@ def _scatter_iov(start: int, stop: int, feeds: Feeds, junk: np.ndarray) -> np.nd
     outside the request or their piece (these are left to the staged copy, which reports them)."""
     srcs, dsts, lens = [], [], []
     for j, r in feeds:
-        if type(r) is RowBlock:
+        if type(r) is Rows:
             got = block_iov(j, r)
             if got is None:
                 return None
@@ -441,7 +441,7 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
     into requests near ``limit`` bytes (a run belongs to the request where it starts; each request reads from
     its first run's start to its last run's end). Yields, file by file, the requests ``(key, start, stop)`` and
     what each request feeds: (job, runs) parts, regular blocks of runs inside that request, and (lane,
-    :class:`~jreshard.lanes.RowBlock`) parts. Runs longer than ``limit`` are cut first.
+    :class:`~jreshard.lanes.Rows`) parts. Runs longer than ``limit`` are cut first.
 
     A job or lane row whose runs form one regular row with gaps of at most ``chunk_gap`` (the usual case: a
     piece needing a part of every row of a chunk) is merged as one interval and cut arithmetically; the other
@@ -460,13 +460,12 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
         for r in _split_long_runs(j.runs, limit):
             items.append((j, r, kid))
             top = max(top, j.locator.base + r.src_span[1])
-    lane_rows: list[tuple[Lane, _Rows]] = []
+    lane_rows: list[tuple[Lane, Rows]] = []
     for lane in lanes:
         ids = np.zeros(len(lane.keys), np.int64)
-        for k in np.unique(lane.kid).tolist():  # the files it has rows in
+        for k in np.unique(lane.rows.kid).tolist():  # the files it has rows in
             ids[k] = keys.setdefault(lane.keys[k], len(keys))
-        kid = ids[lane.kid]
-        lr = _split_long_rows(_Rows.of(lane, kid), limit)
+        lr = _split_long_rows(dataclasses.replace(lane.rows, kid=ids[lane.rows.kid]), limit)  # kid: of this pass
         lane_rows.append((lane, lr))
         if len(lr.x0):
             top = max(top, int((lr.x0 + (lr.n - 1) * lr.s + lr.run).max()))
@@ -498,10 +497,10 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
             rows.append((x0, r.outer[0], r.src_strides[0], r.run, base))
         else:
             sparse.append((j, r, r.src_starts() + base))
-    obj = _Rows(*np.array(rows, np.int64).reshape(-1, 5).T)
+    obj = Rows(*np.array(rows, np.int64).reshape(-1, 5).T)
     # Lane rows (shifted like the jobs): dense ones are one interval each, like dense jobs; the others go run by
     # run, like ``rows``.
-    klanes = [(lane.whole or lane, lr.shifted(span)) for lane, lr in lane_rows]  # parts name the bound lane
+    klanes = [(lane.whole or lane, _shifted(lr, span)) for lane, lr in lane_rows]  # parts name the bound lane
     ldense = [(lr.n == 1) | ((lr.run <= lr.s)
                              & (lr.s <= lr.run + np.maximum(gap, np.minimum(chunk_gap, lr.run // WASTE))))
               for _, lr in klanes]
@@ -588,7 +587,7 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
     for lane, lr in klanes:
         lw = wins.of(lr)
         # Rows across windows are cut into one sub-row per window (the dense jobs' arithmetic, at once).
-        placed, win = lr.cut_at(lw, first_win, rs, limit)
+        placed, win = _cut_at(lr, lw, first_win, rs, limit)
         if len(win):
             last = placed.x0 + (placed.n - 1) * placed.s
             np.minimum.at(lo, win, placed.x0)
@@ -599,7 +598,7 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
             ws = win[order]
             cuts = (np.flatnonzero(np.diff(ws)) + 1).tolist()
             for a, b in zip([0, *cuts], [*cuts, len(order)]):
-                parts[int(ws[a])].append((lane, placed.block(order[a:b], span)))
+                parts[int(ws[a])].append((lane, _shifted(placed.take(order[a:b]), -span)))
     k = -1
     for j, r, x in sparse:
         if x is None:  # a row of runs
@@ -654,95 +653,65 @@ def _fused_runs(x0: np.ndarray, n: np.ndarray, s: np.ndarray, run: np.ndarray, b
             np.concatenate((base[whole], np.repeat(base[~whole], n[~whole]))))
 
 
-@dataclass
-class _Rows:
-    """Rows of runs as arrays (file offsets; shifted by ``kid * span`` in a pass over several files); for lanes
-    also destinations, slots, tensors and file ids ``kid``."""
-
-    x0: np.ndarray
-    n: np.ndarray
-    s: np.ndarray
-    run: np.ndarray
-    base: np.ndarray
-    dst: np.ndarray | None = None
-    ds: np.ndarray | None = None
-    slot: np.ndarray | None = None
-    tensor: np.ndarray | None = None
-    kid: np.ndarray | None = None
-
-    _FIELDS = ("x0", "n", "s", "run", "base", "dst", "ds", "slot", "tensor", "kid")
-
-    @classmethod
-    def of(cls, lane: Lane, kid: np.ndarray) -> _Rows:
-        return cls(lane.x0, lane.n, lane.s, lane.run, lane.base, lane.dst, lane.ds, lane.slot, lane.tensor, kid)
-
-    def shifted(self, span: int) -> _Rows:
-        """File offsets shifted by ``kid * span``."""
-        if not span:
-            return self
-        shift = self.kid * span
-        return dataclasses.replace(self, x0=self.x0 + shift, base=self.base + shift)
-
-    def take(self, rows: np.ndarray) -> _Rows:
-        return _Rows(*(getattr(self, f)[rows] for f in self._FIELDS))
-
-    def block(self, rows: np.ndarray, span: int) -> RowBlock:
-        """Rows ``rows`` as a part of a request (file offsets unshifted)."""
-        return RowBlock(self.x0[rows] - self.kid[rows] * span, self.n[rows], self.s[rows], self.run[rows],
-                        self.dst[rows], self.ds[rows], self.slot[rows], self.tensor[rows])
-
-    def cut_at(self, lw: Any, first_win: np.ndarray, rs: np.ndarray, limit: int) -> tuple[_Rows, np.ndarray]:
-        """The rows (``lw``: :meth:`_Windows.of`) cut into one sub-row per window their runs reach (a run belongs
-        to the window of its start), and the window of each sub-row: arithmetic for rows inside one merged
-        region, run by run (arrays) for the others."""
-        one, cut, out = np.flatnonzero(lw.one), np.flatnonzero(lw.cut), np.flatnonzero(lw.out)
-        if not len(cut) and not len(out):
-            return self.take(one), lw.w0[one]
-        sub_o, win_o = self._runs_in_windows(out, first_win, rs, limit)
-        m = lw.m[cut]
-        r0, f = rs[m], first_win[m]
-        x0, n, s = self.x0[cut], self.n[cut], self.s[cut]
-        w0 = lw.w0[cut]
-        w1 = f + (x0 + (n - 1) * s - r0) // limit
-        count = w1 - w0 + 1
-        row = np.repeat(np.arange(len(cut)), count)
-        w = np.repeat(w0, count) + (np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count))
-        # runs starting before the end of window w: ceil((end of w - x0) / s), at most n
-        end = r0[row] + (w - f[row] + 1) * limit
-        k1 = np.minimum(n[row], -(-(end - x0[row]) // s[row]))
-        k0 = np.concatenate(([0], k1[:-1]))
-        k0[np.concatenate(([True], row[1:] != row[:-1]))] = 0
-        keep = k1 > k0
-        row, w, k0, k1 = row[keep], w[keep], k0[keep], k1[keep]
-        sub = self.take(cut[row])
-        sub.x0 = sub.x0 + k0 * sub.s
-        sub.dst = sub.dst + k0 * sub.ds
-        sub.n = k1 - k0
-        both = self.take(one)
-        return (_Rows(*(np.concatenate((getattr(both, f), getattr(sub, f), getattr(sub_o, f)))
-                        for f in self._FIELDS)), np.concatenate((lw.w0[one], w, win_o)))
-
-    def _runs_in_windows(self, rows: np.ndarray, first_win: np.ndarray, rs: np.ndarray, limit: int
-                         ) -> tuple[_Rows, np.ndarray]:
-        """Rows ``rows`` (whose runs lie in several merged regions) cut where the window of their runs changes:
-        the sub-rows, and the window of each."""
-        n = self.n[rows]
-        x = row_grid(self.x0[rows], n, self.s[rows])
-        which = np.repeat(np.arange(len(rows)), n)
-        k = np.arange(len(x)) - np.repeat(np.cumsum(n) - n, n)
-        m = np.searchsorted(rs, x, "right") - 1
-        win = first_win[m] + (x - rs[m]) // limit
-        new = np.ones(len(x), bool)
-        new[1:] = (which[1:] != which[:-1]) | (win[1:] != win[:-1])
-        first = np.flatnonzero(new)
-        sub = self.take(rows[which[first]])
-        sub.x0 = x[first]
-        sub.dst = sub.dst + k[first] * sub.ds
-        sub.n = np.diff(np.concatenate((first, [len(x)])))
-        return sub, win[first]
+def _shifted(r: Rows, span: int) -> Rows:
+    """``r`` with its file offsets shifted by ``kid * span`` (unshifted by a negative ``span``)."""
+    if not span:
+        return r
+    shift = r.kid * span
+    return dataclasses.replace(r, x0=r.x0 + shift, base=r.base + shift)
 
 
-def _split_long_rows(r: _Rows, limit: int) -> _Rows:
+def _cut_at(r: Rows, lw: _Placement, first_win: np.ndarray, rs: np.ndarray, limit: int) -> tuple[Rows, np.ndarray]:
+    """The rows (placed by :meth:`_Windows.of`) cut into one sub-row per window their runs reach (a run belongs
+    to the window of its start), and the window of each sub-row: arithmetic for rows inside one merged region,
+    run by run (arrays) for the others."""
+    one, cut, out = np.flatnonzero(lw.one), np.flatnonzero(lw.cut), np.flatnonzero(lw.out)
+    if not len(cut) and not len(out):
+        return r.take(one), lw.w0[one]
+    sub_o, win_o = _runs_in_windows(r, out, first_win, rs, limit)
+    m = lw.m[cut]
+    r0, f = rs[m], first_win[m]
+    x0, n, s = r.x0[cut], r.n[cut], r.s[cut]
+    w0 = lw.w0[cut]
+    w1 = f + (x0 + (n - 1) * s - r0) // limit
+    count = w1 - w0 + 1
+    row = np.repeat(np.arange(len(cut)), count)
+    w = np.repeat(w0, count) + (np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count))
+    # runs starting before the end of window w: ceil((end of w - x0) / s), at most n
+    end = r0[row] + (w - f[row] + 1) * limit
+    k1 = np.minimum(n[row], -(-(end - x0[row]) // s[row]))
+    k0 = np.concatenate(([0], k1[:-1]))
+    k0[np.concatenate(([True], row[1:] != row[:-1]))] = 0
+    keep = k1 > k0
+    row, w, k0, k1 = row[keep], w[keep], k0[keep], k1[keep]
+    sub = r.take(cut[row])
+    sub.x0 = sub.x0 + k0 * sub.s
+    sub.dst = sub.dst + k0 * sub.ds
+    sub.n = k1 - k0
+    return Rows.concat([r.take(one), sub, sub_o]), np.concatenate((lw.w0[one], w, win_o))
+
+
+def _runs_in_windows(r: Rows, rows: np.ndarray, first_win: np.ndarray, rs: np.ndarray, limit: int
+                     ) -> tuple[Rows, np.ndarray]:
+    """Rows ``rows`` of ``r`` (whose runs lie in several merged regions) cut where the window of their runs
+    changes: the sub-rows, and the window of each."""
+    n = r.n[rows]
+    x = row_grid(r.x0[rows], n, r.s[rows])
+    which = np.repeat(np.arange(len(rows)), n)
+    k = np.arange(len(x)) - np.repeat(np.cumsum(n) - n, n)
+    m = np.searchsorted(rs, x, "right") - 1
+    win = first_win[m] + (x - rs[m]) // limit
+    new = np.ones(len(x), bool)
+    new[1:] = (which[1:] != which[:-1]) | (win[1:] != win[:-1])
+    first = np.flatnonzero(new)
+    sub = r.take(rows[which[first]])
+    sub.x0 = x[first]
+    sub.dst = sub.dst + k[first] * sub.ds
+    sub.n = np.diff(np.concatenate((first, [len(x)])))
+    return sub, win[first]
+
+
+def _split_long_rows(r: Rows, limit: int) -> Rows:
     """Rows whose runs are longer than ``limit`` bytes cut into single runs of at most ``limit`` bytes (as
     :func:`_split_long_runs` cuts a job's)."""
     long = r.run > limit
@@ -763,10 +732,22 @@ def _split_long_rows(r: _Rows, limit: int) -> _Rows:
     run = np.minimum(limit, r.run[row] - o)
     one = np.ones(len(row), np.int64)
     zero = np.zeros(len(row), np.int64)
-    cat = np.concatenate
-    return _Rows(cat((r.x0[keep], x0)), cat((r.n[keep], one)), cat((r.s[keep], zero)), cat((r.run[keep], run)),
-                 cat((r.base[keep], r.base[row])), cat((r.dst[keep], dst)), cat((r.ds[keep], zero)),
-                 cat((r.slot[keep], r.slot[row])), cat((r.tensor[keep], r.tensor[row])), cat((r.kid[keep], r.kid[row])))
+    split = r.take(row)
+    split.x0, split.n, split.s, split.run, split.dst, split.ds = x0, one, zero, run, dst, zero
+    return Rows.concat([r.take(keep), split])
+
+
+class _Placement(NamedTuple):
+    """Where rows of runs fall among merged regions and windows (:meth:`_Windows.of`): per row its region ``m``,
+    last run start ``last``, first window ``w0``, and whether it lies in one region and one window (``one``), in
+    one region across windows (``cut``) or in several regions (``out``)."""
+
+    m: np.ndarray
+    last: np.ndarray
+    w0: np.ndarray
+    one: np.ndarray
+    cut: np.ndarray
+    out: np.ndarray
 
 
 @dataclass
@@ -779,19 +760,14 @@ class _Windows:
     first_win: np.ndarray
     limit: int
 
-    def of(self, r: _Rows) -> Any:
-        """Per row: its region ``m``, last run start ``last``, first window ``w0``, and whether it lies in one
-        region and one window (``one``), in one region across windows (``cut``) or in several regions
-        (``out``)."""
-        from types import SimpleNamespace
-
+    def of(self, r: Rows) -> _Placement:
         last = r.x0 + (r.n - 1) * r.s
         m = np.searchsorted(self.rs, r.x0, "right") - 1
         mm = np.maximum(m, 0)
         w0 = self.first_win[mm] + (r.x0 - self.rs[mm]) // self.limit
         inside = (m >= 0) & (last < self.re[mm]) & ((r.s > 0) | (r.n == 1))
         one = inside & (w0 == self.first_win[mm] + (last - self.rs[mm]) // self.limit)
-        return SimpleNamespace(m=m, last=last, w0=w0, one=one, cut=inside & ~one, out=~inside)
+        return _Placement(m, last, w0, one, inside & ~one, ~inside)
 
 
 def _merge(starts: np.ndarray, lengths: np.ndarray, chunks: np.ndarray, gap: int, chunk_gap: int,

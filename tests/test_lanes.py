@@ -20,7 +20,7 @@ import jreshard.catalog as catalog
 import jreshard.program as program
 import jreshard.read as read
 from jreshard.catalog import Locator
-from jreshard.lanes import Lane
+from jreshard.lanes import Lane, Rows
 from jreshard.planning import Overlap, Runs, _grid
 from jreshard.read import CopyJob, _file_requests
 from tests import torch_writers as tw
@@ -107,7 +107,8 @@ def rows_in_a_file(draw):
         ends[key] = base + nrows * width
     a = np.array(rows, np.int64).T
     zeros = np.zeros(len(rows), np.int64)
-    lane = Lane(sorted(ends), ["t"], a[0], a[1], a[2], a[3], a[4], a[5], a[6], zeros, zeros, np.array(kids, np.int64))
+    x0, n, s, run, dst, ds, base = a
+    lane = Lane(sorted(ends), ["t"], Rows(x0, n, s, run, base, dst, ds, zeros, zeros, np.array(kids, np.int64)))
     return jobs, lane
 
 
