@@ -167,3 +167,28 @@ def test_read_through_lanes_equals_torch(checkpoints, lanes_always, variant):
         rows, cols = ref.shape
         for index in [np.s_[:, :], np.s_[1 : rows - 1, 3 : cols // 2], np.s_[rows // 3, :], np.s_[:, cols - 1]]:
             np.testing.assert_array_equal(ckpt.read(name, index), ref[index], err_msg=f"{variant}:{name}[{index}]")
+
+
+@pytest.mark.parametrize("cut", [0.3, 0.6, 0.97])
+@pytest.mark.parametrize("io", ["posix", "tensorstore"])
+def test_file_truncated_under_lanes_is_an_error_naming_file_and_tensor(checkpoints, lanes_always, tmp_path, io, cut):
+    """A file cut short after the plan located its chunks: the lanes' reads (scatter or staged) end in a
+    TruncatedDataError naming the file and the tensors, never in wrong bytes or a half-filled array."""
+    import shutil
+
+    from jreshard.errors import TruncatedDataError
+
+    d = tmp_path / "plain"
+    shutil.copytree(checkpoints.dirs["plain"], d)
+    mesh = make_mesh("2x4")
+    targets = {n: t for n, t in _targets(checkpoints, "plain", mesh, SPECS["P(data,model)"]).items()
+               if tw.TENSORS_BY_NAME[n].big}
+    ckpt = jreshard.open(d, io=io)
+    plan = ckpt.plan(targets)
+    assert _lane_rows(plan) > 0
+    f = d / "__1_0.distcp"
+    with open(f, "r+b") as fh:
+        fh.truncate(int(f.stat().st_size * cut))
+    with pytest.raises(TruncatedDataError, match=r"__1_0\.distcp") as e:
+        ckpt.load(targets)
+    assert any(repr(n) in str(e.value) for n in targets), str(e.value)
