@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .catalog import Chunk, Locator
+from .lanes import Rows
 
 Box = tuple[tuple[int, int], ...]  # per dim (start, stop)
 
@@ -651,7 +652,7 @@ class Plan:
                     for (_, start, stop), feed in zip(requests, feeds):
                         weights: dict[str, int] = {}
                         for job, runs in feed:
-                            if hasattr(runs, "slot_bytes"):  # a lane's rows (jreshard.lanes.Rows)
+                            if type(runs) is Rows:  # a lane's rows
                                 for slot, nb in runs.slot_bytes().items():
                                     weights[owner[slot]] = weights.get(owner[slot], 0) + nb
                             else:
