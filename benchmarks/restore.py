@@ -56,7 +56,13 @@ host may still cache the disk image: cold means cold in this machine's page cach
 
 No memory is pre-faulted by default. On a VM with free page reporting the first touch of memory that sat
 free for a while is slower, and every contender (the raw anchor included) pays that as a user's process
-would. ``--prefault-gib N`` adds a second set of rows, labelled "(pre-faulted N GiB)", for which each run
+would. How much slower depends on how long ago the memory was freed: on this project's development VM the raw
+2-thread read of the 1.5 GiB model took 0.2 s when it started right after the previous run's process exited
+(its freed pages not yet handed back to the host) and 1.0-2.6 s when it started 2-12 s later. A contender that
+starts up fast (the raw read imports no JAX) would otherwise meet friendlier memory than one that imports JAX
+for 3 s. So every timed call starts ``--settle`` seconds (default 5) after the previous run's process exited:
+the worker sleeps after its set-up until then (a set-up that takes longer is reported as late), and every
+contender meets memory in the same state. ``--prefault-gib N`` adds a second set of rows, labelled "(pre-faulted N GiB)", for which each run
 faults in and frees N GiB of anonymous memory just before the timed call; those rows are compared only
 with each other (their own raw anchor, torch and orbax).
 
@@ -168,7 +174,12 @@ def worker_main(args, model: ModelSpec, paths: Paths) -> int:
     try:
         restore, targets = prepare(case, name, model, paths, args)
         gc.collect()
-        if args._prefault:
+        late = time.time() - args._start_at
+        if late < 0:
+            time.sleep(-late)  # every contender's timed call starts --settle s after the previous run ended
+        elif args._start_at:
+            result["settle_late_s"] = late
+        if args._prefault:  # after the settle: pre-faulted memory is reused at once
             result["prefaulted"] = prefault(int(args._prefault * GIB))
         with PeakAnonMemory() as mem:
             start = time.perf_counter()
@@ -289,6 +300,9 @@ def prepare_page_cache(files: list[Path], cache: str, drop_caches: bool) -> dict
             "note": note}  # fmt: skip
 
 
+_LAST_EXIT: list[float | None] = [None]  # when the previous run's process exited (time.time())
+
+
 def run_contender(case: str, name: str, tag: str, args, paths: Paths, prefault_gib: float,
                   verify: bool) -> dict[str, Any]:  # fmt: skip
     """One run of one contender in a fresh subprocess."""
@@ -297,10 +311,13 @@ def run_contender(case: str, name: str, tag: str, args, paths: Paths, prefault_g
     fd, result_file = tempfile.mkstemp(prefix="jreshard-bench-", suffix=".json")
     os.close(fd)
     try:
-        extra = ["--_worker", f"{case}:{name}", "--_result", result_file, "--_prefault", repr(prefault_gib)]
+        start_at = (_LAST_EXIT[0] or time.time()) + args.settle
+        extra = ["--_worker", f"{case}:{name}", "--_result", result_file, "--_prefault", repr(prefault_gib),
+                 "--_start-at", repr(start_at if args.settle > 0 else 0.0)]
         if verify:
             extra.append("--_verify")
         code, tail = run_child(extra, args, log, timeout=args.timeout)
+        _LAST_EXIT[0] = time.time()
         text = Path(result_file).read_text()
         result = json.loads(text) if text else {}
     finally:
@@ -400,6 +417,8 @@ def _print_run(name: str, rep: int, repeat: int, run: dict[str, Any]) -> None:
         return
     hwm = "?" if run.get("hwm_delta") is None else f"{run['hwm_delta'] / GIB:.3f}"
     check = f", check {run['verify']}" if "verify" in run else ""
+    if run.get("settle_late_s"):
+        check += f", started {run['settle_late_s']:.1f} s after its settle time (a slow set-up)"
     print(f"  {name} run {rep + 1}/{repeat}: {where} {run['seconds']:.3f} s, peak anon {run['peak_anon'] / GIB:.3f} "
           f"GiB (+{run['delta_anon'] / GIB:.3f}; RSS high-water +{hwm}){check}")  # fmt: skip
 
@@ -536,6 +555,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--raw-threads", default="1,2,4,8",
                    help="thread counts of the raw-read rows (default 1,2,4,8); the fastest is the anchor")
     p.add_argument("--raw-block-mib", type=int, default=16, help="raw read piece size in MiB (default 16)")
+    p.add_argument("--settle", type=float, default=5.0,
+                   help="seconds from the previous run's exit to each timed call (default 5; 0: none)")
     p.add_argument("--prefault-gib", type=float, default=0.0,
                    help="also run every contender after faulting in and freeing this much anonymous memory, as "
                         "separate rows labelled '(pre-faulted N GiB)' (default 0: none)")
@@ -558,6 +579,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--_result", help=argparse.SUPPRESS)
     p.add_argument("--_verify", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_prefault", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--_start-at", dest="_start_at", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--_setup", choices=sorted(WRITERS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.repeat < 1:
