@@ -9,7 +9,7 @@ arrays (from :func:`jreshard.catalog.chunk_overlap_arrays`), :func:`lanes_of` tu
 one :class:`Lane` (:class:`Rows` of runs as arrays, exactly the runs :func:`jreshard.planning.runs_of` gives for
 each overlap), and :func:`jreshard.read._file_requests` merges and cuts a lane's rows into requests with the
 same arithmetic as the other jobs'. A request feeds ``(lane, Rows)`` parts, read straight into the buffers
-(:func:`block_iov`) or copied from a staged read (:func:`copy_block_from`).
+(:func:`jreshard.read._scatter_iovs`) or copied from a staged read (:func:`copy_block_from`).
 
 Overlaps that are not such rows (in-memory or compressed items, big-endian or strided storages, transposed
 destinations, casts through temporaries) stay :class:`jreshard.program.Region` objects and copy jobs.
@@ -138,18 +138,6 @@ def _dest_bytes(lane: Lane) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     assert lane.dests is not None
     flat = [_flat_u8(d) for d in lane.dests]
     return flat, np.array([f.ctypes.data for f in flat], np.int64), np.array([len(f) for f in flat], np.int64)
-
-
-def block_iov(lane: Lane, blk: Rows) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """File offsets, destination addresses and lengths of every run of ``blk``; None if a run would land
-    outside its buffer (left to :func:`copy_block_from`, which reports it)."""
-    _, addr, size = _dest_bytes(lane)
-    end = blk.dst + (blk.n - 1) * blk.ds + blk.run
-    if len(blk.dst) and (int(blk.dst.min()) < 0 or bool((end > size[blk.slot]).any())):
-        return None
-    src = row_grid(blk.x0, blk.n, blk.s)
-    dst = row_grid(blk.dst + addr[blk.slot], blk.n, blk.ds)
-    return src, dst, np.repeat(blk.run, blk.n)
 
 
 def copy_block_from(buf: np.ndarray, origin: int, lane: Lane, blk: Rows, where: str) -> None:

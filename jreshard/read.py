@@ -8,7 +8,7 @@ whole, decompressed zstd items) are plain strided copies. The others read from t
   1/WASTE of the bytes needed) and cut (between runs) near a request size, become requests; each request feeds
   (job, runs) parts, regular blocks of runs inside it. These requests are the plan's.
 * ``posix`` (local files): requests are cut near BOUNCE; the pool reads each with one scatter ``preadv``
-  straight into the pieces (each run to its place, bridged gaps to a per-thread junk buffer: no staging copy,
+  straight into the pieces (each run to its place, bridged gaps to a junk buffer: no staging copy,
   no second pass over the bytes); only requests with runs placed element by element (transposed) are read
   into a per-thread buffer (cache-sized) and copied out from there. No memory maps: a file truncated while being read gives a short read,
   hence a TruncatedDataError, where touching a map past the new end raises SIGBUS.
@@ -35,7 +35,7 @@ import numpy as np
 
 from .catalog import Locator
 from .errors import JReshardError, StorageError, TruncatedDataError
-from .lanes import Lane, Rows, block_iov, copy_block_from, row_grid
+from .lanes import Lane, Rows, _dest_bytes, copy_block_from, row_grid
 from .planning import Overlap, Runs, _grid, c_strides, element_span
 from .storage import LocalStore, Store
 
@@ -43,7 +43,8 @@ BOUNCE = 4 * 2**20  # a local read is cut (between runs) near this size: a per-t
 LOCAL_GAP = 64 * 2**10  # inside a chunk, local reads may read through gaps up to this (within the WASTE budget)
 TILE = 128  # transposing copies go tile by tile, TILE x TILE elements
 WASTE = 16  # gaps above coalesce_gap are read (bridged) only while they total at most 1/WASTE of the bytes needed
-JUNK = 256 * 2**10  # each pool thread's buffer for bytes read through (gaps) when reading straight into pieces
+JUNK = 256 * 2**10  # the buffer for bytes read through (gaps) when reading straight into pieces
+IOV_BATCH = 16 * 2**20  # local requests get their scatter lists built this many bytes of requests at a time
 MAX_REQUEST = 8 * 2**20  # a ranged read is cut (between runs) near this size: parallel requests, cache-sized copies
 # Each pool thread's read buffer (``buf``), shared by executors: Checkpoint.read makes one per call, and a
 # fresh buffer would cost page faults on every call. It lives as long as the thread.
@@ -279,26 +280,37 @@ class Executor:
 
     def _posix(self, groups: list[tuple[list[tuple[str, int, int]], list[Feeds]]], pool: ThreadPoolExecutor) -> None:
         """Each request (cut near BOUNCE and merged over gaps up to LOCAL_GAP inside a chunk) read with ``preadv``
-        on the pool into a per-thread buffer (which stays in cache) and copied out from there. A file shorter
-        than a request (truncated, even while being read) is a TruncatedDataError: plain reads return short
-        counts where a memory map would raise SIGBUS."""
+        on the pool: scattered straight into the pieces where it can be (:func:`_scatter_iovs`, built here for
+        IOV_BATCH bytes of requests at a time while the pool reads the earlier ones), else into a per-thread
+        buffer (which stays in cache) and copied out from there. A file shorter than a request (truncated, even
+        while being read) is a TruncatedDataError: plain reads return short counts where a memory map would
+        raise SIGBUS."""
+        junk = _junk()
         futures = []
         for requests, feeds in groups:
-            # One pool task per request, or per run of small requests (a task costs microseconds).
-            task: list[tuple[tuple[str, int, int], Feeds]] = []
-            size = 0
-            for request, feed in zip(requests, feeds):
-                task.append((request, feed))
-                size += request[2] - request[1]
-                if size >= BOUNCE or len(task) >= 64:
+            i = 0
+            while i < len(requests):
+                k, size = i, 0
+                while k < len(requests) and (k == i or size < IOV_BATCH):
+                    size += requests[k][2] - requests[k][1]
+                    k += 1
+                iovs = _scatter_iovs(requests[i:k], feeds[i:k], junk)
+                # One pool task per request, or per run of small requests (a task costs microseconds).
+                task: list[tuple[tuple[str, int, int], Feeds, np.ndarray | None]] = []
+                size = 0
+                for work in zip(requests[i:k], feeds[i:k], iovs):
+                    task.append(work)
+                    size += work[0][2] - work[0][1]
+                    if size >= BOUNCE or len(task) >= 64:
+                        futures.append(pool.submit(self._pread_all, task))
+                        task, size = [], 0
+                if task:
                     futures.append(pool.submit(self._pread_all, task))
-                    task, size = [], 0
-            if task:
-                futures.append(pool.submit(self._pread_all, task))
+                i = k
         for f in futures:
             f.result()
 
-    def _pread_all(self, work: list[tuple[tuple[str, int, int], Feeds]]) -> None:
+    def _pread_all(self, work: list[tuple[tuple[str, int, int], Feeds, np.ndarray | None]]) -> None:
         """Read a run of requests (a file's descriptor held once for the requests of one file, counted once)."""
         store = self.store
         assert isinstance(store, LocalStore)
@@ -310,13 +322,14 @@ class Executor:
                 k += 1
             nbytes = 0
             with store._use(key) as fd:
-                for request, feeds in work[i:k]:
-                    nbytes += self._pread(fd, request, feeds)
+                for request, feeds, iov in work[i:k]:
+                    nbytes += self._pread(fd, request, feeds, iov)
             store.stats.add(nbytes, k - i)
             i = k
 
-    def _pread(self, fd: int, request: tuple[str, int, int], feeds: Feeds) -> int:
-        """Read one request from ``fd`` and copy what it feeds into the pieces; returns its size."""
+    def _pread(self, fd: int, request: tuple[str, int, int], feeds: Feeds, iov: np.ndarray | None) -> int:
+        """Read one request from ``fd`` and copy what it feeds into the pieces (scattered by ``iov`` when given);
+        returns its size."""
         key, start, stop = request
         n = stop - start
         store = self.store
@@ -327,7 +340,6 @@ class Executor:
                 if r.run == n and not r.step and r.count == 1:  # one contiguous run: straight into the piece
                     store.fill(fd, key, start, memoryview(_dest_u8(j)[r.dst : r.dst + n]))
                     return n
-            iov = _scatter_iov(start, stop, feeds, self._junk())
             if iov is not None and store.fill_scatter(fd, key, start, iov):
                 return n  # read straight into the pieces, each run where it belongs
             buf = getattr(self._local, "buf", None)
@@ -344,61 +356,153 @@ class Executor:
         return n
 
 
-    def _junk(self) -> np.ndarray:
-        """This thread's buffer for the bytes of a read that no piece needs (bridged gaps)."""
-        junk = getattr(self._local, "junk", None)
-        if junk is None:
-            junk = self._local.junk = np.empty(JUNK, np.uint8)
-        return junk
+_JUNK: list[np.ndarray] = []
 
 
-def _scatter_iov(start: int, stop: int, feeds: Feeds, junk: np.ndarray) -> np.ndarray | None:
-    """The ``(address, length)`` rows (uint64) that scatter the file bytes ``[start, stop)`` of one request
-    straight into the pieces it feeds: each run to its place in its piece (neighbouring runs contiguous in both
-    file and piece as one row), each gap between runs into ``junk``. None where that does not apply: a run
-    placed element by element (transposed), runs that overlap in the file, a gap larger than ``junk``, or runs
-    outside the request or their piece (these are left to the staged copy, which reports them)."""
-    srcs, dsts, lens = [], [], []
-    for j, r in feeds:
-        if type(r) is Rows:
-            got = block_iov(j, r)
-            if got is None:
-                return None
-            srcs.append(got[0])
-            dsts.append(got[1])
-            lens.append(got[2])
-            continue
-        if r.step or not r.count:
-            return None
-        dest = _dest_u8(j)
-        d = r.dst_starts()
-        if int(d.min()) < 0 or int(d.max()) + r.run > len(dest):
-            return None
-        srcs.append(r.src_starts() + j.locator.base)
-        dsts.append(d + dest.ctypes.data)
-        lens.append(np.full(len(d), r.run, np.int64))
-    src, dst, length = (np.concatenate(x) for x in (srcs, dsts, lens))
-    if len(feeds) > 1 or (len(src) > 1 and np.any(src[1:] < src[:-1])):
-        order = np.argsort(src, kind="stable")
-        src, dst, length = src[order], dst[order], length[order]
+def _junk() -> np.ndarray:
+    """The buffer for the bytes of reads that no piece needs (bridged gaps), shared by all threads: its
+    contents are never read."""
+    if not _JUNK:
+        _JUNK.append(np.empty(JUNK, np.uint8))
+    return _JUNK[0]
+
+
+def _scatter_iovs(requests: Sequence[tuple[str, int, int]], feeds: Sequence[Feeds], junk: np.ndarray
+                  ) -> list[np.ndarray | None]:
+    """For each request ``(file, start, stop)`` and what it feeds, the ``(address, length)`` rows (uint64) that
+    scatter the file bytes ``[start, stop)`` straight into the pieces: each run to its place in its piece
+    (neighbouring runs contiguous in both file and piece as one row), each gap between runs into ``junk``. Built
+    for all the requests at once (array arithmetic, no Python per run). None for a request where that does not
+    apply: a run placed element by element (transposed), runs that overlap in the file, a gap larger than
+    ``junk``, runs that do not tile the request from its start to its stop, or runs outside their piece (these
+    are left to the staged copy, which reports them).
+
+    Example:
+        >>> from jreshard.catalog import Locator
+        >>> from jreshard.planning import Overlap
+        >>> dest = np.zeros((2, 2), np.uint8)
+        >>> job = CopyJob("w", Locator("f", 0, 0, (4, 1), 8), (2, 4), Overlap(0, (0, 1), (0, 0), (2, 2)), dest,
+        ...               Runs(1, (4,), 0, (2,), (2,), 2))  # columns 1:3 of a 2x4 uint8 chunk
+        >>> iov = _scatter_iovs([("f", 1, 7)], [[(job, job.runs)]], np.empty(16, np.uint8))[0]
+        >>> [int(n) for n in iov[:, 1]]  # 2 bytes to row 0, 2 to junk (the gap), 2 to row 1
+        [2, 2, 2]
+    """
+    m = len(requests)
+    ok = np.ones(m, bool)
+    # Rows of runs, one per (request, part): first file byte, count, file step, run length, first address, step.
+    sq: list[int] = []
+    sx: list[int] = []
+    sn: list[int] = []
+    ss: list[int] = []
+    sr: list[int] = []
+    sd: list[int] = []
+    sds: list[int] = []
+    arrays: list[tuple[np.ndarray, ...]] = []
+    lane_dest: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for k, feed in enumerate(feeds):
+        for j, r in feed:
+            if type(r) is Rows:
+                got = lane_dest.get(id(j))
+                if got is None:
+                    got = lane_dest[id(j)] = _dest_bytes(j)[1:]
+                addr, size = got
+                if len(r.dst) and (int(r.dst.min()) < 0
+                                   or bool((r.dst + (r.n - 1) * r.ds + r.run > size[r.slot]).any())):
+                    ok[k] = False
+                    continue
+                arrays.append((np.full(len(r.x0), k, np.int64), r.x0, r.n, r.s, r.run, r.dst + addr[r.slot], r.ds))
+                continue
+            if r.step or not r.count:
+                ok[k] = False
+                continue
+            dest = _dest_u8(j)
+            lo = r.dst + sum(min(0, (n - 1) * st) for n, st in zip(r.outer, r.dst_strides))
+            hi = r.dst + sum(max(0, (n - 1) * st) for n, st in zip(r.outer, r.dst_strides)) + r.run
+            if lo < 0 or hi > len(dest):
+                ok[k] = False
+                continue
+            if len(r.outer) <= 1:
+                sq.append(k)
+                sx.append(r.src + j.locator.base)
+                sn.append(r.outer[0] if r.outer else 1)
+                ss.append(r.src_strides[0] if r.outer else 0)
+                sr.append(r.run)
+                sd.append(r.dst + dest.ctypes.data)
+                sds.append(r.dst_strides[0] if r.outer else 0)
+            else:
+                x = r.src_starts() + j.locator.base
+                one, zero = np.ones(len(x), np.int64), np.zeros(len(x), np.int64)
+                arrays.append((np.full(len(x), k, np.int64), x, one, zero, np.full(len(x), r.run, np.int64),
+                               r.dst_starts() + dest.ctypes.data, zero))
+    if sq:
+        arrays.append(tuple(np.array(a, np.int64) for a in (sq, sx, sn, ss, sr, sd, sds)))
+    out: list[np.ndarray | None] = [None] * m
+    if not arrays:
+        return out
+    q, x0, n, st, run, d0, ds = (np.concatenate([a[i] for a in arrays]).astype(np.int64, copy=False)
+                                 for i in range(7))
+    req = np.repeat(q, n)
+    src = row_grid(x0, n, st)
+    dst = row_grid(d0, n, ds)
+    length = np.repeat(run, n)
+    starts = np.array([r[1] for r in requests], np.int64)
+    stops = np.array([r[2] for r in requests], np.int64)
+    rel = src - starts[req]
+    inside = (rel >= 0) & (rel + length <= (stops - starts)[req])
+    if not inside.all():
+        ok[req[~inside]] = False
+    keep = ok[req]
+    req, src, dst, length, rel = req[keep], src[keep], dst[keep], length[keep], rel[keep]
+    if not len(req):
+        return out
+    span = int((stops - starts).max()) + 1
+    if m * span < 2**62:
+        order = np.argsort(req * span + rel, kind="stable")
+    else:
+        order = np.lexsort((rel, req))
+    req, src, dst, length = req[order], src[order], dst[order], length[order]
     end = src + length
-    if int(src[0]) != start or int(end[-1]) != stop or np.any(src[1:] < end[:-1]):
-        return None
+    same = np.zeros(len(req), bool)
+    same[1:] = req[1:] == req[:-1]
+    # Runs that overlap in the file: the request is read staged (which reports what is wrong).
+    bad = same[1:] & (src[1:] < end[:-1])
+    if bad.any():
+        ok[req[1:][bad]] = False
     # Join runs contiguous in the file and in memory.
-    new = np.ones(len(src), dtype=bool)
-    new[1:] = (src[1:] != end[:-1]) | (dst[1:] != dst[:-1] + length[:-1])
+    new = np.ones(len(req), dtype=bool)
+    new[1:] = ~same[1:] | (src[1:] != end[:-1]) | (dst[1:] != dst[:-1] + length[:-1])
     first = np.flatnonzero(new)
-    src, dst, end = src[first], dst[first], np.maximum.reduceat(end, first)
+    req, src, dst, end = req[first], src[first], dst[first], np.maximum.reduceat(end, first)
     length = end - src
-    gaps = src[1:] - end[:-1]
-    if len(gaps) and int(gaps.max()) > len(junk):
-        return None
-    iov = np.empty((2 * len(src) - 1, 2), np.int64)
-    iov[0::2, 0], iov[0::2, 1] = dst, length
-    iov[1::2, 0], iov[1::2, 1] = junk.ctypes.data, gaps
-    if len(gaps) and not gaps.all():
-        iov = iov[iov[:, 1] > 0]
-    return np.ascontiguousarray(iov).view(np.uint64)
+    last = np.ones(len(req), bool)
+    last[:-1] = req[1:] != req[:-1]
+    gap = np.zeros(len(req), np.int64)
+    gap[:-1] = np.where(last[:-1], 0, src[1:] - end[:-1])
+    if len(junk) < int(gap.max()):
+        ok[req[gap > len(junk)]] = False
+    # Each request's runs start at its start and end at its stop.
+    head = np.ones(len(req), bool)
+    head[1:] = last[:-1]
+    ok[req[head & (src != starts[req])]] = False
+    ok[req[last & (end != stops[req])]] = False
+    if not ok[req].all():
+        good = ok[req]
+        req, dst, length, gap = req[good], dst[good], length[good], gap[good]
+    # Each run, then the gap after it (if any), in order.
+    width = 1 + (gap > 0)
+    pos = np.cumsum(width) - width
+    total = int(width.sum())
+    iov = np.empty((total, 2), np.int64)
+    iov[pos, 0], iov[pos, 1] = dst, length
+    g = pos[width == 2] + 1
+    iov[g, 0], iov[g, 1] = junk.ctypes.data, gap[width == 2]
+    iov = iov.view(np.uint64)
+    # Request k's runs are rows [first[k], first[k + 1]) of the runs; its iov rows start at pos[first[k]].
+    bounds = np.append(pos, total)[np.searchsorted(req, np.arange(m + 1))].tolist()
+    for k in np.flatnonzero(ok).tolist():
+        if bounds[k] < bounds[k + 1]:
+            out[k] = iov[bounds[k] : bounds[k + 1]]
+    return out
 
 
 @dataclass
