@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 import numbers
 import sys
 import threading
@@ -20,6 +19,7 @@ import numpy as np
 from . import place as _place
 from . import program as _program
 from .catalog import Locator, TensorInfo
+from .gcpause import gc_paused
 from .errors import (
     CheckpointClosedError,
     InvalidArgumentError,
@@ -33,31 +33,6 @@ from .storage import IOStats, Store
 from .targets import flatten_target
 from .views import View
 
-_GC_LOCK = threading.Lock()
-_GC_STATE = {"holds": 0, "was_enabled": False}
-
-
-def _gc_paused(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` run with Python's cyclic garbage collector paused (as it was before once the last such call
-    ends): a load allocates many small objects (its program), which trigger full collections that scan every
-    live object, jax's included (tens of milliseconds a load). Buffers are freed by reference counting."""
-
-    @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        with _GC_LOCK:
-            if not _GC_STATE["holds"]:
-                _GC_STATE["was_enabled"] = gc.isenabled()
-                gc.disable()
-            _GC_STATE["holds"] += 1
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            with _GC_LOCK:
-                _GC_STATE["holds"] -= 1
-                if not _GC_STATE["holds"] and _GC_STATE["was_enabled"]:
-                    gc.enable()
-
-    return run
 
 
 class Checkpoint:
@@ -285,6 +260,7 @@ class Checkpoint:
         info = self.tensor(name)
         return View("saved", name, (), f"saved({name!r})", info.shape, info.dtype)
 
+    @gc_paused()
     def plan(self, target: Any = ALL_TENSORS, *, mapping: Any = None, max_inflight_bytes: int | None = None,
              coalesce_gap: int = 256, mesh: Any = None, cast: str = "safe", rules: Any = None,
              process_index: int | str | Sequence[int] | None = None, devices_per_process: int | None = None) -> Plan:
@@ -366,7 +342,7 @@ class Checkpoint:
 
     # -- loading ----------------------------------------------------------------------------------
 
-    @_gc_paused
+    @gc_paused()
     def load(self, target: Any = ALL_TENSORS, *, mapping: Any = None, max_inflight_bytes: int | None = None,
              progress: bool | Callable[[dict[str, Any]], None] = False, coalesce_gap: int = 256,
              mesh: Any = None, cast: str = "safe", rules: Any = None) -> Any:

@@ -8,11 +8,9 @@ the item's offset (``SerializationFormat.SAFETENSORS``, where offsets/lengths do
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -21,6 +19,7 @@ from ..dtypes import TorchDtype
 from ..errors import CheckpointFormatError, InconsistentCheckpointError, MissingDataError, TruncatedDataError
 from ..planning import c_strides
 from ..storage import LocalStore, Store
+from ..gcpause import gc_paused
 from ..gate import _short, checked_int, checked_name, checked_shape, decoding
 from ..unpickle import (BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, StorageInfo, TensorRef,
                         TensorStorageMetadata, safe_loads)
@@ -50,19 +49,6 @@ def _blob(info: StorageInfo, where: str, what: str, limit: int = MAX_INFLATED) -
     return Blob(key, offset, length, tuple(transforms), limit)
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection while the metadata's millions of small objects are made (it rescans them
-    again and again: half the time of opening a large checkpoint)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def _checked_key(name: Any, where: str, what: str) -> str:
     """checked_name, remembered for the few distinct file names of a checkpoint (every chunk names one)."""
     if isinstance(name, str):
@@ -90,7 +76,7 @@ class DCPSource:
     def __init__(self, store: Store) -> None:
         self.store = store
         where = store.where(METADATA)
-        with decoding(where), _gc_paused():
+        with decoding(where), gc_paused():
             self._read_metadata(store, where)
         self._st_headers: dict[tuple[str, int], Header] = {}
 
