@@ -17,6 +17,7 @@ destinations, casts through temporaries) stay :class:`jreshard.program.Region` o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +82,21 @@ class Rows:
     def take(self, rows: np.ndarray | slice) -> Rows:
         """The rows ``rows`` (a mask, indices or a slice)."""
         return Rows(*(None if getattr(self, f) is None else getattr(self, f)[rows] for f in self.FIELDS))
+
+    def split(self, bounds: Sequence[int]) -> list[Rows]:
+        """The rows between consecutive ``bounds`` (views, no copies): ``[take(slice(a, b)) for a, b in pairs]``,
+        made quickly for the many requests of a lane.
+
+        Example:
+            >>> r = Rows(*(np.arange(5) for _ in range(5)))
+            >>> [p.x0.tolist() for p in r.split([0, 2, 5])]
+            [[0, 1], [2, 3, 4]]
+        """
+        cols = [getattr(self, f) for f in self.FIELDS]
+        out = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            out.append(Rows(*[None if c is None else c[a:b] for c in cols]))
+        return out
 
     @staticmethod
     def concat(parts: list[Rows]) -> Rows:

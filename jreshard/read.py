@@ -700,9 +700,9 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
                 continue
             order = np.argsort(win, kind="stable")
             ws = win[order]
-            cuts = (np.flatnonzero(np.diff(ws)) + 1).tolist()
-            for a, b in zip([0, *cuts], [*cuts, len(order)]):
-                parts[int(ws[a])].append((lane, _shifted(placed.take(order[a:b]), -span)))
+            cuts = [0, *(np.flatnonzero(np.diff(ws)) + 1).tolist(), len(order)]
+            for w, part in zip(ws[cuts[:-1]].tolist(), _shifted(placed.take(order), -span).split(cuts)):
+                parts[w].append((lane, part))
     k = -1
     for j, r, x in sparse:
         if x is None:  # a row of runs
