@@ -3,6 +3,7 @@ that joins catalog -> plan -> read -> place."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import numbers
@@ -398,27 +399,61 @@ class Checkpoint:
                 report({"bytes_done": done, "bytes_total": total, "seconds": time.perf_counter() - t0,
                         "bytes_read": self.store.stats.bytes_read})
 
+        limit = program.limit if program is not None else 0
+        # The unit being read (its reads on the pool), and on accelerators the units whose host buffers are
+        # still being copied to the devices: unit k+1 is read while unit k goes to the devices, as long as
+        # their host bytes together stay within the bound.
+        reading: list[tuple[_program.Unit, list[np.ndarray], Callable[[], None]]] = []
+        moving: collections.deque[tuple[list[Any], int]] = collections.deque()
+
+        def held() -> int:
+            return sum(u.host_bytes for u, _, _ in reading) + sum(n for _, n in moving)
+
+        def place() -> None:
+            """Finish the unit being read and put its pieces on their devices (asynchronously)."""
+            unit, hosts, wait = reading.pop()
+            bufs = self._finish_unit(unit, hosts, wait)
+            host, devs, owners = [], [], []
+            for step, buf in zip(unit.steps, bufs):
+                for dev in step.piece.devices:
+                    host.append(buf)
+                    devs.append(dev)
+                    owners.append(step.target.index)
+            placed = _place.put(host, devs)
+            if _copies_to_device(devs):
+                moving.append((placed, unit.host_bytes))  # its host buffers are released once this is done
+            for i, dev, arr in zip(owners, devs, placed):
+                device_arrays[i][dev] = arr
+            advance(unit.nbytes)
+
+        def settle(nbytes: int = -1) -> None:
+            """Until ``nbytes`` more host bytes fit the bound (all, by default): place the unit being read,
+            then wait for the oldest transfers."""
+            while reading and (nbytes < 0 or held() + nbytes > limit):
+                place()
+            while moving and (nbytes < 0 or held() + nbytes > limit):
+                jax.block_until_ready(moving.popleft()[0])
+
         with ThreadPoolExecutor(executor.threads) as pool, _closing(report):
-            for batch in program.batches if program is not None else ():
-                if batch.in_parts:  # shards larger than the bound
-                    for i, dev, arr in self._load_in_parts(batch, executor, pool, advance):
-                        device_arrays[i][dev] = arr
-                    continue
-                unit = batch.units[0]
-                bufs = self._run_unit(unit, executor, pool)
-                host, devs, owners = [], [], []
-                for step, buf in zip(unit.steps, bufs):
-                    for dev in step.piece.devices:
-                        host.append(buf)
-                        devs.append(dev)
-                        owners.append(step.target.index)
-                placed = _place.put(host, devs)
-                if any(d.platform != "cpu" for d in devs):
-                    jax.block_until_ready(placed)  # host buffers may be released after this
-                for i, dev, arr in zip(owners, devs, placed):
-                    device_arrays[i][dev] = arr
-                del host, bufs
-                advance(unit.nbytes)
+            try:
+                for batch in program.batches if program is not None else ():
+                    if batch.in_parts:  # shards larger than the bound
+                        settle()
+                        for i, dev, arr in self._load_in_parts(batch, executor, pool, advance):
+                            device_arrays[i][dev] = arr
+                        continue
+                    unit = batch.units[0]
+                    settle(unit.host_bytes)
+                    started = (unit, *self._start_unit(unit, executor, pool))
+                    if reading:
+                        place()  # while the pool reads the next unit
+                    reading.append(started)
+                settle()
+            except BaseException:
+                for unit, hosts, wait in reading:  # no read still writes into a buffer once this raises
+                    with contextlib.suppress(BaseException):
+                        self._finish_unit(unit, hosts, wait)
+                raise
         out = []
         for entry, t in zip(entries, targets):
             if t is None:
@@ -434,6 +469,12 @@ class Checkpoint:
 
     def _run_unit(self, unit: _program.Unit, executor: Executor, pool: ThreadPoolExecutor) -> list[np.ndarray]:
         """Read one unit into fresh host buffers; per step, its buffer cast to the target dtype."""
+        hosts, wait = self._start_unit(unit, executor, pool)
+        return self._finish_unit(unit, hosts, wait)
+
+    def _start_unit(self, unit: _program.Unit, executor: Executor, pool: ThreadPoolExecutor
+                    ) -> tuple[list[np.ndarray], Callable[[], None]]:
+        """Allocate a unit's host buffers and submit its reads: the buffers, and what :meth:`_finish_unit` waits on."""
         hosts = _place.allocate([s for step in unit.steps for s in step.slots()])
         for j in unit.jobs:
             j.dest = hosts[j.slot]
@@ -446,15 +487,22 @@ class Checkpoint:
                 for j in jobs:
                     j.dest = hosts[j.slot]
                 executor.run(jobs, pool)
-            executor.execute(unit.prepared, pool)
-        except RuntimeError:
-            self._check_open()  # close() shut the pool down: "cannot schedule new futures after shutdown"
+            return hosts, executor.start(unit.prepared, pool)
+        except BaseException as e:
+            _unbind(unit)
+            if isinstance(e, RuntimeError):
+                self._check_open()  # close() shut the pool down: "cannot schedule new futures after shutdown"
+            raise
+
+    def _finish_unit(self, unit: _program.Unit, hosts: list[np.ndarray], wait: Callable[[], None]) -> list[np.ndarray]:
+        """Wait for a started unit's reads; per step, its buffer cast to the target dtype."""
+        try:
+            wait()
+        except Exception:
+            self._check_open()  # a close() under the read (its pool shut down) is what went wrong
             raise
         finally:
-            for j in unit.jobs:
-                j.dest = None
-            for lane in unit.lanes:
-                lane.dests = None
+            _unbind(unit)
         out = []
         for step in unit.steps:
             buf = hosts[step.slot]
@@ -859,6 +907,20 @@ class _RichProgress:
             self.bar.refresh()
             self.bar.stop()
             atexit.unregister(self.close)
+
+
+def _copies_to_device(devices: Sequence[Any]) -> bool:
+    """Whether ``device_put`` onto ``devices`` copies host buffers (asynchronously) rather than aliasing them
+    (CPU devices)."""
+    return any(d.platform != "cpu" for d in devices)
+
+
+def _unbind(unit: _program.Unit) -> None:
+    """Release a unit's host buffers from its jobs and lanes."""
+    for j in unit.jobs:
+        j.dest = None
+    for lane in unit.lanes:
+        lane.dests = None
 
 
 @contextlib.contextmanager

@@ -121,6 +121,11 @@ class Unit:
     rel: Box | None = None  # in-parts units: the part's box relative to each piece
     lanes: list[Lane] = field(default_factory=list)  # rows of runs as arrays (one lane, all files)
 
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of the host buffers the unit reads into (its pieces and their cast temporaries)."""
+        return sum(math.prod(shape) * np.dtype(dt).itemsize for step in self.steps for shape, dt in step.slots())
+
 
 @dataclass(eq=False)
 class Batch:
@@ -139,6 +144,7 @@ class Program:
     process: int
     batches: list[Batch]
     executor: Executor  # the one the requests were prepared for, which runs them
+    limit: int = 0  # the bound on host bytes read but not yet placed (max_inflight_bytes)
 
 
 # -- targets ------------------------------------------------------------------------------------------
@@ -435,7 +441,7 @@ def build(ckpt: Any, targets: Sequence[Target | None], *, limit: int, io_executo
         if items or pid == keep:
             plans[pid] = pp
         if pid == keep:
-            program = Program(pid, batches, io_executor)
+            program = Program(pid, batches, io_executor, limit)
     return plans, program
 
 

@@ -26,8 +26,8 @@ import itertools
 import math
 import os
 import threading
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -224,6 +224,13 @@ class Executor:
 
     def execute(self, prepared: Prepared, pool: ThreadPoolExecutor) -> None:
         """Issue the reads of ``prepared`` and copy them into the jobs' destinations (bound by then)."""
+        self.start(prepared, pool)()
+
+    def start(self, prepared: Prepared, pool: ThreadPoolExecutor) -> Callable[[], None]:
+        """Begin :meth:`execute`: the reads of ``prepared`` are submitted to ``pool`` (bytes held in memory and
+        staged reads are copied now); returns the function that waits for them to land and completes the copies.
+        The destinations must stay bound until it returns. Whatever happens, call it (it also waits after a
+        failure, so no read still writes into the buffers)."""
         for j in prepared.memory:
             buf = np.frombuffer(j.locator.data, np.uint8)[j.locator.base:]
             (_copy_runs_from if j.runs is not None else _copy_elements_from)(buf, 0, j)
@@ -231,13 +238,28 @@ class Executor:
             datas = self._read(prepared.staged_requests, prepared.staged)
             for j, (_, start, _), data in zip(prepared.staged, prepared.staged_requests, datas):
                 _copy_elements_from(np.frombuffer(data, np.uint8), start - j.locator.base, j)
-        if prepared.groups:
-            if self.posix:
-                self._posix(prepared.groups, pool)
-            else:
-                self._ranged(prepared.groups, pool)
-        for j in prepared.jobs:
-            _fix_byteorder(j)
+        futures: list[Future[None]] = []
+        try:
+            if prepared.groups:
+                if self.posix:
+                    self._posix(prepared.groups, pool, futures)
+                else:
+                    self._ranged(prepared.groups, pool, futures)
+        except BaseException:
+            _settle(futures)
+            raise
+
+        def finish() -> None:
+            try:
+                for f in futures:
+                    f.result()
+            except BaseException:
+                _settle(futures)  # the first failure: the reads not begun are dropped, those under way end
+                raise
+            for j in prepared.jobs:
+                _fix_byteorder(j)
+
+        return finish
 
     def _read(self, requests: list[tuple[str, int, int]], jobs: Sequence[CopyJob]) -> list[bytes]:
         try:
@@ -253,7 +275,8 @@ class Executor:
 
     # -- any KvStore -----------------------------------------------------------------------------
 
-    def _ranged(self, groups: list[tuple[list[tuple[str, int, int]], list[Feeds]]], pool: ThreadPoolExecutor) -> None:
+    def _ranged(self, groups: list[tuple[list[tuple[str, int, int]], list[Feeds]]], pool: ThreadPoolExecutor,
+                futures: list[Future[None]]) -> None:
         """All requests (runs of a file sorted, merged where gaps are small, cut near MAX_REQUEST) issued as one
         batch of byte-range reads; as each read arrives, the pool copies the blocks of runs it holds."""
         requests = [r for rs, _ in groups for r in rs]
@@ -273,12 +296,12 @@ class Executor:
                 _copy_part(data, requests[k][1], j, part, requests[k][0])
 
         # Reads complete in the background; copies run on the pool as each read arrives.
-        for f in [pool.submit(consume, k) for k in range(len(requests))]:
-            f.result()
+        futures.extend(pool.submit(consume, k) for k in range(len(requests)))
 
     # -- local files ---------------------------------------------------------------------------------
 
-    def _posix(self, groups: list[tuple[list[tuple[str, int, int]], list[Feeds]]], pool: ThreadPoolExecutor) -> None:
+    def _posix(self, groups: list[tuple[list[tuple[str, int, int]], list[Feeds]]], pool: ThreadPoolExecutor,
+               futures: list[Future[None]]) -> None:
         """Each request (cut near BOUNCE and merged over gaps up to LOCAL_GAP inside a chunk) read with ``preadv``
         on the pool: scattered straight into the pieces where it can be (:func:`_scatter_iovs`, built here for
         IOV_BATCH bytes of requests at a time while the pool reads the earlier ones), else into a per-thread
@@ -286,7 +309,6 @@ class Executor:
         while being read) is a TruncatedDataError: plain reads return short counts where a memory map would
         raise SIGBUS."""
         junk = _junk()
-        futures = []
         for requests, feeds in groups:
             i = 0
             while i < len(requests):
@@ -307,8 +329,6 @@ class Executor:
                 if task:
                     futures.append(pool.submit(self._pread_all, task))
                 i = k
-        for f in futures:
-            f.result()
 
     def _pread_all(self, work: list[tuple[tuple[str, int, int], Feeds, np.ndarray | None]]) -> None:
         """Read a run of requests (a file's descriptor held once for the requests of one file, counted once)."""
@@ -354,6 +374,13 @@ class Executor:
         for j, part in feeds:
             _copy_part(buf[:n], start, j, part, key)
         return n
+
+
+def _settle(futures: Sequence[Future[None]]) -> None:
+    """Wait until every one of ``futures`` is done (cancelling those not started), whatever their outcome."""
+    for f in futures:
+        f.cancel()
+    wait(futures)
 
 
 _JUNK: list[np.ndarray] = []

@@ -1,0 +1,122 @@
+"""A load reads the next unit while the previous one goes to the devices, within ``max_inflight_bytes``.
+
+Events are logged without timing: a unit's reads submitted (``Checkpoint._start_unit``), its pieces put on
+devices (``jreshard.place.put``) and, where device_put copies (accelerators; forced here on CPU devices), the
+wait for a transfer to finish (``jax.block_until_ready``) after which its host buffers are released. The
+host bytes of units submitted but not yet placed, or placed but still being copied, never exceed the bound;
+with room for two units, unit k+1 is submitted before unit k is placed.
+"""
+
+from __future__ import annotations
+
+import jax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jreshard
+from jreshard import checkpoint, place, program
+from tests.helpers import check_loaded_array, make_mesh
+
+KiB = 2**10
+
+
+@pytest.fixture(scope="module")
+def plain(checkpoints):
+    with jreshard.open(checkpoints.dirs["plain"]) as ckpt:
+        yield ckpt, checkpoints.reference("plain")
+
+
+def _log(monkeypatch, copies: bool):
+    events: list[tuple[str, int]] = []
+    start, put, ready = checkpoint.Checkpoint._start_unit, place.put, jax.block_until_ready
+
+    def start_unit(self, unit, executor, pool):
+        events.append(("start", unit.host_bytes))
+        return start(self, unit, executor, pool)
+
+    def put_(host, devices):
+        out = put(host, devices)
+        events.append(("put", id(out)))
+        return out
+
+    def ready_(x):
+        if isinstance(x, list):
+            events.append(("ready", id(x)))
+        return ready(x)
+
+    monkeypatch.setattr(checkpoint.Checkpoint, "_start_unit", start_unit)
+    monkeypatch.setattr(place, "put", put_)
+    monkeypatch.setattr(jax, "block_until_ready", ready_)
+    if copies:
+        monkeypatch.setattr(checkpoint, "_copies_to_device", lambda devices: True)
+    return events
+
+
+def _held(events, copies: bool) -> list[int]:
+    """Host bytes held (submitted and not placed; with copies, placed and not yet transferred) after each
+    event."""
+    submitted: list[int] = []  # bytes of units submitted, in order, not yet put
+    moving: dict[int, int] = {}
+    out = []
+    for kind, x in events:
+        if kind == "start":
+            submitted.append(x)
+        elif kind == "put":
+            nbytes = submitted.pop(0)
+            if copies:
+                moving[x] = nbytes
+        elif kind == "ready":
+            moving.pop(x, None)
+        out.append(sum(submitted) + sum(moving.values()))
+    return out
+
+
+def _target(ckpt, names):
+    mesh = make_mesh("2x4")
+    return {n: jax.ShapeDtypeStruct(ckpt.tensors[n].shape, ckpt.tensors[n].dtype,
+                                    sharding=NamedSharding(mesh, P("data", "model")))
+            for n in names}
+
+
+NAMES = ("mp.a", "mp.b", "mp.c", "mp.d", "mp.e")  # 512 KiB .. 1 MiB each
+
+
+@pytest.mark.parametrize("copies", [False, True])
+def test_next_unit_is_read_while_the_previous_is_placed(plain, monkeypatch, copies):
+    ckpt, ref = plain
+    target = _target(ckpt, NAMES)
+    monkeypatch.setattr(program, "MIN_PACK", 256 * KiB)  # units of one tensor each, well under the bound
+    plan = ckpt.plan(target, max_inflight_bytes=2100 * KiB)
+    units = [u for b in plan._program.batches for u in b.units]
+    assert len(units) >= 3 and all(u.host_bytes <= 1050 * KiB for u in units)  # any two fit in the bound
+    events = _log(monkeypatch, copies)
+    out = ckpt.load(target, max_inflight_bytes=2100 * KiB)
+    kinds = [k for k, _ in events]
+    assert kinds.count("start") == kinds.count("put") == len(units)
+    # Every unit after the first is submitted before the one before it is placed (where transfers hold host
+    # buffers too, as long as the one before that has finished its transfer: at least once here).
+    starts = [i for i, k in enumerate(kinds) if k == "start"]
+    puts = [i for i, k in enumerate(kinds) if k == "put"]
+    overlapped = [s < p for s, p in zip(starts[1:], puts[:-1])]
+    assert any(overlapped) if copies else all(overlapped), kinds
+    assert max(_held(events, copies)) <= 2100 * KiB
+    for n in NAMES:
+        check_loaded_array(out[n], target[n], ref[n], n)
+
+
+@pytest.mark.parametrize("copies", [False, True])
+def test_no_overlap_past_the_bound(plain, monkeypatch, copies):
+    ckpt, ref = plain
+    target = _target(ckpt, NAMES)
+    plan = ckpt.plan(target, max_inflight_bytes=600 * KiB)
+    units = [u for b in plan._program.batches for u in b.units]
+    sizes_ = [u.host_bytes for u in units]
+    assert all(a + b > 600 * KiB for a, b in zip(sizes_, sizes_[1:]))  # no two neighbours fit together
+    events = _log(monkeypatch, copies)
+    out = ckpt.load(target, max_inflight_bytes=600 * KiB)
+    kinds = [k for k, _ in events if k != "ready"]
+    assert kinds == ["start", "put"] * len(units), kinds  # each unit placed (and transferred) before the next starts
+    assert max(_held(events, copies)) <= 600 * KiB
+    for n in NAMES:
+        check_loaded_array(out[n], target[n], ref[n], n)
