@@ -13,31 +13,37 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jreshard
-from jreshard import program
+from jreshard import place, program
 from jreshard.gcpause import gc_paused
 from tests.helpers import make_mesh
 
 
-def test_plan_pauses_gc_and_restores_it(checkpoints, monkeypatch):
+@pytest.mark.parametrize("call", ["plan", "load"])
+def test_plan_and_load_pause_gc_and_restore_it(checkpoints, monkeypatch, call):
     seen = []
-    make_step = program.make_step
+    make_step, put = program.make_step, place.put
 
-    def spy(*args, **kwargs):
-        seen.append(gc.isenabled())
-        return make_step(*args, **kwargs)
+    def spy(real):
+        def run(*args, **kwargs):
+            seen.append((real.__name__, gc.isenabled()))
+            return real(*args, **kwargs)
+        return run
 
-    monkeypatch.setattr(program, "make_step", spy)
+    monkeypatch.setattr(program, "make_step", spy(make_step))
+    monkeypatch.setattr(place, "put", spy(put))
     mesh = make_mesh("2x4")
     with jreshard.open(checkpoints.dirs["plain"]) as ckpt:
         target = {name: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=NamedSharding(mesh, P()))
                   for name, info in ckpt.tensors.items()}
         assert gc.isenabled()
-        ckpt.plan(target)
-        assert seen and not any(seen)
+        getattr(ckpt, call)(target)
+        # Planning (both) and placing (a load) ran with the collector off.
+        assert {n for n, _ in seen} == ({"make_step", "put"} if call == "load" else {"make_step"})
+        assert not any(on for _, on in seen)
         assert gc.isenabled()
         gc.disable()
         try:
-            ckpt.plan(target)
+            getattr(ckpt, call)(target)
             assert not gc.isenabled()  # a collector the caller paused stays paused
         finally:
             gc.enable()
