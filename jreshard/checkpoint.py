@@ -356,7 +356,9 @@ class Checkpoint:
         buffers included, whatever the sharding: shards that fit are read in batches of whole shards, and a
         shard larger than the bound is read in parts, each placed on the shard's device(s) and written into
         the shard there. It must hold one element (saved and cast) of every tensor loaded, else
-        InvalidArgumentError. A :meth:`close` before this returns makes it raise CheckpointClosedError.
+        InvalidArgumentError. Within it, the next batch is read while the previous one goes to the devices; on
+        accelerators, host buffers whose transfer ended are reused by the next batches. A :meth:`close` before
+        this returns makes it raise CheckpointClosedError.
 
         A target dtype other than the saved one (for a target read without a mapping entry) is a cast: with
         ``cast="safe"`` (the default) only one that keeps every value (``np.can_cast(saved, target, "safe")``;
@@ -403,15 +405,17 @@ class Checkpoint:
         # The unit being read (its reads on the pool), and on accelerators the units whose host buffers are
         # still being copied to the devices: unit k+1 is read while unit k goes to the devices, as long as
         # their host bytes together stay within the bound.
-        reading: list[tuple[_program.Unit, list[np.ndarray], Callable[[], None]]] = []
-        moving: collections.deque[tuple[list[Any], int]] = collections.deque()
+        # Host blocks whose bytes reached an accelerator are reused by the next units (no fresh page faults).
+        reading: list[tuple[_program.Unit, list[np.ndarray], Callable[[], None], list[np.ndarray]]] = []
+        moving: collections.deque[tuple[list[Any], int, list[np.ndarray]]] = collections.deque()
+        host_pool = _place.HostPool(limit)
 
         def held() -> int:
-            return sum(u.host_bytes for u, _, _ in reading) + sum(n for _, n in moving)
+            return sum(u.host_bytes for u, _, _, _ in reading) + sum(n for _, n, _ in moving)
 
         def place() -> None:
             """Finish the unit being read and put its pieces on their devices (asynchronously)."""
-            unit, hosts, wait = reading.pop()
+            unit, hosts, wait, blocks = reading.pop()
             bufs = self._finish_unit(unit, hosts, wait)
             host, devs, owners = [], [], []
             for step, buf in zip(unit.steps, bufs):
@@ -420,8 +424,8 @@ class Checkpoint:
                     devs.append(dev)
                     owners.append(step.target.index)
             placed = _place.put(host, devs)
-            if _copies_to_device(devs):
-                moving.append((placed, unit.host_bytes))  # its host buffers are released once this is done
+            if _copies_to_device(devs):  # its host buffers are released (or reused) once this is done
+                moving.append((placed, unit.host_bytes, blocks))
             for i, dev, arr in zip(owners, devs, placed):
                 device_arrays[i][dev] = arr
             advance(unit.nbytes)
@@ -432,7 +436,9 @@ class Checkpoint:
             while reading and (nbytes < 0 or held() + nbytes > limit):
                 place()
             while moving and (nbytes < 0 or held() + nbytes > limit):
-                jax.block_until_ready(moving.popleft()[0])
+                placed, _, blocks = moving.popleft()
+                jax.block_until_ready(placed)
+                host_pool.give(blocks)
 
         with ThreadPoolExecutor(executor.threads) as pool, _closing(report):
             try:
@@ -444,13 +450,16 @@ class Checkpoint:
                         continue
                     unit = batch.units[0]
                     settle(unit.host_bytes)
-                    started = (unit, *self._start_unit(unit, executor, pool))
+                    blocks: list[np.ndarray] = []
+                    pooled = all(_copies_to_device([d]) for step in unit.steps for d in step.piece.devices)
+                    started = (unit, *self._start_unit(unit, executor, pool, host_pool if pooled else None,
+                                                       blocks), blocks)
                     if reading:
                         place()  # while the pool reads the next unit
                     reading.append(started)
                 settle()
             except BaseException:
-                for unit, hosts, wait in reading:  # no read still writes into a buffer once this raises
+                for unit, hosts, wait, _ in reading:  # no read still writes into a buffer once this raises
                     with contextlib.suppress(BaseException):
                         self._finish_unit(unit, hosts, wait)
                 raise
@@ -472,10 +481,12 @@ class Checkpoint:
         hosts, wait = self._start_unit(unit, executor, pool)
         return self._finish_unit(unit, hosts, wait)
 
-    def _start_unit(self, unit: _program.Unit, executor: Executor, pool: ThreadPoolExecutor
+    def _start_unit(self, unit: _program.Unit, executor: Executor, pool: ThreadPoolExecutor,
+                    host_pool: _place.HostPool | None = None, blocks: list[np.ndarray] | None = None
                     ) -> tuple[list[np.ndarray], Callable[[], None]]:
-        """Allocate a unit's host buffers and submit its reads: the buffers, and what :meth:`_finish_unit` waits on."""
-        hosts = _place.allocate([s for step in unit.steps for s in step.slots()])
+        """Allocate a unit's host buffers (from ``host_pool`` when given; their blocks appended to ``blocks``) and
+        submit its reads: the buffers, and what :meth:`_finish_unit` waits on."""
+        hosts = _place.allocate([s for step in unit.steps for s in step.slots()], pool=host_pool, blocks=blocks)
         for j in unit.jobs:
             j.dest = hosts[j.slot]
         for lane in unit.lanes:

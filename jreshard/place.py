@@ -58,9 +58,48 @@ BLOCK = 256 * 2**20  # host pieces are carved out of blocks of this size (huge p
 HUGE = 2 * 2**20
 
 
-def allocate(shapes: Sequence[tuple[Sequence[int], np.dtype]], block: int = BLOCK) -> list[np.ndarray]:
+class HostPool:
+    """Host blocks given back once their bytes reached a device that copies them (an accelerator), taken again by
+    the next allocations: memory faulted in once serves batch after batch. Blocks idle in the pool and blocks
+    lent out (``take``) together stay within ``cap`` bytes: idle blocks are dropped before a fresh one would
+    pass it.
+
+    Example:
+        >>> pool = HostPool(cap=3 << 20)
+        >>> a = pool.take(1 << 20); pool.give([a])
+        >>> b = pool.take(1000)  # the idle block, reused
+        >>> b is a, pool.lent
+        (True, 1048576)
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.idle: list[np.ndarray] = []
+        self.lent = 0
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """A block of at least ``nbytes`` bytes (uint8): the smallest idle one that fits, else a fresh one."""
+        fits = [k for k, b in enumerate(self.idle) if len(b) >= nbytes]
+        if fits:
+            block = self.idle.pop(min(fits, key=lambda k: len(self.idle[k])))
+        else:
+            while self.idle and sum(len(b) for b in self.idle) + self.lent + nbytes > self.cap:
+                self.idle.pop(max(range(len(self.idle)), key=lambda k: len(self.idle[k])))
+            block = _empty(nbytes)
+        self.lent += len(block)
+        return block
+
+    def give(self, blocks: Sequence[np.ndarray]) -> None:
+        """Blocks taken from this pool whose arrays are no longer needed on the host."""
+        for b in blocks:
+            self.lent -= len(b)
+            self.idle.append(b)
+
+
+def allocate(shapes: Sequence[tuple[Sequence[int], np.dtype]], block: int = BLOCK, pool: HostPool | None = None,
+             blocks: list[np.ndarray] | None = None) -> list[np.ndarray]:
     """Uninitialised C-ordered arrays for ``(shape, dtype)`` pairs, 64-byte aligned, packed into shared blocks
-    of about ``block`` bytes.
+    of about ``block`` bytes (taken from ``pool`` when given; each block used is appended to ``blocks``).
 
     Small separate allocations fault their memory in 4 KiB pages; one large 2 MiB-aligned block is backed by
     transparent huge pages, which makes first touch several times cheaper. A block lives as long as any
@@ -81,7 +120,9 @@ def allocate(shapes: Sequence[tuple[Sequence[int], np.dtype]], block: int = BLOC
         while j < len(shapes) and (j == i or total + _pad(sizes[j]) <= block):
             total += _pad(sizes[j])
             j += 1
-        raw = _empty(total + HUGE)
+        raw = _empty(total + HUGE) if pool is None else pool.take(total + HUGE)
+        if blocks is not None:
+            blocks.append(raw)
         start = (-raw.ctypes.data) % HUGE
         pos = start
         for k in range(i, j):
