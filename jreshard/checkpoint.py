@@ -414,8 +414,8 @@ class Checkpoint:
             return sum(u.host_bytes for u, _, _, _ in reading) + sum(n for _, n, _ in moving)
 
         def place() -> None:
-            """Finish the unit being read and put its pieces on their devices (asynchronously)."""
-            unit, hosts, wait, blocks = reading.pop()
+            """Finish the oldest unit being read and put its pieces on their devices (asynchronously)."""
+            unit, hosts, wait, blocks = reading.pop(0)
             bufs = self._finish_unit(unit, hosts, wait)
             host, devs, owners = [], [], []
             for step, buf in zip(unit.steps, bufs):
@@ -452,11 +452,10 @@ class Checkpoint:
                     settle(unit.host_bytes)
                     blocks: list[np.ndarray] = []
                     pooled = all(_copies_to_device([d]) for step in unit.steps for d in step.piece.devices)
-                    started = (unit, *self._start_unit(unit, executor, pool, host_pool if pooled else None,
-                                                       blocks), blocks)
-                    if reading:
-                        place()  # while the pool reads the next unit
-                    reading.append(started)
+                    reading.append((unit, *self._start_unit(unit, executor, pool, host_pool if pooled else None,
+                                                            blocks), blocks))
+                    if len(reading) > 1:
+                        place()  # the previous unit, while the pool reads this one
                 settle()
             except BaseException:
                 for unit, hosts, wait, _ in reading:  # no read still writes into a buffer once this raises
