@@ -674,8 +674,7 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
         np.add.at(useful, kid_of(lr.x0), lr.n * lr.run)
         np.add.at(bridged, kid_of(lr.x0), np.where(d & (lr.s - lr.run > gap), (lr.n - 1) * (lr.s - lr.run), 0))
     budget = np.maximum(0, useful // WASTE - bridged)
-    rs, re = _merge(starts[order], lengths[order], chunks[order], gap, chunk_gap,
-                    budget if span else int(budget[0]), span)
+    rs, re = _merge(starts[order], lengths[order], chunks[order], gap, chunk_gap, budget, span)
     # Each merged region is cut into windows of ``limit`` bytes; a run belongs to the window of its start.
     nwin = (re - rs - 1) // max(1, limit) + 1
     first_win = np.cumsum(nwin) - nwin
@@ -907,7 +906,8 @@ def _merge(starts: np.ndarray, lengths: np.ndarray, chunks: np.ndarray, gap: int
     gaps of at most ``chunk_gap`` between runs of the same chunk (same ``chunks`` value) too, smallest first,
     while those total at most ``budget`` bytes (None: no limit). Returns the (starts, stops) of the merged reads.
     With ``span``, the runs are of several files (file k's offsets shifted by ``k * span``) and ``budget`` is an
-    array: file k's gaps are bridged within ``budget[k]``, smallest first, exactly as for that file alone.
+    array: file k's gaps are bridged within ``budget[k]``, smallest first, exactly as for that file alone (one
+    file is file 0).
 
     Example (gaps of 2, 6 and 4 bytes; gaps up to 3 always, a budget of 4 for the others: 2 and 4 bridged):
         >>> s, e = _merge(np.array([0, 12, 28, 42]), np.array([10, 10, 10, 10]), np.zeros(4, np.int64), 3, 16, 4)
@@ -924,19 +924,14 @@ def _merge(starts: np.ndarray, lengths: np.ndarray, chunks: np.ndarray, gap: int
         # Overlapping runs and gaps up to ``gap`` always join; larger gaps join smallest first within the
         # budget, so that they add at most 1/WASTE to the bytes needed.
         cand = np.flatnonzero(join & (gaps > gap))
-        if len(cand) and span:
-            file = starts[1:][cand] // span
+        if len(cand):
+            file = starts[1:][cand] // span if span else np.zeros(len(cand), np.int64)
             order = np.lexsort((gaps[cand], file))  # by file, then gap (stable)
             order, file = cand[order], file[order]
             used = np.cumsum(gaps[order])
             first = np.flatnonzero(np.concatenate(([True], file[1:] != file[:-1])))
             before = np.repeat(used[first] - gaps[order][first], np.diff(np.concatenate((first, [len(order)]))))
-            allowed = order[used - before <= np.asarray(budget)[file]]
-            join[cand] = False
-            join[allowed] = True
-        elif len(cand):
-            order = cand[np.argsort(gaps[cand], kind="stable")]
-            allowed = order[np.cumsum(gaps[order]) <= budget]
+            allowed = order[used - before <= np.atleast_1d(budget)[file]]
             join[cand] = False
             join[allowed] = True
     new = np.ones(len(starts), dtype=bool)
