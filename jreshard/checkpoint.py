@@ -450,10 +450,14 @@ class Checkpoint:
                         continue
                     unit = batch.units[0]
                     settle(unit.host_bytes)
+                    # Only a unit whose every device copies reads into pooled blocks (and gives them back): a
+                    # device that aliases its host buffer (CPU) keeps the block as its array.
                     blocks: list[np.ndarray] = []
-                    pooled = all(_copies_to_device([d]) for step in unit.steps for d in step.piece.devices)
-                    reading.append((unit, *self._start_unit(unit, executor, pool, host_pool if pooled else None,
-                                                            blocks), blocks))
+                    if all(_copies_to_device([d]) for step in unit.steps for d in step.piece.devices):
+                        hosts, wait = self._start_unit(unit, executor, pool, host_pool, blocks)
+                    else:
+                        hosts, wait = self._start_unit(unit, executor, pool)
+                    reading.append((unit, hosts, wait, blocks))
                     if len(reading) > 1:
                         place()  # the previous unit, while the pool reads this one
                 settle()

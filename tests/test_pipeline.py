@@ -158,3 +158,28 @@ def test_accelerator_host_blocks_are_reused(plain, monkeypatch):
         assert len(fresh) >= len(units)
         for n in NAMES:
             check_loaded_array(out[n], target[n], ref[n], n)
+
+
+def test_blocks_of_units_with_aliasing_devices_never_join_the_pool(plain, monkeypatch):
+    """Devices 4-7 copy, 0-3 alias (as a CPU device does). Tensors only on 4-7 are read through the pool; a unit
+    with pieces on 0-3 allocates fresh blocks that stay with the arrays aliasing them, never reused by a later
+    unit, so every array stays exact."""
+    ckpt, ref = plain
+    monkeypatch.setattr(program, "MIN_PACK", 256 * KiB)
+    put = place.put
+    monkeypatch.setattr(checkpoint, "_copies_to_device", lambda devices: any(d.id >= 4 for d in devices))
+    monkeypatch.setattr(place, "put", lambda host, devices: put(
+        [np.array(h, copy=True) if d.id >= 4 else h for h, d in zip(host, devices)], devices))
+    taken = []
+    take = place.HostPool.take
+    monkeypatch.setattr(place.HostPool, "take", lambda self, n: taken.append(self.lent) or take(self, n))
+    copying = jax.sharding.Mesh(np.array(jax.devices()[4:8]).reshape(2, 2), ("data", "model"))
+    target = {}
+    for k, n in enumerate(NAMES):  # alternately on all 8 devices (mixed) and on the copying 4 only
+        info = ckpt.tensors[n]
+        mesh = make_mesh("2x4") if k % 2 == 0 else copying
+        target[n] = jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=NamedSharding(mesh, P("data", "model")))
+    out = ckpt.load(target, max_inflight_bytes=2100 * KiB)
+    assert taken and min(taken) >= 0  # the pool lent only what it handed out
+    for n in NAMES:
+        check_loaded_array(out[n], target[n], ref[n], n)
