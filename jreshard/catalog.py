@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from itertools import chain
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -451,6 +452,31 @@ class _ChunkIndex:
         cand, lo, c_lo, hi = cand[hit], lo[hit], c_lo[hit], hi[hit]
         return cand, lo - c_lo, lo - box0, hi - lo
 
+    def overlap_arrays_many(self, b0: np.ndarray, b1: np.ndarray):
+        """:meth:`overlap_arrays` of the boxes ``[b0[i], b1[i])`` (int64 arrays (m, ndim)) at once: (box index,
+        chunk ids, starts in the chunk, starts in the box, sizes), rows by box then chunk id, each box's rows
+        exactly those :meth:`overlap_arrays` gives for it."""
+        m, ndim = b0.shape
+        lo_i = np.empty((ndim, m), np.int64)
+        hi_i = np.empty((ndim, m), np.int64)
+        for k, starts in enumerate(self.starts):
+            lo_i[k] = np.searchsorted(starts, b0[:, k] - self.max_size[k], side="right")
+            hi_i[k] = np.searchsorted(starts, b1[:, k], side="left")
+        count = np.maximum(hi_i - lo_i, 0)
+        best = np.argmin(hi_i - lo_i, axis=0)  # the first dim with the shortest run, as overlap_arrays takes
+        cols = np.arange(m)
+        n, first = count[best, cols], lo_i[best, cols]
+        total = int(n.sum())
+        bid = np.repeat(cols, n)
+        pos = np.repeat(first - (np.cumsum(n) - n), n) + np.arange(total, dtype=np.int64)
+        cand = np.stack(self.order)[np.repeat(best, n), pos] if total else np.zeros(0, np.int64)
+        c_lo = self.lo[cand]
+        lo, hi = np.maximum(c_lo, b0[bid]), np.minimum(self.hi[cand], b1[bid])
+        hit = np.flatnonzero((hi > lo).all(axis=1))
+        hit = hit[np.lexsort((cand[hit], bid[hit]))]  # by box, then in chunk order
+        bid, cand, lo, c_lo, hi = bid[hit], cand[hit], lo[hit], c_lo[hit], hi[hit]
+        return bid, cand, lo - c_lo, lo - b0[bid], hi - lo
+
 
 def _build_index(chunks: tuple) -> _ChunkIndex | None:
     n = len(chunks)
@@ -507,6 +533,29 @@ def chunk_overlap_arrays(chunks: Any, box: Any) -> tuple[np.ndarray, np.ndarray,
         empty = np.zeros((0, index.lo.shape[1]), np.int64)
         return np.zeros(0, np.int64), empty, empty, empty
     return found
+
+
+def chunk_overlap_arrays_many(chunks: Any, boxes: Sequence[Any]
+                              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """:func:`chunk_overlap_arrays` of several boxes at once: (box index, chunk ids, starts in the chunk, starts
+    in the box, sizes), the rows of box 0 first (each box's in chunk order), then box 1's, and so on; None where
+    :func:`chunk_overlap_arrays` gives None for any of the boxes.
+
+    Example:
+        >>> cs = validate_chunks("w", (400,), [Chunk((4 * i,), (4,)) for i in range(100)], "ckpt")
+        >>> [a.tolist() for a in chunk_overlap_arrays_many(cs, [((6, 9),), ((0, 2),)])]
+        [[0, 0, 1], [1, 2, 0], [[2], [0], [0]], [[0], [2], [0]], [[2], [1], [2]]]
+    """
+    if not boxes:
+        return None
+    index = None
+    for box in boxes:
+        index = _index_of(chunks, box)
+        if index is None:
+            return None
+    assert index is not None
+    b = np.array(boxes, np.int64)
+    return index.overlap_arrays_many(b[:, :, 0], b[:, :, 1])
 
 
 def chunk_overlaps(chunks: Any, box: Any) -> tuple[list[int], list[tuple[int, ...]], list[tuple[int, ...]],

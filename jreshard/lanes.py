@@ -34,7 +34,7 @@ class RegionBlock:
     ``i`` of overlap ``r`` lands at element ``dst0[r] + sum(i_k * strides_k)`` of slot ``slot``."""
 
     info: TensorInfo
-    slot: int
+    slot: int | np.ndarray  # one slot, or one per row (the overlaps of several pieces of one shape)
     cid: np.ndarray
     cstart: np.ndarray
     size: np.ndarray
@@ -47,7 +47,8 @@ class RegionBlock:
 
     def subset(self, rows: np.ndarray) -> RegionBlock:
         """The rows ``rows`` (a mask or indices) as a block."""
-        return RegionBlock(self.info, self.slot, self.cid[rows], self.cstart[rows], self.size[rows], self.dst0[rows],
+        slot = self.slot if isinstance(self.slot, int) else self.slot[rows]
+        return RegionBlock(self.info, slot, self.cid[rows], self.cstart[rows], self.size[rows], self.dst0[rows],
                            self.strides, self.pstart[rows])
 
     @property
@@ -233,7 +234,8 @@ def lanes_of(blocks: list[RegionBlock], located: dict[tuple[str, int], Any]
             rest.append((blk, ~ok))
         if ok.any():
             parts.append(Rows(x0[ok], n[ok], s[ok], run[ok], base_c[inv][ok], (blk.dst0 * item)[ok], ds[ok],
-                              np.full(int(ok.sum()), blk.slot, np.int64), np.full(int(ok.sum()), t, np.int64),
+                              np.broadcast_to(np.asarray(blk.slot, np.int64), ok.shape)[ok],
+                              np.full(int(ok.sum()), t, np.int64),
                               key_c[inv][ok]))
     if not parts:
         return [], rest

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .catalog import TensorInfo, chunk_overlap_arrays
+from .catalog import TensorInfo, chunk_overlap_arrays, chunk_overlap_arrays_many
 from .errors import InvalidArgumentError, JReshardError, TargetMismatchError
 from .place import check_fits
 from .planning import (
@@ -398,6 +398,45 @@ def make_step(target: Target, piece: Piece, box: Box, slot: int, tensors: Any) -
     return step, regions
 
 
+def _steps_at_once(target: Target, pieces: list[Piece], boxes: list[Box], slot: int, tensors: Any
+                   ) -> tuple[list[Step], list[list[Any]]] | None:
+    """What :func:`make_step` gives for each of ``pieces`` (boxes ``boxes``, slots from ``slot`` on), made at
+    once for a target read as it is saved (no view, no cast) from a 1-D or 2-D tensor with many chunks: the
+    overlaps of pieces of one shape are one :class:`RegionBlock` (a slot per row), listed with the first of
+    them. None where that does not apply (then :func:`make_step` goes piece by piece)."""
+    view = target.view
+    if not LANES or view._op != "saved":
+        return None
+    info = tensors[view._args]
+    if info.ndim not in (1, 2) or any(b <= a for box in boxes for a, b in box):
+        return None
+    found = chunk_overlap_arrays_many(info.chunks, boxes)
+    if found is None:
+        return None
+    bid, cid, cstart, pstart, size = found
+    dtype = np.dtype(info.dtype)
+    steps = []
+    for k, (piece, box) in enumerate(zip(pieces, boxes)):
+        step = Step(target, piece, box, dtype, (), [], [], slot + k)
+        check_fits(math.prod(step.shape) * dtype.itemsize, f"the shard {box} of {target.name!r}")
+        steps.append(step)
+    shapes = np.array([step.shape for step in steps], np.int64)
+    need = shapes.prod(axis=1)
+    covered = np.bincount(bid, weights=size.prod(axis=1), minlength=len(steps)) if len(bid) else np.zeros(len(steps))
+    if not np.array_equal(covered, need):
+        k = int(np.flatnonzero(covered != need)[0])
+        raise JReshardError(f"internal: target {target.name!r} box {boxes[k]} covered {int(covered[k])} elements")
+    COUNTS["overlaps"] += len(cid)
+    regions: list[list[Any]] = [[] for _ in steps]
+    for shape in dict.fromkeys(map(tuple, shapes.tolist())):
+        ks = np.flatnonzero((shapes == shape).all(axis=1))
+        rows = np.flatnonzero(np.isin(bid, ks))
+        strides = c_strides(shape)
+        regions[int(ks[0])].append(RegionBlock(info, slot + bid[rows], cid[rows], cstart[rows], size[rows],
+                                               pstart[rows] @ np.array(strides, np.int64), strides, pstart[rows]))
+    return steps, regions
+
+
 def jobs_of(regions: Sequence[Region], located: dict) -> tuple[list[CopyJob], list[Region]]:
     """Copy jobs of the regions whose chunks are located; the others (compressed items) are returned."""
     jobs, deferred = [], []
@@ -467,13 +506,25 @@ def _plan_batch(ckpt: Any, in_parts: bool, items: list, limit: int, executor: Ex
 def _unit_of(ckpt: Any, group: list[tuple[Target, Piece]], rel: Box | None, executor: Executor,
              pp: ProcessPlan, feeds: bool = True) -> Unit:
     """The unit reading the pieces of ``group`` whole (``rel`` None), or their part ``rel`` (relative box)."""
-    steps, regions, slot = [], [], 0
-    for t, piece in group:
-        box = piece.box if rel is None else tuple((a0 + a, a0 + b) for (a0, _), (a, b) in zip(piece.box, rel))
-        step, regs = make_step(t, piece, box, slot, ckpt.format.tensors)
-        slot += 1 + len(step.temps)
-        steps.append(step)
-        regions.append(regs)
+    steps: list[Step] = []
+    regions: list[list[Any]] = []
+    slot = 0
+    tensors = ckpt.format.tensors
+    for t, run in itertools.groupby(group, key=lambda tp: tp[0]):
+        pieces = [piece for _, piece in run]
+        boxes = [piece.box if rel is None else tuple((a0 + a, a0 + b) for (a0, _), (a, b) in zip(piece.box, rel))
+                 for piece in pieces]
+        made = _steps_at_once(t, pieces, boxes, slot, tensors)
+        if made is not None:
+            steps.extend(made[0])
+            regions.extend(made[1])
+            slot += len(pieces)
+            continue
+        for piece, box in zip(pieces, boxes):
+            step, regs = make_step(t, piece, box, slot, tensors)
+            slot += 1 + len(step.temps)
+            steps.append(step)
+            regions.append(regs)
     unit = plan_unit(ckpt, steps, regions, executor, pp, feeds)
     unit.rel = rel
     return unit
@@ -482,10 +533,11 @@ def _unit_of(ckpt: Any, group: list[tuple[Target, Piece]], rel: Box | None, exec
 def _regions_of(block: RegionBlock, rows: np.ndarray) -> list[Region]:
     """The rows ``rows`` (a mask) of ``block`` as Region objects."""
     idx = np.flatnonzero(rows)
-    return [Region(block.info, Overlap(c, tuple(cs), tuple(ps), tuple(sz)), block.slot, d, block.strides)
-            for c, cs, ps, sz, d in zip(block.cid[idx].tolist(), block.cstart[idx].tolist(),
-                                         block.pstart[idx].tolist(), block.size[idx].tolist(),
-                                         block.dst0[idx].tolist())]
+    slots = np.broadcast_to(block.slot, block.cid.shape)[idx].tolist()
+    return [Region(block.info, Overlap(c, tuple(cs), tuple(ps), tuple(sz)), s, d, block.strides)
+            for c, cs, ps, sz, d, s in zip(block.cid[idx].tolist(), block.cstart[idx].tolist(),
+                                            block.pstart[idx].tolist(), block.size[idx].tolist(),
+                                            block.dst0[idx].tolist(), slots)]
 
 
 def _region_bytes(r: Region | RegionBlock) -> int:
@@ -497,13 +549,14 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
     """The unit that fills ``steps`` from their ``regions``, its reads counted into ``pp``. ``feeds`` False: a
     unit only counted (another process's), whose requests are made without what each feeds (never run)."""
     flat = [r for regs in regions for r in regs if type(r) is Region]
-    blocks = []
+    blocks, wholes = [], []
     for b in (r for regs in regions for r in regs if type(r) is RegionBlock):
-        # Rows of chunks read whole (small or compressed items) are planned as Region objects.
+        # Rows of chunks read whole (small or compressed items) are set apart: they join the lanes if located
+        # below, else they are read whole when the unit runs.
         uniq, inv = np.unique(b.cid, return_inverse=True)
         whole = np.array([b.info.chunks[c].whole_read_nbytes is not None for c in uniq.tolist()], bool)[inv]
         if whole.any():
-            flat.extend(_regions_of(b, whole))
+            wholes.append(b.subset(whole))
             b = b.subset(~whole)
         if len(b):
             blocks.append(b)
@@ -513,22 +566,42 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
     # Small archives (read whole for one request instead of header reads) are located for sub-ranges when
     # this unit needs less than 1/PARTIAL of their bytes: the bytes read then stay near the bytes needed.
     need: dict[tuple[str, int], int] = {}
-    for r in flat:
-        chunk = r.info.chunks[r.overlap.chunk_id]
-        key = (r.info.name, r.overlap.chunk_id)
+    infos: dict[str, TensorInfo] = {}
+
+    def consider(info: TensorInfo, cid: int, nbytes: int) -> None:
+        chunk = info.chunks[cid]
+        key = (info.name, cid)
         if chunk.whole_read_nbytes is not None and key not in located:
             cached = ckpt._locators.get(key)  # located for sub-ranges by an earlier plan: read as such again
             if cached is not None:
                 located[key] = cached
-                continue
+                return
         if chunk.partial_ok and chunk.whole_read_nbytes is not None and key not in located:
-            need[key] = need.get(key, 0) + math.prod(r.overlap.size) * r.info.dtype.itemsize
-    infos = {r.info.name: r.info for r in flat}
+            need[key] = need.get(key, 0) + nbytes
+            infos[info.name] = info
+
+    for r in flat:
+        consider(r.info, r.overlap.chunk_id, math.prod(r.overlap.size) * r.info.dtype.itemsize)
+    for b in wholes:
+        uniq, inv = np.unique(b.cid, return_inverse=True)
+        nbytes = np.zeros(len(uniq), np.int64)
+        np.add.at(nbytes, inv, b.size.prod(axis=1) * b.info.dtype.itemsize)
+        for c, nb in zip(uniq.tolist(), nbytes.tolist()):
+            consider(b.info, c, nb)
     partial = [(infos[n], cid) for (n, cid), nbytes in need.items()
                if nbytes * PARTIAL < infos[n].chunks[cid].whole_read_nbytes
                and infos[n].chunks[cid].whole_read_nbytes - nbytes > HEADER_COST]
     if partial:
         located.update(ckpt._locate(partial, precise=True))
+    # Whole-read rows whose chunks are now located go with the other rows; the rest are read whole.
+    unread: list[RegionBlock] = []
+    for b in wholes:
+        uniq, inv = np.unique(b.cid, return_inverse=True)
+        found = np.array([(b.info.name, c) in located for c in uniq.tolist()], bool)[inv]
+        if found.any():
+            blocks.append(b.subset(found))
+        if not found.all():
+            unread.append(b.subset(~found))
     lanes, rest = lanes_of(blocks, located)
     for b, rows in rest:
         flat.extend(_regions_of(b, rows))
@@ -544,6 +617,11 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
     pp.bytes_to_read += sum(stop - start for _, start, stop in requests)
     pp.num_reads += len(requests)
     whole = {(r.info.name, r.overlap.chunk_id): r.info.chunks[r.overlap.chunk_id].whole_read_nbytes for r in deferred}
+    for b in unread:  # a unit only counted needs no Region object for these
+        for c in np.unique(b.cid).tolist():
+            whole[(b.info.name, c)] = b.info.chunks[c].whole_read_nbytes
+        if feeds:
+            deferred.extend(_regions_of(b, np.ones(len(b), bool)))
     pp.bytes_to_read += sum(whole.values())
     pp.num_reads += len(whole)
     return Unit(steps, jobs, prepared, deferred, total, lanes=lanes)

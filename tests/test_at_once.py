@@ -1,0 +1,127 @@
+"""The overlaps of all of a target's pieces found at once (the common case at pod scale: a tensor read as it is
+saved, many chunks, several devices per process) against the same overlaps found piece by piece."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from jreshard import catalog
+from jreshard.catalog import Chunk, TensorInfo, validate_chunks
+from jreshard.lanes import RegionBlock
+from jreshard.planning import Piece
+from jreshard.program import Target, _steps_at_once, make_step
+from jreshard.views import View
+
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def tiled(draw, min_chunks=catalog._INDEX_MIN_CHUNKS):
+    """A 1-D or 2-D shape cut into at least ``min_chunks`` chunks of uneven sizes, in random order."""
+    ndim = draw(st.sampled_from([1, 2]))
+    if ndim == 1:
+        n = draw(st.integers(min_chunks, 120))
+        cuts = sorted({0, n * 3, *draw(st.lists(st.integers(1, n * 3 - 1), min_size=n - 1, max_size=n - 1,
+                                                unique=True))})
+        chunks = [Chunk((a,), (b - a,)) for a, b in zip(cuts, cuts[1:])]
+        shape: tuple[int, ...] = (n * 3,)
+    else:
+        rows = sorted({0, 50, *draw(st.lists(st.integers(1, 49), min_size=11, max_size=30, unique=True))})
+        cols = sorted({0, 9, *draw(st.lists(st.integers(1, 8), min_size=3, max_size=8, unique=True))})
+        chunks = [Chunk((a, c), (b - a, d - c)) for a, b in zip(rows, rows[1:]) for c, d in zip(cols, cols[1:])]
+        shape = (50, 9)
+    return shape, validate_chunks("t", shape, draw(st.permutations(chunks)), "ckpt")
+
+
+@st.composite
+def box_in(draw, shape, empty_ok=True):
+    out = []
+    for d in shape:
+        a = draw(st.integers(0, d - (0 if empty_ok else 1)))
+        out.append((a, draw(st.integers(a if empty_ok else a + 1, d))))
+    return tuple(out)
+
+
+@SETTINGS
+@given(st.data(), tiled())
+def test_many_boxes_find_what_each_box_finds(data, tiling):
+    shape, chunks = tiling
+    boxes = [data.draw(box_in(shape)) for _ in range(data.draw(st.integers(1, 9)))]
+    bid, cid, cstart, pstart, size = catalog.chunk_overlap_arrays_many(chunks, boxes)
+    assert (np.diff(bid) >= 0).all()  # box 0's rows first, then box 1's ...
+    for k, box in enumerate(boxes):
+        one = catalog.chunk_overlap_arrays(chunks, box)
+        rows = bid == k
+        for a, b in zip(one, (cid, cstart, pstart, size)):
+            assert np.array_equal(a, b[rows]), (k, box)
+        # and what the plain scan of every chunk finds, in chunk order
+        found = [(i, tuple(max(o, b0) - o for o, (b0, _) in zip(c.offsets, box)))
+                 for i, c in enumerate(chunks)
+                 if all(max(o, b0) < min(o + s, b1) for o, s, (b0, b1) in zip(c.offsets, c.sizes, box))]
+        assert [(i, tuple(s)) for i, s in zip(cid[rows].tolist(), cstart[rows].tolist())] == found
+
+
+def test_many_boxes_refuse_what_one_box_refuses():
+    few = validate_chunks("t", (8,), [Chunk((i,), (1,)) for i in range(8)], "ckpt")  # below the index's threshold
+    assert catalog.chunk_overlap_arrays_many(few, [((0, 2),)]) is None
+    many = validate_chunks("t", (100,), [Chunk((i,), (1,)) for i in range(100)], "ckpt")
+    assert catalog.chunk_overlap_arrays_many(many, [((0, 2),), ((0, 2), (0, 1))]) is None  # one box of another rank
+    assert catalog.chunk_overlap_arrays_many(many, []) is None
+
+
+def _target(shape, dtype=np.dtype("float32")):
+    return Target(0, "x", View("saved", "t", (), "saved('t')", shape, dtype), shape, dtype, None, dtype.itemsize)
+
+
+def _block_rows(regions, slot):
+    """Per slot, the rows of the RegionBlocks as (cid, cstart, pstart, size, dst0), sorted; and their strides."""
+    out = []
+    for r in regions:
+        assert type(r) is RegionBlock
+        slots = np.broadcast_to(r.slot, r.cid.shape)
+        for i in np.flatnonzero(slots == slot).tolist():
+            out.append((int(r.cid[i]), tuple(r.cstart[i].tolist()), tuple(r.pstart[i].tolist()),
+                        tuple(r.size[i].tolist()), int(r.dst0[i]), r.strides))
+    return sorted(out)
+
+
+@SETTINGS
+@given(st.data(), tiled(), st.integers(0, 5))
+def test_steps_at_once_equal_steps_made_one_by_one(data, tiling, slot0):
+    shape, chunks = tiling
+    tensors = {"t": TensorInfo("t", shape, np.dtype("float32"), chunks)}
+    target = _target(shape)
+    n = data.draw(st.integers(1, 6))
+    # Pieces of one shape (the usual even sharding) or of several shapes.
+    if data.draw(st.booleans()):
+        first = data.draw(box_in(shape, empty_ok=False))
+        extent = [b - a for a, b in first]
+        boxes = [first] + [tuple((a, a + e) for a, e in zip(
+            [data.draw(st.integers(0, d - e)) for d, e in zip(shape, extent)], extent)) for _ in range(n - 1)]
+    else:
+        boxes = [data.draw(box_in(shape, empty_ok=False)) for _ in range(n)]
+    pieces = [Piece("x", box, 0, []) for box in boxes]
+    made = _steps_at_once(target, pieces, boxes, slot0, tensors)
+    assert made is not None
+    steps, regions = made
+    all_regions = [r for regs in regions for r in regs]
+    assert len({id(r) for r in all_regions}) == len({tuple(s.shape) for s in steps})  # one block per shape
+    for k, (piece, box) in enumerate(zip(pieces, boxes)):
+        step, regs = make_step(target, piece, box, slot0 + k, tensors)
+        got = steps[k]
+        assert (got.box, got.slot, got.buf_dtype, got.casts, got.temps, got.piece) == \
+            (step.box, step.slot, step.buf_dtype, step.casts, step.temps, step.piece)
+        assert _block_rows(all_regions, slot0 + k) == _block_rows(regs, slot0 + k)
+
+
+def test_steps_at_once_leave_views_and_small_tensors_to_make_step():
+    chunks = validate_chunks("t", (100,), [Chunk((i,), (1,)) for i in range(100)], "ckpt")
+    tensors = {"t": TensorInfo("t", (100,), np.dtype("float32"), chunks)}
+    piece = Piece("x", ((0, 10),), 0, [])
+    view = View("saved", "t", (), "saved('t')", (100,), np.dtype("float32")).astype("float64")
+    cast = Target(0, "x", view, (100,), np.dtype("float64"), None, 8)
+    assert _steps_at_once(cast, [piece], [piece.box], 0, tensors) is None
+    few = {"t": TensorInfo("t", (4,), np.dtype("float32"), validate_chunks("t", (4,), [Chunk((0,), (4,))], "c"))}
+    assert _steps_at_once(_target((4,)), [Piece("x", ((0, 4),), 0, [])], [((0, 4),)], 0, few) is None
