@@ -12,9 +12,11 @@
 from __future__ import annotations
 
 import math
+import threading
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -418,8 +420,12 @@ class _ChunkIndex:
     """Per dim, the chunks sorted by start, and the largest size: a chunk meeting [b0, b1) in dim k starts in
     (b0 - largest size, b1), a contiguous run of the sorted starts. A box takes the dim with the shortest run."""
 
+    MEMO_ENTRIES = 512  # results kept per index (see ``memo``); all are dropped when full
+
     def __init__(self, lo: np.ndarray, hi: np.ndarray):
         self.lo, self.hi = lo, hi
+        # Results of planners keyed by what they were computed from (boxes), for every tensor of this layout.
+        self.memo: dict[Any, Any] = {}
         self.order = [np.argsort(lo[:, k], kind="stable") for k in range(lo.shape[1])]
         self.starts = [lo[o, k] for k, o in enumerate(self.order)]
         self.max_size = [int((hi[:, k] - lo[:, k]).max()) for k in range(lo.shape[1])]
@@ -478,6 +484,20 @@ class _ChunkIndex:
         return bid, cand, lo - c_lo, lo - b0[bid], hi - lo
 
 
+# Tensors cut into the same chunks (the layers of a model) share one index, found by the chunks' bounds.
+_LAYOUTS: weakref.WeakValueDictionary[tuple[int, bytes, bytes], _ChunkIndex] = weakref.WeakValueDictionary()
+_LAYOUTS_LOCK = threading.Lock()
+
+
+def _shared_index(lo: np.ndarray, hi: np.ndarray) -> _ChunkIndex:
+    key = (lo.shape[1], np.ascontiguousarray(lo, np.int64).tobytes(), np.ascontiguousarray(hi, np.int64).tobytes())
+    with _LAYOUTS_LOCK:
+        index = _LAYOUTS.get(key)
+        if index is None:
+            index = _LAYOUTS[key] = _ChunkIndex(lo, hi)
+    return index
+
+
 def _build_index(chunks: tuple) -> _ChunkIndex | None:
     n = len(chunks)
     offsets = [c.offsets for c in chunks]
@@ -496,7 +516,7 @@ def _build_index(chunks: tuple) -> _ChunkIndex | None:
         return None
     if lo.min() < 0 or size.min() < 0 or (lo > MAX_INT - size).any():
         return None  # not validated chunks (stops beyond 2**62): leave them to the plain scan
-    return _ChunkIndex(lo, lo + size)
+    return _shared_index(lo, lo + size)
 
 
 def _index_of(chunks: Any, box: Any) -> _ChunkIndex | None:
@@ -507,7 +527,7 @@ def _index_of(chunks: Any, box: Any) -> _ChunkIndex | None:
         index = chunks._index
     except AttributeError:  # first use (threads racing here build it twice, harmlessly)
         bounds = getattr(chunks, "_bounds", None)
-        index = chunks._index = _build_index(chunks) if bounds is None else _ChunkIndex(*bounds)
+        index = chunks._index = _build_index(chunks) if bounds is None else _shared_index(*bounds)
     if index is None or type(box) is not tuple or len(box) != index.lo.shape[1]:
         return None
     if not all(type(b) is tuple and len(b) == 2 and type(b[0]) is int and type(b[1]) is int
@@ -546,6 +566,16 @@ def chunk_overlap_arrays_many(chunks: Any, boxes: Sequence[Any]
         >>> [a.tolist() for a in chunk_overlap_arrays_many(cs, [((6, 9),), ((0, 2),)])]
         [[0, 0, 1], [1, 2, 0], [[2], [0], [0]], [[0], [2], [0]], [[2], [1], [2]]]
     """
+    index = chunk_index(chunks, boxes)
+    if index is None:
+        return None
+    b = np.array(boxes, np.int64)
+    return index.overlap_arrays_many(b[:, :, 0], b[:, :, 1])
+
+
+def chunk_index(chunks: Any, boxes: Sequence[Any]) -> _ChunkIndex | None:
+    """The index :func:`chunk_overlap_arrays_many` uses for ``chunks`` and ``boxes``, or None where it gives None.
+    Tensors whose chunks have the same bounds share it (and its ``memo``)."""
     if not boxes:
         return None
     index = None
@@ -553,9 +583,27 @@ def chunk_overlap_arrays_many(chunks: Any, boxes: Sequence[Any]
         index = _index_of(chunks, box)
         if index is None:
             return None
-    assert index is not None
-    b = np.array(boxes, np.int64)
-    return index.overlap_arrays_many(b[:, :, 0], b[:, :, 1])
+    return index
+
+
+def read_facts(chunks: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Per chunk, the bytes of its whole read (``Chunk.whole_read_nbytes``, -1 where None) and
+    ``Chunk.partial_ok``, as arrays; kept by a :class:`ChunkTuple` after the first call.
+
+    Example:
+        >>> cs = ChunkTuple((Chunk((0,), (4,), whole_read_nbytes=900, partial_ok=True), Chunk((4,), (4,))))
+        >>> [a.tolist() for a in read_facts(cs)]
+        [[900, -1], [True, False]]
+    """
+    facts = getattr(chunks, "_read_facts", None)
+    if facts is None:
+        whole = np.array([-1 if c.whole_read_nbytes is None else c.whole_read_nbytes for c in chunks], np.int64)
+        partial = np.array([bool(c.partial_ok) for c in chunks], bool)
+        whole.flags.writeable = partial.flags.writeable = False
+        facts = (whole, partial)
+        if type(chunks) is ChunkTuple:
+            chunks._read_facts = facts
+    return facts
 
 
 def chunk_overlaps(chunks: Any, box: Any) -> tuple[list[int], list[tuple[int, ...]], list[tuple[int, ...]],

@@ -53,6 +53,7 @@ class Checkpoint:
         self.io = io
         self._objects: dict[str, Any] | None = None
         self._locators: dict[tuple[str, int], Locator] = {}
+        self._sub_ranged: set[str] = set()  # tensors with chunks read whole by default among the _locators
         self._pool: ThreadPoolExecutor | None = None  # for read(); load() makes its own
         self._closed = False
         self._lock = threading.Lock()
@@ -600,6 +601,8 @@ class Checkpoint:
                 out[(info.name, cid)] = loc
                 if loc.data is None:
                     self._locators[(info.name, cid)] = loc
+                    if info.chunks[cid].whole_read_nbytes is not None:
+                        self._sub_ranged.add(info.name)
         return out  # type: ignore[return-value]  # every entry is filled now
 
 

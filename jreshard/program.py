@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .catalog import TensorInfo, chunk_overlap_arrays, chunk_overlap_arrays_many
+from .catalog import TensorInfo, chunk_index, chunk_overlap_arrays, read_facts
 from .errors import InvalidArgumentError, JReshardError, TargetMismatchError
 from .place import check_fits
 from .planning import (
@@ -410,31 +410,56 @@ def _steps_at_once(target: Target, pieces: list[Piece], boxes: list[Box], slot: 
     info = tensors[view._args]
     if info.ndim not in (1, 2) or any(b <= a for box in boxes for a, b in box):
         return None
-    found = chunk_overlap_arrays_many(info.chunks, boxes)
-    if found is None:
+    index = chunk_index(info.chunks, boxes)
+    if index is None:
         return None
-    bid, cid, cstart, pstart, size = found
     dtype = np.dtype(info.dtype)
     steps = []
     for k, (piece, box) in enumerate(zip(pieces, boxes)):
         step = Step(target, piece, box, dtype, (), [], [], slot + k)
         check_fits(math.prod(step.shape) * dtype.itemsize, f"the shard {box} of {target.name!r}")
         steps.append(step)
-    shapes = np.array([step.shape for step in steps], np.int64)
-    need = shapes.prod(axis=1)
-    covered = np.bincount(bid, weights=size.prod(axis=1), minlength=len(steps)) if len(bid) else np.zeros(len(steps))
-    if not np.array_equal(covered, need):
-        k = int(np.flatnonzero(covered != need)[0])
+    # The blocks depend on the chunks' bounds and the boxes only: tensors cut alike (a model's layers) share
+    # them through their index's memo.
+    key = ("steps", tuple(boxes))
+    groups = index.memo.get(key)
+    if groups is None:
+        groups = _block_groups(target, index, boxes, [step.shape for step in steps])
+        if len(index.memo) >= index.MEMO_ENTRIES:
+            index.memo.clear()
+        index.memo[key] = groups
+    else:
+        COUNTS["overlaps"] += sum(len(g[2]) for g in groups)
+    regions: list[list[Any]] = [[] for _ in steps]
+    for k0, bid, cid, cstart, size, dst0, strides, pstart in groups:
+        regions[k0].append(RegionBlock(info, slot + bid, cid, cstart, size, dst0, strides, pstart))
+    return steps, regions
+
+
+def _block_groups(target: Target, index: Any, boxes: list[Box], shapes: list[tuple[int, ...]]) -> list[tuple]:
+    """The overlaps of ``boxes`` with the chunks of ``index`` checked to cover each box, grouped by box shape:
+    per group (first box, box ids, chunk ids, starts in the chunk, sizes, buffer starts, strides, starts in the
+    box), read-only arrays."""
+    b = np.array(boxes, np.int64)
+    bid, cid, cstart, pstart, size = index.overlap_arrays_many(b[:, :, 0], b[:, :, 1])
+    shp = np.array(shapes, np.int64)
+    covered = np.zeros(len(boxes), np.int64)
+    np.add.at(covered, bid, size.prod(axis=1))
+    if not np.array_equal(covered, shp.prod(axis=1)):
+        k = int(np.flatnonzero(covered != shp.prod(axis=1))[0])
         raise JReshardError(f"internal: target {target.name!r} box {boxes[k]} covered {int(covered[k])} elements")
     COUNTS["overlaps"] += len(cid)
-    regions: list[list[Any]] = [[] for _ in steps]
-    for shape in dict.fromkeys(map(tuple, shapes.tolist())):
-        ks = np.flatnonzero((shapes == shape).all(axis=1))
+    groups = []
+    for shape in dict.fromkeys(shapes):
+        ks = np.flatnonzero((shp == shape).all(axis=1))
         rows = np.flatnonzero(np.isin(bid, ks))
         strides = c_strides(shape)
-        regions[int(ks[0])].append(RegionBlock(info, slot + bid[rows], cid[rows], cstart[rows], size[rows],
-                                               pstart[rows] @ np.array(strides, np.int64), strides, pstart[rows]))
-    return steps, regions
+        group = (bid[rows], cid[rows], cstart[rows], size[rows], pstart[rows] @ np.array(strides, np.int64),
+                 pstart[rows])
+        for a in group:
+            a.flags.writeable = False
+        groups.append((int(ks[0]), *group[:5], strides, group[5]))
+    return groups
 
 
 def jobs_of(regions: Sequence[Region], located: dict) -> tuple[list[CopyJob], list[Region]]:
@@ -553,8 +578,7 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
     for b in (r for regs in regions for r in regs if type(r) is RegionBlock):
         # Rows of chunks read whole (small or compressed items) are set apart: they join the lanes if located
         # below, else they are read whole when the unit runs.
-        uniq, inv = np.unique(b.cid, return_inverse=True)
-        whole = np.array([b.info.chunks[c].whole_read_nbytes is not None for c in uniq.tolist()], bool)[inv]
+        whole = read_facts(b.info.chunks)[0][b.cid] >= 0
         if whole.any():
             wholes.append(b.subset(whole))
             b = b.subset(~whole)
@@ -567,6 +591,7 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
     # this unit needs less than 1/PARTIAL of their bytes: the bytes read then stay near the bytes needed.
     need: dict[tuple[str, int], int] = {}
     infos: dict[str, TensorInfo] = {}
+    hit: set[str] = set()  # tensors with chunks read whole by default located for sub-ranges
 
     def consider(info: TensorInfo, cid: int, nbytes: int) -> None:
         chunk = info.chunks[cid]
@@ -575,6 +600,7 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
             cached = ckpt._locators.get(key)  # located for sub-ranges by an earlier plan: read as such again
             if cached is not None:
                 located[key] = cached
+                hit.add(info.name)
                 return
         if chunk.partial_ok and chunk.whole_read_nbytes is not None and key not in located:
             need[key] = need.get(key, 0) + nbytes
@@ -582,20 +608,39 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
 
     for r in flat:
         consider(r.info, r.overlap.chunk_id, math.prod(r.overlap.size) * r.info.dtype.itemsize)
+    flat_names = {r.info.name for r in flat}
+    by_name: dict[str, list[RegionBlock]] = {}
     for b in wholes:
-        uniq, inv = np.unique(b.cid, return_inverse=True)
+        by_name.setdefault(b.info.name, []).append(b)
+    for name, bs in by_name.items():
+        info = bs[0].info
+        uniq, inv = np.unique(np.concatenate([b.cid for b in bs]), return_inverse=True)
         nbytes = np.zeros(len(uniq), np.int64)
-        np.add.at(nbytes, inv, b.size.prod(axis=1) * b.info.dtype.itemsize)
-        for c, nb in zip(uniq.tolist(), nbytes.tolist()):
-            consider(b.info, c, nb)
+        np.add.at(nbytes, inv, np.concatenate([b.size.prod(axis=1) for b in bs]) * info.dtype.itemsize)
+        if name in flat_names or name in ckpt._sub_ranged:
+            for c, nb in zip(uniq.tolist(), nbytes.tolist()):
+                consider(info, c, nb)
+            continue
+        # No chunk of this tensor is located yet, nor needed by other regions: only those passing the test
+        # below can be located (the same test, at once).
+        wnb, pok = read_facts(info.chunks)
+        w = wnb[uniq]
+        cand = np.flatnonzero(pok[uniq] & (nbytes * PARTIAL < w) & (w - nbytes > HEADER_COST))
+        for c, nb in zip(uniq[cand].tolist(), nbytes[cand].tolist()):
+            need[(name, c)] = nb
+            infos[name] = info
     partial = [(infos[n], cid) for (n, cid), nbytes in need.items()
                if nbytes * PARTIAL < infos[n].chunks[cid].whole_read_nbytes
                and infos[n].chunks[cid].whole_read_nbytes - nbytes > HEADER_COST]
     if partial:
         located.update(ckpt._locate(partial, precise=True))
+        hit.update(info.name for info, _ in partial)
     # Whole-read rows whose chunks are now located go with the other rows; the rest are read whole.
     unread: list[RegionBlock] = []
     for b in wholes:
+        if b.info.name not in hit:
+            unread.append(b)
+            continue
         uniq, inv = np.unique(b.cid, return_inverse=True)
         found = np.array([(b.info.name, c) in located for c in uniq.tolist()], bool)[inv]
         if found.any():
@@ -616,11 +661,22 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
     requests = prepared.requests
     pp.bytes_to_read += sum(stop - start for _, start, stop in requests)
     pp.num_reads += len(requests)
+    # One whole read per chunk: of the deferred regions, and of the unread rows (per tensor, at once).
     whole = {(r.info.name, r.overlap.chunk_id): r.info.chunks[r.overlap.chunk_id].whole_read_nbytes for r in deferred}
-    for b in unread:  # a unit only counted needs no Region object for these
-        for c in np.unique(b.cid).tolist():
-            whole[(b.info.name, c)] = b.info.chunks[c].whole_read_nbytes
-        if feeds:
+    unread_names: dict[str, list[RegionBlock]] = {}
+    for b in unread:
+        unread_names.setdefault(b.info.name, []).append(b)
+    deferred_names = {r.info.name for r in deferred}
+    for name, bs in unread_names.items():
+        uniq = np.unique(np.concatenate([b.cid for b in bs]))
+        if name in deferred_names:
+            for c in uniq.tolist():
+                whole[(name, c)] = bs[0].info.chunks[c].whole_read_nbytes
+        else:
+            pp.bytes_to_read += int(read_facts(bs[0].info.chunks)[0][uniq].sum())
+            pp.num_reads += len(uniq)
+    if feeds:  # a unit only counted needs no Region object for these
+        for b in unread:
             deferred.extend(_regions_of(b, np.ones(len(b), bool)))
     pp.bytes_to_read += sum(whole.values())
     pp.num_reads += len(whole)

@@ -192,3 +192,31 @@ def test_file_truncated_under_lanes_is_an_error_naming_file_and_tensor(checkpoin
     with pytest.raises(TruncatedDataError, match=r"__1_0\.distcp") as e:
         ckpt.load(targets)
     assert any(repr(n) in str(e.value) for n in targets), str(e.value)
+
+
+@pytest.mark.parametrize("mesh_key,spec_key", [("2x4", "P(None,model)"), ("4x2", "P(model,data)"), ("8", "P(data)")])
+def test_small_archives_located_for_sub_ranges_under_lanes_read_what_objects_read(checkpoints, lanes_always,
+                                                                                   monkeypatch, mesh_key, spec_key):
+    """Archives read whole by default (small ones), located for sub-ranges when a unit needs little of them:
+    with lanes, their rows are decided for all chunks of a tensor at once and join the lanes; the plan must
+    read what the object path reads, planned again (the locators kept), and load exactly."""
+    monkeypatch.setattr(program, "HEADER_COST", 0)  # sub-ranges whatever the archive's size
+    mesh = make_mesh(mesh_key)
+    targets = _targets(checkpoints, "plain", mesh, SPECS[spec_key])
+    ckpt = jreshard.open(checkpoints.dirs["plain"])
+    small = [n for n in targets if all(c.whole_read_nbytes is not None for c in ckpt.tensors[n].chunks)]
+    assert small
+    first = ckpt.plan(targets)
+    assert ckpt._sub_ranged & set(small)  # some were located for sub-ranges
+    again = ckpt.plan(targets)  # now from the kept locators
+    monkeypatch.setattr(program, "LANES", False)
+    objects = jreshard.open(checkpoints.dirs["plain"]).plan(targets)
+    assert _numbers(first) == _numbers(objects) == _numbers(again)
+    monkeypatch.setattr(program, "LANES", True)
+    before = (ckpt.io_stats.bytes_read, ckpt.io_stats.num_reads)
+    out = ckpt.load(targets)
+    assert (ckpt.io_stats.bytes_read - before[0], ckpt.io_stats.num_reads - before[1]) == \
+        (first.bytes_to_read, first.num_reads)
+    refs = checkpoints.reference("plain")
+    for name, t in targets.items():
+        check_loaded_array(out[name], t, refs[name], f"small archives {mesh_key}/{spec_key}:{name}")
