@@ -125,3 +125,43 @@ def test_steps_at_once_leave_views_and_small_tensors_to_make_step():
     assert _steps_at_once(cast, [piece], [piece.box], 0, tensors) is None
     few = {"t": TensorInfo("t", (4,), np.dtype("float32"), validate_chunks("t", (4,), [Chunk((0,), (4,))], "c"))}
     assert _steps_at_once(_target((4,)), [Piece("x", ((0, 4),), 0, [])], [((0, 4),)], 0, few) is None
+
+
+def test_tensors_cut_alike_share_one_index_and_its_blocks():
+    """Layers cut into the same chunks share an index (and the blocks of a set of boxes); a tensor cut otherwise,
+    or the same chunks listed in another order (other chunk ids), has its own."""
+    cuts = [Chunk((4 * i, 0), (4, 6)) for i in range(60)]
+    a = validate_chunks("a", (240, 6), list(cuts), "ckpt")
+    b = validate_chunks("b", (240, 6), list(cuts), "ckpt")
+    c = validate_chunks("c", (240, 6), cuts[::-1], "ckpt")
+    d = validate_chunks("d", (240, 6), [Chunk((3 * i, 0), (3, 6)) for i in range(80)], "ckpt")
+    box = ((5, 30), (0, 6))
+    ia, ib, ic, id_ = (catalog.chunk_index(x, [box]) for x in (a, b, c, d))
+    assert ia is ib and ia is not ic and ia is not id_
+    tensors = {n: TensorInfo(n, (240, 6), np.dtype(dt), x)
+               for n, dt, x in (("a", "float32", a), ("b", "int8", b), ("c", "float32", c), ("d", "float32", d))}
+    boxes = [box, ((40, 65), (0, 6))]
+    pieces = [Piece("x", bx, 0, []) for bx in boxes]
+    for name in ("a", "b", "c", "d", "b"):
+        shape, dt = (240, 6), tensors[name].dtype
+        target = Target(0, "x", View("saved", name, (), f"saved({name!r})", shape, dt), shape, dt, None, dt.itemsize)
+        steps, regions = _steps_at_once(target, pieces, boxes, 3, tensors)
+        blocks = [r for regs in regions for r in regs]
+        assert all(r.info is tensors[name] for r in blocks)
+        assert all(s.buf_dtype == dt for s in steps)
+        for k, (piece, bx) in enumerate(zip(pieces, boxes)):
+            _, regs = make_step(target, piece, bx, 3 + k, tensors)
+            assert _block_rows(blocks, 3 + k) == _block_rows(regs, 3 + k), name
+    assert ("steps", tuple(boxes)) in ia.memo and ("steps", tuple(boxes)) in ic.memo
+
+
+def test_index_memo_is_bounded(monkeypatch):
+    chunks = validate_chunks("t", (200,), [Chunk((2 * i,), (2,)) for i in range(100)], "ckpt")
+    tensors = {"t": TensorInfo("t", (200,), np.dtype("float32"), chunks)}
+    index = catalog.chunk_index(chunks, [((0, 1),)])
+    monkeypatch.setattr(type(index), "MEMO_ENTRIES", 5)
+    index.memo.clear()
+    for k in range(23):
+        box = ((k, k + 7),)
+        _steps_at_once(_target((200,)), [Piece("x", box, 0, [])], [box], 0, tensors)
+        assert 1 <= len(index.memo) <= 5
