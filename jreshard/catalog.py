@@ -586,24 +586,30 @@ def chunk_index(chunks: Any, boxes: Sequence[Any]) -> _ChunkIndex | None:
     return index
 
 
-def read_facts(chunks: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Per chunk, the bytes of its whole read (``Chunk.whole_read_nbytes``, -1 where None) and
-    ``Chunk.partial_ok``, as arrays; kept by a :class:`ChunkTuple` after the first call.
+def read_facts(chunks: Any, cids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Of the chunks ``cids`` (int64 array), the bytes of their whole read (``Chunk.whole_read_nbytes``, -1
+    where None) and ``Chunk.partial_ok``, as arrays. A :class:`ChunkTuple` keeps what was asked, so each chunk
+    is looked at once.
 
     Example:
         >>> cs = ChunkTuple((Chunk((0,), (4,), whole_read_nbytes=900, partial_ok=True), Chunk((4,), (4,))))
-        >>> [a.tolist() for a in read_facts(cs)]
-        [[900, -1], [True, False]]
+        >>> [a.tolist() for a in read_facts(cs, np.array([1, 0, 1]))]
+        [[-1, 900, -1], [False, True, False]]
     """
     facts = getattr(chunks, "_read_facts", None)
     if facts is None:
-        whole = np.array([-1 if c.whole_read_nbytes is None else c.whole_read_nbytes for c in chunks], np.int64)
-        partial = np.array([bool(c.partial_ok) for c in chunks], bool)
-        whole.flags.writeable = partial.flags.writeable = False
-        facts = (whole, partial)
+        facts = (np.full(len(chunks), -2, np.int64), np.zeros(len(chunks), bool))  # -2: not looked at yet
         if type(chunks) is ChunkTuple:
             chunks._read_facts = facts
-    return facts
+    whole, partial = facts
+    got = whole[cids]
+    if (got == -2).any():
+        todo = np.unique(cids[got == -2]).tolist()
+        picked = [chunks[c] for c in todo]
+        partial[todo] = [bool(c.partial_ok) for c in picked]
+        whole[todo] = [-1 if c.whole_read_nbytes is None else c.whole_read_nbytes for c in picked]
+        got = whole[cids]
+    return got, partial[cids]
 
 
 def chunk_overlaps(chunks: Any, box: Any) -> tuple[list[int], list[tuple[int, ...]], list[tuple[int, ...]],

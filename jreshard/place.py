@@ -6,6 +6,7 @@ allocated aligned and written once.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any, Sequence
@@ -17,8 +18,9 @@ from .errors import OutOfMemoryError
 ALIGN = 64
 
 
+@functools.lru_cache(maxsize=1)
 def host_memory() -> int:
-    """Bytes of physical memory of this machine (0 when unknown)."""
+    """Bytes of physical memory of this machine (0 when unknown), asked once."""
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

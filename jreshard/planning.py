@@ -236,7 +236,7 @@ class Piece:
     process: int
     devices: list[Any]
 
-    @property
+    @functools.cached_property
     def shape(self) -> tuple[int, ...]:
         return tuple(b - a for a, b in self.box)
 

@@ -578,7 +578,7 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
     for b in (r for regs in regions for r in regs if type(r) is RegionBlock):
         # Rows of chunks read whole (small or compressed items) are set apart: they join the lanes if located
         # below, else they are read whole when the unit runs.
-        whole = read_facts(b.info.chunks)[0][b.cid] >= 0
+        whole = read_facts(b.info.chunks, b.cid)[0] >= 0
         if whole.any():
             wholes.append(b.subset(whole))
             b = b.subset(~whole)
@@ -623,9 +623,8 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
             continue
         # No chunk of this tensor is located yet, nor needed by other regions: only those passing the test
         # below can be located (the same test, at once).
-        wnb, pok = read_facts(info.chunks)
-        w = wnb[uniq]
-        cand = np.flatnonzero(pok[uniq] & (nbytes * PARTIAL < w) & (w - nbytes > HEADER_COST))
+        w, pok = read_facts(info.chunks, uniq)
+        cand = np.flatnonzero(pok & (nbytes * PARTIAL < w) & (w - nbytes > HEADER_COST))
         for c, nb in zip(uniq[cand].tolist(), nbytes[cand].tolist()):
             need[(name, c)] = nb
             infos[name] = info
@@ -673,7 +672,7 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
             for c in uniq.tolist():
                 whole[(name, c)] = bs[0].info.chunks[c].whole_read_nbytes
         else:
-            pp.bytes_to_read += int(read_facts(bs[0].info.chunks)[0][uniq].sum())
+            pp.bytes_to_read += int(read_facts(bs[0].info.chunks, uniq)[0].sum())
             pp.num_reads += len(uniq)
     if feeds:  # a unit only counted needs no Region object for these
         for b in unread:
