@@ -21,6 +21,7 @@ from . import place as _place
 from . import program as _program
 from .catalog import Locator, TensorInfo
 from .gcpause import gc_paused
+from .lanes import LaneTable
 from .errors import (
     CheckpointClosedError,
     InvalidArgumentError,
@@ -54,6 +55,8 @@ class Checkpoint:
         self._objects: dict[str, Any] | None = None
         self._locators: dict[tuple[str, int], Locator] = {}
         self._sub_ranged: set[str] = set()  # tensors with chunks read whole by default among the _locators
+        self._lane_tables: dict[str, LaneTable] = {}  # the _locators as arrays, per tensor (lanes.lanes_of)
+        self._file_ids: dict[str, int] = {}  # file ids of the lane tables
         self._pool: ThreadPoolExecutor | None = None  # for read(); load() makes its own
         self._closed = False
         self._lock = threading.Lock()
@@ -603,6 +606,10 @@ class Checkpoint:
                     self._locators[(info.name, cid)] = loc
                     if info.chunks[cid].whole_read_nbytes is not None:
                         self._sub_ranged.add(info.name)
+                    table = self._lane_tables.get(info.name)
+                    if table is None:
+                        table = self._lane_tables[info.name] = LaneTable(info)
+                    table.put(info, cid, loc, self._file_ids)
         return out  # type: ignore[return-value]  # every entry is filled now
 
 

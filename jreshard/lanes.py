@@ -135,6 +135,33 @@ class Lane:
         return Lane(self.keys, self.names, self.rows.take(mask), whole=self.whole or self)
 
 
+class LaneTable:
+    """Per chunk of one saved tensor, what :func:`lanes_of` needs of its locator, as arrays filled as chunks are
+    located (:meth:`put`): ``state`` -1 (not located yet), 0 (located, not a plain storage rows can read: in
+    memory, big-endian, strided) or 1; then the storage's file offset ``base``, element ``soff`` and file id
+    ``fid`` (into the ids of :meth:`put`'s ``file_ids``), and the chunk's columns ``cols`` (2-D)."""
+
+    def __init__(self, info: TensorInfo):
+        n = len(info.chunks)
+        self.state = np.full(n, -1, np.int8)
+        self.base = np.zeros(n, np.int64)
+        self.soff = np.zeros(n, np.int64)
+        self.fid = np.zeros(n, np.int64)
+        self.cols = np.zeros(n, np.int64)
+
+    def put(self, info: TensorInfo, cid: int, loc: Any, file_ids: dict[str, int]) -> None:
+        from .planning import c_strides
+
+        sizes = info.chunks[cid].sizes
+        plain = (loc.data is None and (loc.byteorder == "little" or info.dtype.itemsize == 1)
+                 and loc.strides == c_strides(sizes))
+        if plain:
+            self.base[cid], self.soff[cid] = loc.base, loc.storage_offset
+            self.fid[cid] = file_ids.setdefault(loc.key, len(file_ids))
+            self.cols[cid] = sizes[1] if len(sizes) == 2 else 0
+        self.state[cid] = 1 if plain else 0
+
+
 def row_grid(x0: np.ndarray, n: np.ndarray, s: np.ndarray) -> np.ndarray:
     """The run starts of many rows of runs at once: row i is ``x0[i] + k * s[i]`` for ``k < n[i]``, in order.
 
@@ -172,7 +199,8 @@ def copy_block_from(buf: np.ndarray, origin: int, lane: Lane, blk: Rows, where: 
         np.copyto(dst_v, src_v)
 
 
-def lanes_of(blocks: list[RegionBlock], located: dict[tuple[str, int], Any]
+def lanes_of(blocks: list[RegionBlock], located: dict[tuple[str, int], Any],
+             tables: dict[str, LaneTable] | None = None, file_ids: dict[str, int] | None = None
              ) -> tuple[list[Lane], list[tuple[RegionBlock, np.ndarray]]]:
     """The lane (one, for all files; none if empty) of the overlaps in ``blocks`` whose chunks are located
     (``located``: Locators by (tensor name, chunk id)) as plain little-endian C-contiguous storages in files and
@@ -181,30 +209,40 @@ def lanes_of(blocks: list[RegionBlock], located: dict[tuple[str, int], Any]
 
     Each row is exactly what :func:`jreshard.planning.runs_of` gives for the overlap: size-1 dims dropped, the
     innermost dim contiguous in both storage and buffer, the next folded into one run when it is contiguous
-    in both too."""
+    in both too.
+
+    ``tables`` (LaneTable by tensor name, file ids from ``file_ids``): a block whose chunks its tensor's table
+    knows all is read from the table at once, instead of chunk by chunk from ``located``."""
     from .planning import c_strides
 
     parts: list[Rows] = []
     names: list[str] = []
-    keys: dict[str, int] = {}
+    keys: dict[str, int] = {} if file_ids is None else file_ids
     rest: list[tuple[RegionBlock, np.ndarray]] = []
     for t, blk in enumerate(blocks):
         info, item = blk.info, blk.info.dtype.itemsize
         ndim = blk.size.shape[1]
         names.append(info.name)
         uniq, inv = np.unique(blk.cid, return_inverse=True)
-        ok_c = np.zeros(len(uniq), bool)
-        base_c = np.zeros(len(uniq), np.int64)
-        soff_c = np.zeros(len(uniq), np.int64)
-        key_c = np.zeros(len(uniq), np.int64)
-        for i, c in enumerate(uniq.tolist()):
-            loc = located.get((info.name, c))
-            if (loc is None or loc.data is not None or (loc.byteorder != "little" and item > 1)
-                    or loc.strides != c_strides(info.chunks[c].sizes)):
-                continue
-            ok_c[i] = True
-            base_c[i], soff_c[i] = loc.base, loc.storage_offset
-            key_c[i] = keys.setdefault(loc.key, len(keys))
+        table = tables.get(info.name) if tables else None
+        if table is not None and (table.state[uniq] >= 0).all():
+            ok_c = table.state[uniq] == 1
+            base_c, soff_c, key_c = table.base[uniq], table.soff[uniq], table.fid[uniq]
+            cols_c = table.cols[uniq]
+        else:
+            ok_c = np.zeros(len(uniq), bool)
+            base_c = np.zeros(len(uniq), np.int64)
+            soff_c = np.zeros(len(uniq), np.int64)
+            key_c = np.zeros(len(uniq), np.int64)
+            for i, c in enumerate(uniq.tolist()):
+                loc = located.get((info.name, c))
+                if (loc is None or loc.data is not None or (loc.byteorder != "little" and item > 1)
+                        or loc.strides != c_strides(info.chunks[c].sizes)):
+                    continue
+                ok_c[i] = True
+                base_c[i], soff_c[i] = loc.base, loc.storage_offset
+                key_c[i] = keys.setdefault(loc.key, len(keys))
+            cols_c = None
         size = blk.size
         ok = ok_c[inv]
         if ndim == 1:
@@ -218,7 +256,9 @@ def lanes_of(blocks: list[RegionBlock], located: dict[tuple[str, int], Any]
         else:  # 2
             s0, s1 = size[:, 0], size[:, 1]
             e0, e1 = blk.strides
-            cols = np.array([info.chunks[c].sizes[1] for c in uniq.tolist()], np.int64)[inv]
+            if cols_c is None:
+                cols_c = np.array([info.chunks[c].sizes[1] for c in uniq.tolist()], np.int64)
+            cols = cols_c[inv]
             inner = s1 != 1
             # s1 != 1: the row is contiguous in storage; it must be in the buffer too (else element-wise).
             # s1 == 1: a column; only a single element, or a column contiguous in both, is a run.

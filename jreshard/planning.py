@@ -235,10 +235,10 @@ class Piece:
     box: Box
     process: int
     devices: list[Any]
+    shape: tuple[int, ...] = field(init=False, repr=False, compare=False)  # of the box
 
-    @functools.cached_property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(b - a for a, b in self.box)
+    def __post_init__(self) -> None:
+        self.shape = tuple(b - a for a, b in self.box)
 
     @property
     def index(self) -> tuple[slice, ...]:
@@ -444,7 +444,7 @@ def pieces_of(name: str, shape: tuple[int, ...], sharding: Any, addressable_only
             flat, by_process = _mesh_processes(sharding.mesh)
             positions = list(range(len(flat))) if process is None else by_process.get(process, [])
             devices = [flat[i] for i in positions]
-        boxes = named_boxes(shape, parts[0], parts[1], parts[2], positions, where=f"target {name!r}")
+        boxes = _named_boxes_kept(shape, parts, positions, name)
         items: Any = zip(devices, boxes)
     else:
         if process is not None and process != __import__("jax").process_index() or not addressable_only:
@@ -461,6 +461,28 @@ def pieces_of(name: str, shape: tuple[int, ...], sharding: Any, addressable_only
         else:
             piece.devices.append(dev)
     return list(pieces.values())
+
+
+_BOXES_KEPT: dict[Any, list[Box]] = {}  # named_boxes of recent (shape, mesh, spec, positions): a model's layers
+_BOXES_KEPT_MAX = 4096
+
+
+def _named_boxes_kept(shape: tuple[int, ...], parts: tuple, positions: list[int], name: str) -> list[Box]:
+    """:func:`named_boxes`, kept for the next tensors of the same shape and sharding (counted in COUNTS each time,
+    as computed)."""
+    try:
+        key = (tuple(shape), tuple(parts[0]), tuple(parts[1]), parts[2], tuple(positions))
+        boxes = _BOXES_KEPT.get(key)
+    except TypeError:  # an unhashable spec: computed every time
+        return named_boxes(shape, parts[0], parts[1], parts[2], positions, where=f"target {name!r}")
+    if boxes is None:
+        boxes = named_boxes(shape, parts[0], parts[1], parts[2], positions, where=f"target {name!r}")
+        if len(_BOXES_KEPT) >= _BOXES_KEPT_MAX:
+            _BOXES_KEPT.clear()
+        _BOXES_KEPT[key] = boxes
+    else:
+        COUNTS["boxes"] += len(boxes)
+    return boxes
 
 
 @dataclass

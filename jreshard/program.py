@@ -16,6 +16,7 @@ import functools
 import itertools
 import math
 import numbers
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -584,9 +585,13 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
             b = b.subset(~whole)
         if len(b):
             blocks.append(b)
+    # Blocks whose chunks are all located as plain storages already are read from the lane tables; the
+    # others' chunks are located (or looked up) one by one.
+    tables = ckpt._lane_tables
+    known = {id(b) for b in blocks if b.info.name in tables and (tables[b.info.name].state[b.cid] == 1).all()}
     located = ckpt._locate(itertools.chain(
         ((r.info, r.overlap.chunk_id) for r in flat if r.info.chunks[r.overlap.chunk_id].whole_read_nbytes is None),
-        ((b.info, c) for b in blocks for c in np.unique(b.cid).tolist())))
+        ((b.info, c) for b in blocks if id(b) not in known for c in np.unique(b.cid).tolist())))
     # Small archives (read whole for one request instead of header reads) are located for sub-ranges when
     # this unit needs less than 1/PARTIAL of their bytes: the bytes read then stay near the bytes needed.
     need: dict[tuple[str, int], int] = {}
@@ -646,9 +651,11 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
             blocks.append(b.subset(found))
         if not found.all():
             unread.append(b.subset(~found))
-    lanes, rest = lanes_of(blocks, located)
+    lanes, rest = lanes_of(blocks, located, tables, ckpt._file_ids)
     for b, rows in rest:
         flat.extend(_regions_of(b, rows))
+        if id(b) in known:  # rows that are not rows of runs (a transposed destination): copy jobs, located
+            located.update(ckpt._locate((b.info, c) for c in np.unique(b.cid[rows]).tolist()))
     jobs, deferred = jobs_of(flat, located)
     prepared = executor.prepare(jobs, lanes, feeds=feeds)
     total = 0
@@ -658,7 +665,7 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
         pp.bytes_needed += nbytes
         pp.tensors.setdefault(step.target.name, {"pieces": 0, "bytes_needed": 0})["bytes_needed"] += nbytes
     requests = prepared.requests
-    pp.bytes_to_read += sum(stop - start for _, start, stop in requests)
+    pp.bytes_to_read += sum(map(operator.itemgetter(2), requests)) - sum(map(operator.itemgetter(1), requests))
     pp.num_reads += len(requests)
     # One whole read per chunk: of the deferred regions, and of the unread rows (per tensor, at once).
     whole = {(r.info.name, r.overlap.chunk_id): r.info.chunks[r.overlap.chunk_id].whole_read_nbytes for r in deferred}

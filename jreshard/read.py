@@ -680,7 +680,7 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
     first_win = np.cumsum(nwin) - nwin
     nw = int(nwin.sum())
     lo_l, hi_l = [np.iinfo(np.int64).max] * nw, [-1] * nw  # the bytes each window reads
-    parts: list[list[tuple[Any, Any]]] = [[] for _ in range(nw)]
+    parts: list[list[tuple[Any, Any]]] = [[] for _ in range(nw)] if feeds else []  # (none made when counting)
     rs_l, fw_l = rs.tolist(), first_win.tolist()
     regions = (np.searchsorted(rs, [d[2] for d in dense], "right") - 1).tolist()
     # Rows of runs inside one merged region: in one window (the usual case), bounds at once and parts as
@@ -753,7 +753,7 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
     lo_u, hi_u = (lo[used] - kid * span).tolist(), (hi[used] - kid * span).tolist()
     for a, b in zip([0, *bounds], [*bounds, len(used_l)]):
         key = names[kid_l[a]]
-        yield ([(key, lo_u[i], hi_u[i]) for i in range(a, b)],
+        yield (list(zip(itertools.repeat(key, b - a), lo_u[a:b], hi_u[a:b])),
                [parts[used_l[i]] for i in range(a, b)] if feeds else [None] * (b - a))
 
 
