@@ -165,3 +165,61 @@ def test_index_memo_is_bounded(monkeypatch):
         box = ((k, k + 7),)
         _steps_at_once(_target((200,)), [Piece("x", box, 0, [])], [box], 0, tensors)
         assert 1 <= len(index.memo) <= 5
+
+
+@st.composite
+def located_blocks(draw):
+    """A 2-D tensor of many row-band chunks with locators of every kind (plain, in memory, big-endian,
+    strided), and a block of overlaps with some of them (destinations C-ordered or transposed)."""
+    from jreshard.catalog import Locator
+
+    nchunks, width = draw(st.integers(48, 70)), draw(st.integers(1, 9))
+    chunks = validate_chunks("t", (2 * nchunks, width), [Chunk((2 * i, 0), (2, width)) for i in range(nchunks)], "c")
+    dtype = np.dtype(draw(st.sampled_from(["int8", "float32"])))
+    info = TensorInfo("t", (2 * nchunks, width), dtype, chunks)
+    located = {}
+    for c in range(nchunks):
+        kind = draw(st.sampled_from(["plain", "plain", "memory", "big", "strided", "none"]))
+        if kind == "none":
+            continue
+        key = draw(st.sampled_from(["a", "b", "c"]))
+        base, soff = draw(st.integers(0, 10**6)), draw(st.integers(0, 50))
+        located[("t", c)] = Locator(key, base, soff, (1, 2) if kind == "strided" else (width, 1), 4 * width,
+                                    "big" if kind == "big" else "little",
+                                    data=b"x" * (8 * width) if kind == "memory" else None)
+    box = ((draw(st.integers(0, 10)), draw(st.integers(60, 2 * nchunks))), (0, width))
+    cid, cstart, pstart, size = catalog.chunk_overlap_arrays(chunks, box)
+    strides = draw(st.sampled_from([(width, 1), (1, box[0][1] - box[0][0])]))
+    dst0 = pstart @ np.array(strides, np.int64)
+    block = RegionBlock(info, np.arange(len(cid), dtype=np.int64) % 3, cid, cstart, size, dst0, strides, pstart)
+    return info, located, block
+
+
+@SETTINGS
+@given(located_blocks())
+def test_lane_tables_give_the_rows_located_chunks_give(case):
+    """Rows made from the located chunks as arrays (LaneTable) equal those made chunk by chunk from the
+    locators, and the rows left to copy jobs are the same."""
+    from jreshard.lanes import LaneTable, lanes_of
+
+    info, located, block = case
+    by_locators = lanes_of([block], located)
+    table, ids = LaneTable(info), {}
+    for (_, c), loc in located.items():
+        table.put(info, c, loc, ids)
+    unknown = any(("t", c) not in located for c in np.unique(block.cid).tolist())
+    by_tables = lanes_of([block], {} if not unknown else located, {"t": table}, ids)
+
+    def rows(lanes):
+        if not lanes:
+            return []
+        (lane,) = lanes
+        r = lane.rows
+        return sorted(zip(*(getattr(r, f).tolist() for f in ("x0", "n", "s", "run", "base", "dst", "ds", "slot")),
+                          [lane.keys[k] for k in r.kid.tolist()]))
+
+    assert rows(by_tables[0]) == rows(by_locators[0])
+    assert [m.tolist() for _, m in by_tables[1]] == [m.tolist() for _, m in by_locators[1]]
+    for (_, c), loc in located.items():
+        plain = loc.data is None and (loc.byteorder == "little" or info.dtype.itemsize == 1) and loc.strides[-1] == 1
+        assert table.state[c] == (1 if plain else 0)
