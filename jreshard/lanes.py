@@ -223,13 +223,16 @@ def lanes_of(blocks: list[RegionBlock], located: dict[tuple[str, int], Any],
         info, item = blk.info, blk.info.dtype.itemsize
         ndim = blk.size.shape[1]
         names.append(info.name)
-        uniq, inv = np.unique(blk.cid, return_inverse=True)
         table = tables.get(info.name) if tables else None
-        if table is not None and (table.state[uniq] >= 0).all():
-            ok_c = table.state[uniq] == 1
-            base_c, soff_c, key_c = table.base[uniq], table.soff[uniq], table.fid[uniq]
-            cols_c = table.cols[uniq]
+        state = None if table is None else table.state[blk.cid]
+        if state is not None and (state >= 0).all():
+            # Per row (``inv`` the identity): no chunk-by-chunk work.
+            inv: Any = slice(None)
+            ok_c = state == 1
+            base_c, soff_c, key_c = table.base[blk.cid], table.soff[blk.cid], table.fid[blk.cid]
+            cols_c = table.cols[blk.cid]
         else:
+            uniq, inv = np.unique(blk.cid, return_inverse=True)
             ok_c = np.zeros(len(uniq), bool)
             base_c = np.zeros(len(uniq), np.int64)
             soff_c = np.zeros(len(uniq), np.int64)

@@ -411,19 +411,20 @@ def _steps_at_once(target: Target, pieces: list[Piece], boxes: list[Box], slot: 
     info = tensors[view._args]
     if info.ndim not in (1, 2) or any(b <= a for box in boxes for a, b in box):
         return None
-    index = chunk_index(info.chunks, boxes)
-    if index is None:
-        return None
-    dtype = np.dtype(info.dtype)
-    steps = []
-    for k, (piece, box) in enumerate(zip(pieces, boxes)):
-        step = Step(target, piece, box, dtype, (), [], [], slot + k)
-        check_fits(math.prod(step.shape) * dtype.itemsize, f"the shard {box} of {target.name!r}")
-        steps.append(step)
     # The blocks depend on the chunks' bounds and the boxes only: tensors cut alike (a model's layers) share
-    # them through their index's memo.
+    # them through their index's memo (whose boxes were checked for the index when they were computed).
     key = ("steps", tuple(boxes))
-    groups = index.memo.get(key)
+    index = getattr(info.chunks, "_index", None)
+    groups = None if index is None else index.memo.get(key)
+    if groups is None:
+        index = chunk_index(info.chunks, boxes)
+        if index is None:
+            return None
+    dtype = np.dtype(info.dtype)
+    steps = [Step(target, piece, box, dtype, (), [], [], slot + k) for k, (piece, box) in enumerate(zip(pieces, boxes))]
+    # Refused before any byte is planned for it: a shard larger than this machine's memory (the largest).
+    big = max(steps, key=lambda st: math.prod(st.shape))
+    check_fits(math.prod(big.shape) * dtype.itemsize, f"the shard {big.box} of {target.name!r}")
     if groups is None:
         groups = _block_groups(target, index, boxes, [step.shape for step in steps])
         if len(index.memo) >= index.MEMO_ENTRIES:
