@@ -410,7 +410,9 @@ _INDEX_MIN_CHUNKS = 48  # below this, scanning every chunk is as fast
 class ChunkTuple(tuple):
     """The kept chunks of a tensor, as :func:`validate_chunks` returns them: a plain tuple of :class:`Chunk`
     (equal to, and printed as, the same tuple) that also keeps the index :func:`chunk_overlaps` builds on first
-    use, so that the index lives and dies with the tensor's chunks. The index is not pickled."""
+    use, so that the index lives and dies with the tensor's chunks. The index is not pickled. A format reader
+    that knows at open how each chunk is read may also set ``_read_facts`` (see :func:`read_facts`) and
+    ``_any_whole`` (whether any chunk is read whole)."""
 
     def __reduce__(self):
         return (ChunkTuple, (tuple(self),))

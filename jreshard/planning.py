@@ -324,6 +324,9 @@ def _named_parts(sharding: Any) -> tuple[tuple[int, ...], tuple[str, ...], Any] 
     from jax.sharding import NamedSharding
 
     if isinstance(sharding, AbstractSharding):
+        parts = getattr(sharding, "_parts", None)  # (set once it is made)
+        if parts is not None:
+            return parts
         sharding = sharding.sharding
     if type(sharding) is not NamedSharding:
         return None
@@ -353,7 +356,8 @@ class AbstractSharding:
     def __init__(self, sharding: Any, devices_per_process: int) -> None:
         from .errors import InvalidArgumentError
 
-        if _named_parts(sharding) is None:
+        self._parts = _named_parts(sharding)
+        if self._parts is None:
             raise InvalidArgumentError(f"an abstract target sharding must be a jax.sharding.NamedSharding over an "
                                        f"AbstractMesh with axis names in its spec, not {sharding!r}")
         self.sharding = sharding
@@ -379,8 +383,7 @@ class AbstractSharding:
         """The devices of process ``process`` (none for a process outside the mesh)."""
         if not 0 <= process < self.num_processes:
             return []
-        k = self.devices_per_process
-        return [AbstractDevice(i, process) for i in range(process * k, (process + 1) * k)]
+        return list(_abstract_devices(process, self.devices_per_process))
 
     @property
     def device_set(self) -> set[AbstractDevice]:
@@ -391,6 +394,11 @@ class AbstractSharding:
         devices = sorted(self.device_set, key=lambda d: d.id)
         return {d: tuple(slice(a, b) for a, b in box)
                 for d, box in zip(devices, named_boxes(shape, self.mesh.axis_sizes, self.mesh.axis_names, self.spec))}
+
+
+@functools.lru_cache(maxsize=64)
+def _abstract_devices(process: int, k: int) -> tuple[AbstractDevice, ...]:
+    return tuple(AbstractDevice(i, process) for i in range(process * k, (process + 1) * k))
 
 
 def processes_of(sharding: Any) -> set[int]:

@@ -580,6 +580,10 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
     for b in (r for regs in regions for r in regs if type(r) is RegionBlock):
         # Rows of chunks read whole (small or compressed items) are set apart: they join the lanes if located
         # below, else they are read whole when the unit runs.
+        if getattr(b.info.chunks, "_any_whole", True) is False:  # known at open: no chunk is read whole
+            if len(b):
+                blocks.append(b)
+            continue
         whole = read_facts(b.info.chunks, b.cid)[0] >= 0
         if whole.any():
             wholes.append(b.subset(whole))
@@ -665,9 +669,9 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
         total += nbytes
         pp.bytes_needed += nbytes
         pp.tensors.setdefault(step.target.name, {"pieces": 0, "bytes_needed": 0})["bytes_needed"] += nbytes
-    requests = prepared.requests
-    pp.bytes_to_read += sum(map(operator.itemgetter(2), requests)) - sum(map(operator.itemgetter(1), requests))
-    pp.num_reads += len(requests)
+    for requests in itertools.chain([prepared.staged_requests], (rs for rs, _ in prepared.groups)):
+        pp.bytes_to_read += sum(map(operator.itemgetter(2), requests)) - sum(map(operator.itemgetter(1), requests))
+        pp.num_reads += len(requests)
     # One whole read per chunk: of the deferred regions, and of the unread rows (per tensor, at once).
     whole = {(r.info.name, r.overlap.chunk_id): r.info.chunks[r.overlap.chunk_id].whole_read_nbytes for r in deferred}
     unread_names: dict[str, list[RegionBlock]] = {}

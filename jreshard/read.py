@@ -716,6 +716,11 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
         w0_l = ow.w0.tolist()
     for lane, lr in klanes:
         lw = wins.of(lr)
+        if not feeds:  # counted: the windows' bounds only
+            win, first, end = _window_bounds(lr, lw, first_win, rs, limit)
+            np.minimum.at(lo, win, first)
+            np.maximum.at(hi, win, end)
+            continue
         # Rows across windows are cut into one sub-row per window (the dense jobs' arithmetic, at once).
         placed, win = _cut_at(lr, lw, first_win, rs, limit)
         if len(win):
@@ -799,6 +804,31 @@ def _cut_at(r: Rows, lw: _Placement, first_win: np.ndarray, rs: np.ndarray, limi
     if not len(cut) and not len(out):
         return r.take(one), lw.w0[one]
     sub_o, win_o = _runs_in_windows(r, out, first_win, rs, limit)
+    row, w, k0, k1 = _cut_rows(r, lw, cut, first_win, rs, limit)
+    sub = r.take(cut[row])
+    sub.x0 = sub.x0 + k0 * sub.s
+    sub.dst = sub.dst + k0 * sub.ds
+    sub.n = k1 - k0
+    return Rows.concat([r.take(one), sub, sub_o]), np.concatenate((lw.w0[one], w, win_o))
+
+
+def _window_bounds(r: Rows, lw: _Placement, first_win: np.ndarray, rs: np.ndarray, limit: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What :func:`_cut_at` places, as bounds only (a plan that is counted): per piece, its window, its first
+    byte and its end (the windows' extents are the least first byte and the greatest end of what they hold)."""
+    one, cut, out = np.flatnonzero(lw.one), np.flatnonzero(lw.cut), np.flatnonzero(lw.out)
+    row, w, k0, k1 = _cut_rows(r, lw, cut, first_win, rs, limit)
+    x, which, _, win = _out_runs(r, out, first_win, rs, limit)
+    c = cut[row]
+    return (np.concatenate((lw.w0[one], w, win)),
+            np.concatenate((r.x0[one], r.x0[c] + k0 * r.s[c], x)),
+            np.concatenate(((lw.last + r.run)[one], r.x0[c] + (k1 - 1) * r.s[c] + r.run[c], x + r.run[out][which])))
+
+
+def _cut_rows(r: Rows, lw: _Placement, cut: np.ndarray, first_win: np.ndarray, rs: np.ndarray, limit: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rows ``cut`` (inside one merged region, across windows) cut at the windows: per sub-row, its row (index
+    into ``cut``), window, and first and end run (k0, k1) in that row."""
     m = lw.m[cut]
     r0, f = rs[m], first_win[m]
     x0, n, s = r.x0[cut], r.n[cut], r.s[cut]
@@ -813,24 +843,26 @@ def _cut_at(r: Rows, lw: _Placement, first_win: np.ndarray, rs: np.ndarray, limi
     k0 = np.concatenate(([0], k1[:-1]))
     k0[np.concatenate(([True], row[1:] != row[:-1]))] = 0
     keep = k1 > k0
-    row, w, k0, k1 = row[keep], w[keep], k0[keep], k1[keep]
-    sub = r.take(cut[row])
-    sub.x0 = sub.x0 + k0 * sub.s
-    sub.dst = sub.dst + k0 * sub.ds
-    sub.n = k1 - k0
-    return Rows.concat([r.take(one), sub, sub_o]), np.concatenate((lw.w0[one], w, win_o))
+    return row[keep], w[keep], k0[keep], k1[keep]
+
+
+def _out_runs(r: Rows, rows: np.ndarray, first_win: np.ndarray, rs: np.ndarray, limit: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The runs of rows ``rows`` of ``r``, one by one: start, row (index into ``rows``), run index in its row,
+    and window."""
+    n = r.n[rows]
+    x = row_grid(r.x0[rows], n, r.s[rows])
+    which = np.repeat(np.arange(len(rows)), n)
+    k = np.arange(len(x)) - np.repeat(np.cumsum(n) - n, n)
+    m = np.searchsorted(rs, x, "right") - 1
+    return x, which, k, first_win[m] + (x - rs[m]) // limit
 
 
 def _runs_in_windows(r: Rows, rows: np.ndarray, first_win: np.ndarray, rs: np.ndarray, limit: int
                      ) -> tuple[Rows, np.ndarray]:
     """Rows ``rows`` of ``r`` (whose runs lie in several merged regions) cut where the window of their runs
     changes: the sub-rows, and the window of each."""
-    n = r.n[rows]
-    x = row_grid(r.x0[rows], n, r.s[rows])
-    which = np.repeat(np.arange(len(rows)), n)
-    k = np.arange(len(x)) - np.repeat(np.cumsum(n) - n, n)
-    m = np.searchsorted(rs, x, "right") - 1
-    win = first_win[m] + (x - rs[m]) // limit
+    x, which, k, win = _out_runs(r, rows, first_win, rs, limit)
     new = np.ones(len(x), bool)
     new[1:] = (which[1:] != which[:-1]) | (win[1:] != win[:-1])
     first = np.flatnonzero(new)

@@ -220,3 +220,24 @@ def test_small_archives_located_for_sub_ranges_under_lanes_read_what_objects_rea
     refs = checkpoints.reference("plain")
     for name, t in targets.items():
         check_loaded_array(out[name], t, refs[name], f"small archives {mesh_key}/{spec_key}:{name}")
+
+
+@pytest.mark.parametrize("variant", tw.VARIANTS)
+def test_read_facts_known_at_open_are_those_of_the_chunks(checkpoints, variant):
+    """A DCP checkpoint records at open how each chunk is read (whole or by sub-ranges); the planner trusts
+    those arrays in place of looking at each chunk, so they must be exactly what the chunks say."""
+    ckpt = jreshard.open(checkpoints.dirs[variant])
+    seen = set()
+    for name, info in ckpt.format.tensors.items():
+        chunks = info.chunks
+        fresh = catalog.ChunkTuple(tuple(chunks))  # the same chunks, nothing known yet
+        cids = np.arange(len(chunks), dtype=np.int64)
+        got, want = catalog.read_facts(chunks, cids), catalog.read_facts(fresh, cids)
+        assert [a.tolist() for a in got] == [a.tolist() for a in want], name
+        if hasattr(chunks, "_any_whole"):
+            assert chunks._any_whole == bool((want[0] >= 0).any()), name
+            seen.add(chunks._any_whole)
+    if variant == "plain":
+        assert seen == {True, False}  # both kinds of tensors were checked (small archives, and larger ones)
+    if variant == "zstd":
+        assert seen == {True}  # compressed: every chunk is read whole

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..catalog import Chunk, Locator, TensorInfo, validate_chunks
+from ..catalog import Chunk, ChunkTuple, Locator, TensorInfo, validate_chunks
 from ..dtypes import TorchDtype
 from ..errors import CheckpointFormatError, InconsistentCheckpointError, MissingDataError, TruncatedDataError
 from ..planning import c_strides
@@ -108,6 +108,7 @@ class DCPSource:
                 if not isinstance(entry.chunks, (list, tuple)):
                     raise CheckpointFormatError(f"{where}: {what}: chunks are not a list")
                 chunks = []
+                wholes: list[int] = []
                 for c in entry.chunks:
                     if not isinstance(c, ChunkStorageMetadata):
                         raise CheckpointFormatError(f"{where}: {what}: a chunk is a {type(c).__name__}")
@@ -130,7 +131,14 @@ class DCPSource:
                     chunks.append(Chunk(offsets, sizes, ItemRef(fqn, blob, kind),
                                         whole_read_nbytes=blob.length if whole else None,
                                         partial_ok=bool(whole and not blob.transforms)))
-                self.tensors[fqn] = TensorInfo(fqn, shape, dtype, validate_chunks(fqn, shape, chunks, where))
+                    wholes.append(blob.length if whole else -1)
+                kept = validate_chunks(fqn, shape, chunks, where)
+                if len(kept) == len(chunks) and isinstance(kept, ChunkTuple):  # (what catalog.read_facts finds)
+                    whole_nb = np.array(wholes, np.int64)
+                    kept._any_whole = bool((whole_nb >= 0).any())
+                    kept._read_facts = (whole_nb, np.array([c.partial_ok for c in chunks], bool) if kept._any_whole
+                                        else np.zeros(len(chunks), bool))
+                self.tensors[fqn] = TensorInfo(fqn, shape, dtype, kept)
             elif isinstance(entry, BytesStorageMetadata):
                 info = by_index.get((fqn, None))
                 if info is None:
