@@ -302,6 +302,9 @@ def child(mode: str, path: str) -> dict:
         p = jreshard.plan(ckpt, target, process_index=POD[3] if mode == "host" else "all", devices_per_process=POD[2])
         out.update(s=time.perf_counter() - t0, peak=_peak(), num_reads=p.num_reads, bytes_needed=p.bytes_needed,
                    bytes_to_read=p.bytes_to_read, processes=len(p.processes))
+        total = p.total()
+        out.update(total_reads=total.num_reads, total_bytes_needed=total.bytes_needed,
+                   total_bytes_to_read=total.bytes_to_read)
         return out
     import numpy as np
 
@@ -370,13 +373,16 @@ def table(rows: list[dict]) -> str:
                    f"{_fmt_peak(t)} | {_fmt_s(o)} | {_fmt_peak(o)} | {_ratio(o, t)} | {peak_ratio} | {_fmt_s(p)} | "
                    f"{_fmt_peak(p)} | {plan_open} | {check} |")
     out.append("\n| R | one host's plan (process 137 of 256) s | peak GiB | host / open | whole-mesh report (256 "
-               "processes) s | peak GiB | reads (all processes) |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+               "processes) s | peak GiB | reads, all processes | read / needed, all processes |\n"
+               "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         h, m = row.get("host", {"skipped": "not run"}), row.get("mesh", {"skipped": "not run"})
         host_open = "-" if "skipped" in h else f"{h['s'] / h['open_s']:.2f}"
-        reads = "-" if "skipped" in m else f"{m['num_reads']:,}"
+        total = "total_reads" in m
+        reads = f"{m['total_reads']:,}" if total else "-"
+        amp = f"{m['total_bytes_to_read'] / m['total_bytes_needed']:.3f}" if total and m["total_bytes_needed"] else "-"
         out.append(f"| {row['ranks']:,} | {_fmt_s(h)} | {_fmt_peak(h)} | {host_open} | {_fmt_s(m)} | {_fmt_peak(m)} "
-                   f"| {reads} |")
+                   f"| {reads} | {amp} |")
     by = {row["ranks"]: row for row in rows}
     lo, hi = by.get(512), by.get(max(by)) if by else None
     if lo and hi and hi is not lo:
