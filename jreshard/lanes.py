@@ -215,28 +215,28 @@ def lanes_of(blocks: list[RegionBlock], located: dict[tuple[str, int], Any],
     knows all is read from the table at once, instead of chunk by chunk from ``located``."""
     from .planning import c_strides
 
-    parts: list[Rows] = []
     names: list[str] = []
     keys: dict[str, int] = {} if file_ids is None else file_ids
-    rest: list[tuple[RegionBlock, np.ndarray]] = []
+    # Per block, per row: its chunk's facts (from the table, or chunk by chunk from the locators) and the block's
+    # constants; a 1-D block as rows of one row (size (1, n), starting at column n0). Then all rows at once.
+    cols_: list[Any] = []
     for t, blk in enumerate(blocks):
-        info, item = blk.info, blk.info.dtype.itemsize
-        ndim = blk.size.shape[1]
+        info = blk.info
         names.append(info.name)
         table = tables.get(info.name) if tables else None
         state = None if table is None else table.state[blk.cid]
         if state is not None and (state >= 0).all():
-            # Per row (``inv`` the identity): no chunk-by-chunk work.
-            inv: Any = slice(None)
-            ok_c = state == 1
-            base_c, soff_c, key_c = table.base[blk.cid], table.soff[blk.cid], table.fid[blk.cid]
-            cols_c = table.cols[blk.cid]
+            ok_r = state == 1
+            base_r, soff_r, key_r, cols_r = (table.base[blk.cid], table.soff[blk.cid], table.fid[blk.cid],
+                                             table.cols[blk.cid])
         else:
             uniq, inv = np.unique(blk.cid, return_inverse=True)
+            item = info.dtype.itemsize
             ok_c = np.zeros(len(uniq), bool)
             base_c = np.zeros(len(uniq), np.int64)
             soff_c = np.zeros(len(uniq), np.int64)
             key_c = np.zeros(len(uniq), np.int64)
+            cols_c = np.zeros(len(uniq), np.int64)
             for i, c in enumerate(uniq.tolist()):
                 loc = located.get((info.name, c))
                 if (loc is None or loc.data is not None or (loc.byteorder != "little" and item > 1)
@@ -245,41 +245,46 @@ def lanes_of(blocks: list[RegionBlock], located: dict[tuple[str, int], Any],
                 ok_c[i] = True
                 base_c[i], soff_c[i] = loc.base, loc.storage_offset
                 key_c[i] = keys.setdefault(loc.key, len(keys))
-            cols_c = None
-        size = blk.size
-        ok = ok_c[inv]
-        if ndim == 1:
-            s0 = size[:, 0]
-            e0 = blk.strides[0]
-            ok &= (s0 == 1) | (e0 == 1)
-            x_el = soff_c[inv] + blk.cstart[:, 0]
-            n = np.ones(len(blk), np.int64)
-            run = s0 * item
-            s = ds = np.zeros(len(blk), np.int64)
-        else:  # 2
-            s0, s1 = size[:, 0], size[:, 1]
-            e0, e1 = blk.strides
-            if cols_c is None:
-                cols_c = np.array([info.chunks[c].sizes[1] for c in uniq.tolist()], np.int64)
-            cols = cols_c[inv]
-            inner = s1 != 1
-            # s1 != 1: the row is contiguous in storage; it must be in the buffer too (else element-wise).
-            # s1 == 1: a column; only a single element, or a column contiguous in both, is a run.
-            ok &= np.where(inner, e1 == 1, (s0 == 1) | ((cols == 1) & (e0 == 1)))
-            fold = (s0 == 1) | ~inner | ((cols == s1) & (e0 == s1))
-            n = np.where(fold, 1, s0)
-            run = np.where(fold, s0 * s1, s1) * item
-            s = np.where(fold, 0, cols * item)
-            ds = np.where(fold, 0, e0 * item)
-            x_el = soff_c[inv] + blk.cstart[:, 0] * cols + blk.cstart[:, 1]
-        x0 = base_c[inv] + x_el * item
-        if not ok.all():
-            rest.append((blk, ~ok))
-        if ok.any():
-            parts.append(Rows(x0[ok], n[ok], s[ok], run[ok], base_c[inv][ok], (blk.dst0 * item)[ok], ds[ok],
-                              np.broadcast_to(np.asarray(blk.slot, np.int64), ok.shape)[ok],
-                              np.full(int(ok.sum()), t, np.int64),
-                              key_c[inv][ok]))
-    if not parts:
+                cols_c[i] = info.chunks[c].sizes[-1]
+            ok_r, base_r, soff_r, key_r, cols_r = ok_c[inv], base_c[inv], soff_c[inv], key_c[inv], cols_c[inv]
+        cols_.append((ok_r, base_r, soff_r, key_r, cols_r))
+    if not blocks:
+        return [], []
+    cat = np.concatenate
+    counts = [len(blk) for blk in blocks]
+    per_block = lambda values: np.repeat(np.array(values, np.int64), counts)  # noqa: E731
+    one_d = [blk.size.shape[1] == 1 for blk in blocks]
+    size = cat([np.column_stack((np.ones(len(b), np.int64), b.size[:, 0])) if d else b.size
+                for b, d in zip(blocks, one_d)])
+    cstart = cat([np.column_stack((np.zeros(len(b), np.int64), b.cstart[:, 0])) if d else b.cstart
+                  for b, d in zip(blocks, one_d)])
+    item = per_block([b.info.dtype.itemsize for b in blocks])
+    e0 = per_block([0 if d else b.strides[0] for b, d in zip(blocks, one_d)])
+    e1 = per_block([b.strides[-1] for b in blocks])
+    ok, base, soff, kid, cols = (cat([c[k] for c in cols_]) for k in range(5))
+    cols = np.where(per_block(one_d).astype(bool), 1, cols)  # (a 1-D row: its single row, any width)
+    s0, s1 = size[:, 0], size[:, 1]
+    inner = s1 != 1
+    # s1 != 1: the row is contiguous in storage; it must be in the buffer too (else element-wise).
+    # s1 == 1: a column; only a single element, or a column contiguous in both, is a run.
+    ok = ok & np.where(inner, e1 == 1, (s0 == 1) | ((cols == 1) & (e0 == 1)))
+    fold = (s0 == 1) | ~inner | ((cols == s1) & (e0 == s1))
+    n = np.where(fold, 1, s0)
+    run = np.where(fold, s0 * s1, s1) * item
+    s = np.where(fold, 0, cols * item)
+    ds = np.where(fold, 0, e0 * item)
+    x0 = base + (soff + cstart[:, 0] * cols + cstart[:, 1]) * item
+    slot = cat([np.broadcast_to(np.asarray(b.slot, np.int64), (len(b),)) for b in blocks])
+    dst = cat([b.dst0 for b in blocks]) * item
+    rest: list[tuple[RegionBlock, np.ndarray]] = []
+    if not ok.all():
+        bounds = np.cumsum([0, *counts]).tolist()
+        for blk, lo, hi in zip(blocks, bounds[:-1], bounds[1:]):
+            if not ok[lo:hi].all():
+                rest.append((blk, ~ok[lo:hi]))
+    if not ok.any():
         return [], rest
-    return [Lane(list(keys), names, Rows.concat(parts))], rest
+    rows = Rows(x0[ok], n[ok], s[ok], run[ok], base[ok], dst[ok], ds[ok], slot[ok],
+                per_block(list(range(len(blocks))))[ok], kid[ok])
+    return [Lane(list(keys), names, rows)], rest
+

@@ -500,10 +500,10 @@ def build(ckpt: Any, targets: Sequence[Target | None], *, limit: int, io_executo
             b = _plan_batch(ckpt, in_parts, batch, limit, io_executor, pp, feeds=pid == keep)
             if pid == keep:
                 batches.append(b)
-        for _, t, piece, _ in items:
-            pp.pieces += 1
+        pp.pieces += len(items)
+        for t, run in itertools.groupby(items, key=lambda item: item[1]):
             entry = pp.tensors.setdefault(t.name, {"pieces": 0, "bytes_needed": 0})
-            entry["pieces"] += 1
+            entry["pieces"] += sum(1 for _ in run)
         if items or pid == keep:
             plans[pid] = pp
         if pid == keep:
@@ -665,6 +665,8 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
     prepared = executor.prepare(jobs, lanes, feeds=feeds)
     total = 0
     for step, regs in zip(steps, regions):
+        if not regs:  # (the other pieces of a target planned at once: their overlaps are with the first's)
+            continue
         nbytes = sum(_region_bytes(r) for r in regs)
         total += nbytes
         pp.bytes_needed += nbytes
@@ -714,13 +716,14 @@ def _batches(work: list, limit: int, pack: int | None = None) -> Iterable[tuple[
         [(True, 8)]
     """
     pack = limit if pack is None else min(pack, limit)
-    units: list[tuple[bool, list]] = []
+    units: list[tuple[bool, list, int]] = []  # (in parts, items, host bytes)
     for _, group in itertools.groupby(work, key=lambda item: item[0]):
         pieces = list(group)
         # A target's pieces stay together up to the bound (not only the packing size): they usually need
         # complementary parts of the same saved rows, which then join into few long reads.
-        if sum(_host_bytes(item) for item in pieces) <= limit:
-            units.append((False, pieces))
+        nbytes = sum(_host_bytes(item) for item in pieces)
+        if nbytes <= limit:
+            units.append((False, pieces, nbytes))
             continue
         pieces.sort(key=lambda item: item[2].box)
         large: dict[tuple[int, ...], list] = {}
@@ -731,23 +734,23 @@ def _batches(work: list, limit: int, pack: int | None = None) -> Iterable[tuple[
                     large.setdefault(item[2].shape, []).append(item)
                 else:
                     band.append(item)
-            if sum(_host_bytes(item) for item in band) <= limit:
-                units.append((False, band))
+            band_bytes = sum(_host_bytes(item) for item in band)
+            if band_bytes <= limit:
+                units.append((False, band, band_bytes))
             else:
-                units.extend((False, [item]) for item in band)
+                units.extend((False, [item], _host_bytes(item)) for item in band)
         for items in large.values():
             per = max(1, min(len(items), limit // max(1, items[0][3])))  # pieces filled together
-            units.extend((True, items[k : k + per]) for k in range(0, len(items), per))
+            units.extend((True, items[k : k + per], 0) for k in range(0, len(items), per))
     batch: list = []
     size = 0
-    for in_parts, unit in units:
+    for in_parts, unit, n in units:
         if in_parts:
             if batch:
                 yield False, batch
                 batch, size = [], 0
             yield True, unit
             continue
-        n = sum(_host_bytes(item) for item in unit)
         if batch and size + n > pack:
             yield False, batch
             batch, size = [], 0
