@@ -106,7 +106,8 @@ def check_opcodes(data: bytes, where: str) -> None:
                     raise _beyond(where, "memo index", idx, pos)
             pos = end + 1
         elif arg == _NL2:
-            end = find(b"\n", find(b"\n", pos + 1) + 1)
+            first = find(b"\n", pos + 1)
+            end = find(b"\n", first + 1) if first >= 0 else -1  # (not from 0: the walk never goes back)
             if end < 0:
                 return
             pos = end + 1

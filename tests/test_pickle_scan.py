@@ -104,3 +104,45 @@ def test_a_dangerous_number_after_a_long_run_of_fast_opcodes_is_refused(protocol
     with pytest.raises(CheckpointFormatError, match=f"at byte {len(body) - 1} is beyond the pickle's size"):
         check_opcodes(data, "t")
     check_opcodes(body, "t")  # the same pickle without it passes
+
+
+def _scan_finishes(data: bytes) -> tuple[bool, object]:
+    """Run the scan in a thread: (whether it returned within a minute, its result or error)."""
+    import threading
+
+    out: list[object] = []
+
+    def run() -> None:
+        try:
+            out.append(scan(data))
+        except Exception as e:  # noqa: BLE001 (reported to the test)
+            out.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(60)
+    return (not t.is_alive(), out[0] if out else None)
+
+
+@pytest.mark.parametrize("data", [
+    b"\x80\x02Sabc\ncmod",  # GLOBAL with no newline after it, a newline before it: the walk went back, forever
+    b"\x80\x02Sabc\nSdef\ncmod",
+    b"Sabc\n\x93",  # STACK_GLOBAL takes no argument; then the stream ends
+    b"\x80\x04cmod\nname",  # one newline of two
+    b"\ncx",
+])
+def test_a_pair_of_lines_cut_short_ends_the_scan(data):
+    """An opcode with two newline-terminated arguments (GLOBAL, INST) and fewer newlines after it: the stream
+    is cut short (left to the unpickler), and the scan must end, however many newlines come before it."""
+    finished, result = _scan_finishes(data)
+    assert finished, f"the scan of {data!r} did not end"
+    assert result == oracle(data)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from([b"\n", b"c", b"i", b"S", b"N", b"a", b"(", b"\x80\x02", b"x"]), max_size=40))
+def test_the_scan_ends_on_any_mix_of_line_opcodes_and_newlines(parts):
+    data = b"".join(parts)
+    finished, result = _scan_finishes(data)
+    assert finished, f"the scan of {data!r} did not end"
+    assert result == oracle(data)
