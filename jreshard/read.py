@@ -27,7 +27,7 @@ import math
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -37,7 +37,7 @@ from .catalog import Locator
 from .errors import JReshardError, StorageError, TruncatedDataError
 from .lanes import Lane, Rows, _dest_bytes, copy_block_from, row_grid
 from .planning import Overlap, Runs, _grid, c_strides, element_span
-from .storage import LocalStore, Store
+from .storage import LocalStore, Store, settle
 
 BOUNCE = 4 * 2**20  # a local read is cut (between runs) near this size: a per-thread buffer that stays in cache
 LOCAL_GAP = 64 * 2**10  # inside a chunk, local reads may read through gaps up to this (within the WASTE budget)
@@ -246,7 +246,7 @@ class Executor:
                 else:
                     self._ranged(prepared.groups, pool, futures)
         except BaseException:
-            _settle(futures)
+            settle(futures)
             raise
 
         def finish() -> None:
@@ -254,7 +254,7 @@ class Executor:
                 for f in futures:
                     f.result()
             except BaseException:
-                _settle(futures)  # the first failure: the reads not begun are dropped, those under way end
+                settle(futures)  # the first failure: the reads not begun are dropped, those under way end
                 raise
             for j in prepared.jobs:
                 _fix_byteorder(j)
@@ -374,13 +374,6 @@ class Executor:
         for j, part in feeds:
             _copy_part(buf[:n], start, j, part, key)
         return n
-
-
-def _settle(futures: Sequence[Future[None]]) -> None:
-    """Wait until every one of ``futures`` is done (cancelling those not started), whatever their outcome."""
-    for f in futures:
-        f.cancel()
-    wait(futures)
 
 
 _JUNK: list[np.ndarray] = []

@@ -22,6 +22,7 @@ import stat
 import threading
 import urllib.parse
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,10 +148,15 @@ _RANGES_POOL: list[Any] = []
 _RANGES_LOCK = threading.Lock()
 
 
+def settle(futures: Sequence[Future[Any]]) -> None:
+    """Wait until every one of ``futures`` is done (cancelling those not started), whatever their outcome."""
+    for f in futures:
+        f.cancel()
+    wait(futures)
+
+
 def _ranges_pool() -> Any:
     """The process's pool for LocalStore.read_ranges (made on first use)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     with _RANGES_LOCK:
         if not _RANGES_POOL:
             _RANGES_POOL.append(ThreadPoolExecutor(RANGES_THREADS, thread_name_prefix="jreshard-ranges"))
@@ -249,11 +255,7 @@ class LocalStore(Store):
                 try:
                     out.extend(f.result())
                 except BaseException:
-                    for other in futures:
-                        other.cancel()
-                    for other in futures:
-                        if not other.cancelled():
-                            other.exception()  # (waits: no read outlives this call)
+                    settle(futures)  # no read outlives this call
                     raise
         self.stats.add(sum(r[2] - r[1] for r in requests), n)
         return out
