@@ -608,7 +608,7 @@ class Checkpoint:
                         self._sub_ranged.add(info.name)
                     table = self._lane_tables.get(info.name)
                     if table is None:
-                        table = self._lane_tables[info.name] = LaneTable(info)
+                        table = self._lane_tables[info.name] = LaneTable(len(info.chunks))
                     table.put(info, cid, loc, self._file_ids)
         return out  # type: ignore[return-value]  # every entry is filled now
 

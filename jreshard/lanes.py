@@ -139,27 +139,29 @@ class LaneTable:
     """Per chunk of one saved tensor, what :func:`lanes_of` needs of its locator, as arrays filled as chunks are
     located (:meth:`put`): ``state`` -1 (not located yet), 0 (located, not a plain storage rows can read: in
     memory, big-endian, strided) or 1; then the storage's file offset ``base``, element ``soff`` and file id
-    ``fid`` (into the ids of :meth:`put`'s ``file_ids``), and the chunk's columns ``cols`` (2-D)."""
+    ``fid`` (into the ids of :meth:`put`'s ``file_ids``), and the chunk's innermost size ``cols``."""
 
-    def __init__(self, info: TensorInfo):
-        n = len(info.chunks)
+    def __init__(self, n: int):
         self.state = np.full(n, -1, np.int8)
         self.base = np.zeros(n, np.int64)
         self.soff = np.zeros(n, np.int64)
         self.fid = np.zeros(n, np.int64)
         self.cols = np.zeros(n, np.int64)
 
-    def put(self, info: TensorInfo, cid: int, loc: Any, file_ids: dict[str, int]) -> None:
+    def put(self, info: TensorInfo, cid: int, loc: Any, file_ids: dict[str, int], at: int | None = None) -> None:
+        """Record chunk ``cid`` of ``info`` located at ``loc``, in entry ``at`` (default ``cid``)."""
         from .planning import c_strides
 
-        sizes = info.chunks[cid].sizes
+        k = cid if at is None else at
+        # A storage rows of runs read: in a file, little-endian (or of 1-byte items), C-contiguous.
         plain = (loc.data is None and (loc.byteorder == "little" or info.dtype.itemsize == 1)
-                 and loc.strides == c_strides(sizes))
+                 and loc.strides == c_strides(info.chunks[cid].sizes))
         if plain:
-            self.base[cid], self.soff[cid] = loc.base, loc.storage_offset
-            self.fid[cid] = file_ids.setdefault(loc.key, len(file_ids))
-            self.cols[cid] = sizes[1] if len(sizes) == 2 else 0
-        self.state[cid] = 1 if plain else 0
+            self.base[k], self.soff[k] = loc.base, loc.storage_offset
+            self.fid[k] = file_ids.setdefault(loc.key, len(file_ids))
+            sizes = info.chunks[cid].sizes
+            self.cols[k] = sizes[-1] if sizes else 1
+        self.state[k] = 1 if plain else 0
 
 
 def row_grid(x0: np.ndarray, n: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -213,41 +215,24 @@ def lanes_of(blocks: list[RegionBlock], located: dict[tuple[str, int], Any],
 
     ``tables`` (LaneTable by tensor name, file ids from ``file_ids``): a block whose chunks its tensor's table
     knows all is read from the table at once, instead of chunk by chunk from ``located``."""
-    from .planning import c_strides
-
     names: list[str] = []
     keys: dict[str, int] = {} if file_ids is None else file_ids
     # Per block, per row: its chunk's facts (from the table, or chunk by chunk from the locators) and the block's
     # constants; a 1-D block as rows of one row (size (1, n), starting at column n0). Then all rows at once.
-    cols_: list[Any] = []
-    for t, blk in enumerate(blocks):
+    facts: list[Any] = []
+    for blk in blocks:
         info = blk.info
         names.append(info.name)
         table = tables.get(info.name) if tables else None
-        state = None if table is None else table.state[blk.cid]
-        if state is not None and (state >= 0).all():
-            ok_r = state == 1
-            base_r, soff_r, key_r, cols_r = (table.base[blk.cid], table.soff[blk.cid], table.fid[blk.cid],
-                                             table.cols[blk.cid])
-        else:
-            uniq, inv = np.unique(blk.cid, return_inverse=True)
-            item = info.dtype.itemsize
-            ok_c = np.zeros(len(uniq), bool)
-            base_c = np.zeros(len(uniq), np.int64)
-            soff_c = np.zeros(len(uniq), np.int64)
-            key_c = np.zeros(len(uniq), np.int64)
-            cols_c = np.zeros(len(uniq), np.int64)
+        idx = blk.cid
+        if table is None or (table.state[idx] < 0).any():  # chunk by chunk from the locators
+            uniq, idx = np.unique(blk.cid, return_inverse=True)
+            table = LaneTable(len(uniq))
             for i, c in enumerate(uniq.tolist()):
                 loc = located.get((info.name, c))
-                if (loc is None or loc.data is not None or (loc.byteorder != "little" and item > 1)
-                        or loc.strides != c_strides(info.chunks[c].sizes)):
-                    continue
-                ok_c[i] = True
-                base_c[i], soff_c[i] = loc.base, loc.storage_offset
-                key_c[i] = keys.setdefault(loc.key, len(keys))
-                cols_c[i] = info.chunks[c].sizes[-1]
-            ok_r, base_r, soff_r, key_r, cols_r = ok_c[inv], base_c[inv], soff_c[inv], key_c[inv], cols_c[inv]
-        cols_.append((ok_r, base_r, soff_r, key_r, cols_r))
+                if loc is not None:
+                    table.put(info, c, loc, keys, at=i)
+        facts.append((table.state[idx] == 1, table.base[idx], table.soff[idx], table.fid[idx], table.cols[idx]))
     if not blocks:
         return [], []
     cat = np.concatenate
@@ -261,7 +246,7 @@ def lanes_of(blocks: list[RegionBlock], located: dict[tuple[str, int], Any],
     item = per_block([b.info.dtype.itemsize for b in blocks])
     e0 = per_block([0 if d else b.strides[0] for b, d in zip(blocks, one_d)])
     e1 = per_block([b.strides[-1] for b in blocks])
-    ok, base, soff, kid, cols = (cat([c[k] for c in cols_]) for k in range(5))
+    ok, base, soff, kid, cols = (cat([f[k] for f in facts]) for k in range(5))
     cols = np.where(per_block(one_d).astype(bool), 1, cols)  # (a 1-D row: its single row, any width)
     s0, s1 = size[:, 0], size[:, 1]
     inner = s1 != 1

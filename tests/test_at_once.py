@@ -204,7 +204,7 @@ def test_lane_tables_give_the_rows_located_chunks_give(case):
 
     info, located, block = case
     by_locators = lanes_of([block], located)
-    table, ids = LaneTable(info), {}
+    table, ids = LaneTable(len(info.chunks)), {}
     for (_, c), loc in located.items():
         table.put(info, c, loc, ids)
     unknown = any(("t", c) not in located for c in np.unique(block.cid).tolist())
