@@ -52,6 +52,13 @@ DEFAULT_INFLIGHT = 2 * 2**30
 # that saves more than HEADER_COST bytes (about what the header reads of one small archive take).
 PARTIAL = 1.1
 HEADER_COST = 2048
+
+
+def _sub_ranges_pay(needed: Any, whole: Any) -> Any:
+    """Whether locating a small archive for sub-ranges pays, for ``needed`` of its ``whole`` bytes (ints, or
+    int64 arrays at once)."""
+    return (needed * PARTIAL < whole) & (whole - needed > HEADER_COST)
+
 # Overlaps with many chunks are planned as arrays (jreshard.lanes); False plans every overlap as an object (the
 # tests compare both).
 LANES = True
@@ -591,12 +598,12 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
         if len(b):
             blocks.append(b)
     # Blocks whose chunks are all located as plain storages already are read from the lane tables; the
-    # others' chunks are located (or looked up) one by one.
+    # others' chunks are located (or looked up) one by one. (Region objects are located below, with the rows
+    # that lanes leave to copy jobs.)
     tables = ckpt._lane_tables
-    known = {id(b) for b in blocks if b.info.name in tables and (tables[b.info.name].state[b.cid] == 1).all()}
-    located = ckpt._locate(itertools.chain(
-        ((r.info, r.overlap.chunk_id) for r in flat if r.info.chunks[r.overlap.chunk_id].whole_read_nbytes is None),
-        ((b.info, c) for b in blocks if id(b) not in known for c in np.unique(b.cid).tolist())))
+    located = ckpt._locate((b.info, c) for b in blocks
+                           if not (b.info.name in tables and (tables[b.info.name].state[b.cid] == 1).all())
+                           for c in np.unique(b.cid).tolist())
     # Small archives (read whole for one request instead of header reads) are located for sub-ranges when
     # this unit needs less than 1/PARTIAL of their bytes: the bytes read then stay near the bytes needed.
     need: dict[tuple[str, int], int] = {}
@@ -634,13 +641,12 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
         # No chunk of this tensor is located yet, nor needed by other regions: only those passing the test
         # below can be located (the same test, at once).
         w, pok = read_facts(info.chunks, uniq)
-        cand = np.flatnonzero(pok & (nbytes * PARTIAL < w) & (w - nbytes > HEADER_COST))
+        cand = np.flatnonzero(pok & _sub_ranges_pay(nbytes, w))
         for c, nb in zip(uniq[cand].tolist(), nbytes[cand].tolist()):
             need[(name, c)] = nb
             infos[name] = info
     partial = [(infos[n], cid) for (n, cid), nbytes in need.items()
-               if nbytes * PARTIAL < infos[n].chunks[cid].whole_read_nbytes
-               and infos[n].chunks[cid].whole_read_nbytes - nbytes > HEADER_COST]
+               if _sub_ranges_pay(nbytes, infos[n].chunks[cid].whole_read_nbytes)]
     if partial:
         located.update(ckpt._locate(partial, precise=True))
         hit.update(info.name for info, _ in partial)
@@ -659,8 +665,9 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
     lanes, rest = lanes_of(blocks, located, tables, ckpt._file_ids)
     for b, rows in rest:
         flat.extend(_regions_of(b, rows))
-        if id(b) in known:  # rows that are not rows of runs (a transposed destination): copy jobs, located
-            located.update(ckpt._locate((b.info, c) for c in np.unique(b.cid[rows]).tolist()))
+    located.update(ckpt._locate((r.info, r.overlap.chunk_id) for r in flat
+                                if (r.info.name, r.overlap.chunk_id) not in located
+                                and r.info.chunks[r.overlap.chunk_id].whole_read_nbytes is None))
     jobs, deferred = jobs_of(flat, located)
     prepared = executor.prepare(jobs, lanes, feeds=feeds)
     total = 0
@@ -674,25 +681,22 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
     for requests in itertools.chain([prepared.staged_requests], (rs for rs, _ in prepared.groups)):
         pp.bytes_to_read += sum(map(operator.itemgetter(2), requests)) - sum(map(operator.itemgetter(1), requests))
         pp.num_reads += len(requests)
-    # One whole read per chunk: of the deferred regions, and of the unread rows (per tensor, at once).
-    whole = {(r.info.name, r.overlap.chunk_id): r.info.chunks[r.overlap.chunk_id].whole_read_nbytes for r in deferred}
-    unread_names: dict[str, list[RegionBlock]] = {}
+    # One whole read per chunk, of the deferred regions and of the unread rows, per tensor at once.
+    read_whole: dict[str, tuple[TensorInfo, list[int], list[np.ndarray]]] = {}
+    for r in deferred:
+        read_whole.setdefault(r.info.name, (r.info, [], []))[1].append(r.overlap.chunk_id)
     for b in unread:
-        unread_names.setdefault(b.info.name, []).append(b)
-    deferred_names = {r.info.name for r in deferred}
-    for name, bs in unread_names.items():
-        uniq = np.unique(np.concatenate([b.cid for b in bs]))
-        if name in deferred_names:
-            for c in uniq.tolist():
-                whole[(name, c)] = bs[0].info.chunks[c].whole_read_nbytes
-        else:
-            pp.bytes_to_read += int(read_facts(bs[0].info.chunks, uniq)[0].sum())
-            pp.num_reads += len(uniq)
+        read_whole.setdefault(b.info.name, (b.info, [], []))[2].append(b.cid)
+    for info, ids, arrays in read_whole.values():
+        uniq = np.unique(np.concatenate([np.array(ids, np.int64), *arrays]))
+        nbytes = read_facts(info.chunks, uniq)[0]
+        if (nbytes < 0).any():
+            raise JReshardError(f"internal: tensor {info.name!r}: a chunk left unlocated is not read whole")
+        pp.bytes_to_read += int(nbytes.sum())
+        pp.num_reads += len(uniq)
     if feeds:  # a unit only counted needs no Region object for these
         for b in unread:
             deferred.extend(_regions_of(b, np.ones(len(b), bool)))
-    pp.bytes_to_read += sum(whole.values())
-    pp.num_reads += len(whole)
     return Unit(steps, jobs, prepared, deferred, total, lanes=lanes)
 
 
