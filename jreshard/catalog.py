@@ -410,9 +410,8 @@ _INDEX_MIN_CHUNKS = 48  # below this, scanning every chunk is as fast
 class ChunkTuple(tuple):
     """The kept chunks of a tensor, as :func:`validate_chunks` returns them: a plain tuple of :class:`Chunk`
     (equal to, and printed as, the same tuple) that also keeps the index :func:`chunk_overlaps` builds on first
-    use, so that the index lives and dies with the tensor's chunks. The index is not pickled. A format reader
-    that knows at open how each chunk is read may also set ``_read_facts`` (see :func:`read_facts`) and
-    ``_any_whole`` (whether any chunk is read whole)."""
+    use, so that the index lives and dies with the tensor's chunks. The index is not pickled. What a format
+    reader knows at open of how each chunk is read is kept too (:func:`record_read_facts`)."""
 
     def __reduce__(self):
         return (ChunkTuple, (tuple(self),))
@@ -586,6 +585,28 @@ def chunk_index(chunks: Any, boxes: Sequence[Any]) -> _ChunkIndex | None:
         if index is None:
             return None
     return index
+
+
+def record_read_facts(chunks: Any, whole_nbytes: Sequence[int], partial_ok: Sequence[bool]) -> None:
+    """Record on ``chunks`` (a :class:`ChunkTuple`; anything else is left alone) what :func:`read_facts` would
+    find, known to the format reader at open: per chunk, its whole-read bytes (-1: read by sub-ranges) and
+    whether it may be located for sub-ranges. Ignored unless there is one of each per chunk.
+
+    Example:
+        >>> cs = ChunkTuple((Chunk((0,), (4,)), Chunk((4,), (4,))))
+        >>> record_read_facts(cs, [-1, -1], [False, False]); none_read_whole(cs)
+        True
+    """
+    if type(chunks) is not ChunkTuple or not len(chunks) == len(whole_nbytes) == len(partial_ok):
+        return
+    whole = np.array(whole_nbytes, np.int64)
+    chunks._read_facts = (whole, np.array(partial_ok, bool))
+    chunks._none_whole = not bool((whole >= 0).any())
+
+
+def none_read_whole(chunks: Any) -> bool:
+    """True when it is known (:func:`record_read_facts`) that no chunk of ``chunks`` is read whole."""
+    return getattr(chunks, "_none_whole", False)
 
 
 def read_facts(chunks: Any, cids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

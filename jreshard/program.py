@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .catalog import TensorInfo, chunk_index, chunk_overlap_arrays, read_facts
+from .catalog import TensorInfo, chunk_index, chunk_overlap_arrays, none_read_whole, read_facts
 from .errors import InvalidArgumentError, JReshardError, TargetMismatchError
 from .place import check_fits
 from .planning import (
@@ -587,7 +587,7 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
     for b in (r for regs in regions for r in regs if type(r) is RegionBlock):
         # Rows of chunks read whole (small or compressed items) are set apart: they join the lanes if located
         # below, else they are read whole when the unit runs.
-        if getattr(b.info.chunks, "_any_whole", True) is False:  # known at open: no chunk is read whole
+        if none_read_whole(b.info.chunks):  # known at open
             if len(b):
                 blocks.append(b)
             continue

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..catalog import Chunk, ChunkTuple, Locator, TensorInfo, validate_chunks
+from ..catalog import Chunk, Locator, TensorInfo, record_read_facts, validate_chunks
 from ..dtypes import TorchDtype
 from ..errors import CheckpointFormatError, InconsistentCheckpointError, MissingDataError, TruncatedDataError
 from ..planning import c_strides
@@ -109,6 +109,7 @@ class DCPSource:
                     raise CheckpointFormatError(f"{where}: {what}: chunks are not a list")
                 chunks = []
                 wholes: list[int] = []
+                partials: list[bool] = []
                 for c in entry.chunks:
                     if not isinstance(c, ChunkStorageMetadata):
                         raise CheckpointFormatError(f"{where}: {what}: a chunk is a {type(c).__name__}")
@@ -132,12 +133,10 @@ class DCPSource:
                                         whole_read_nbytes=blob.length if whole else None,
                                         partial_ok=bool(whole and not blob.transforms)))
                     wholes.append(blob.length if whole else -1)
+                    partials.append(chunks[-1].partial_ok)
                 kept = validate_chunks(fqn, shape, chunks, where)
-                if len(kept) == len(chunks) and isinstance(kept, ChunkTuple):  # (what catalog.read_facts finds)
-                    whole_nb = np.array(wholes, np.int64)
-                    kept._any_whole = bool((whole_nb >= 0).any())
-                    kept._read_facts = (whole_nb, np.array([c.partial_ok for c in chunks], bool) if kept._any_whole
-                                        else np.zeros(len(chunks), bool))
+                if len(kept) == len(chunks):  # (none dropped: the facts are the kept chunks')
+                    record_read_facts(kept, wholes, partials)
                 self.tensors[fqn] = TensorInfo(fqn, shape, dtype, kept)
             elif isinstance(entry, BytesStorageMetadata):
                 info = by_index.get((fqn, None))
