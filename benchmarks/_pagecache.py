@@ -20,6 +20,7 @@ import dataclasses
 import mmap
 import os
 from pathlib import Path
+from typing import Any
 
 DROP_CACHES = "/proc/sys/vm/drop_caches"
 
@@ -153,3 +154,103 @@ def evict(files: list[Path], drop_caches: bool = False) -> Eviction:
         resident, note = _resident(files)
     method = " + ".join(methods) or "nothing (neither posix_fadvise nor drop_caches available)"
     return Eviction(method, sum(f.stat().st_size for f in files), resident, note)
+
+
+def page_spans(ranges: list[tuple[int, int]], page: int = mmap.PAGESIZE) -> list[tuple[int, int]]:
+    """The byte ranges ``[start, stop)`` widened to whole pages, sorted, and merged where they touch."""
+    spans: list[tuple[int, int]] = []
+    for start, stop in sorted((s // page * page, -(-e // page) * page) for s, e in ranges if e > s):
+        if spans and start <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], stop))
+        else:
+            spans.append((start, stop))
+    return spans
+
+
+class Held:
+    """Pages of files read into the page cache and kept there by touching them again and again, until
+    :meth:`close`: what a benchmark that means "warm" needs on a machine that reclaims page-cache pages not used
+    for a while on its own (``mlock`` cannot do it for a million scattered ranges: each splits the mapping,
+    and a process may have only ``vm.max_map_count`` of those).
+
+    ``spans``: per file, the byte ranges to hold (any order, widened to pages). They are read once with
+    ``threads`` concurrent ``pread``s (a cold disk rewards queue depth), ``round_pages`` at a time, and mapped
+    read-only with read-around off; :meth:`touch` reads a byte of every held page through those mappings (no
+    system call, no copy), after each round and whenever called.
+    """
+
+    def __init__(self, spans: dict[Path, list[tuple[int, int]]], threads: int = 32,
+                 round_pages: int = 1 << 18) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        import numpy as np
+
+        libc = _mincore_libc()
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        self._libc = libc
+        self._maps: list[tuple[int, int]] = []
+        self._touch: list[tuple[Any, Any]] = []
+        self.bytes = 0
+        page = mmap.PAGESIZE
+        jobs: list[tuple[Path, list[tuple[int, int]]]] = []
+        pending: list[tuple[int, Any, Any]] = []
+        try:
+            for file, ranges in spans.items():
+                size = file.stat().st_size
+                pages = page_spans([(s, min(e, size)) for s, e in ranges])
+                if not pages:
+                    continue
+                for i in range(0, len(pages), 256):
+                    jobs.append((file, pages[i : i + 256]))
+                self.bytes += sum(e - s for s, e in pages)
+                fd = os.open(file, os.O_RDONLY)
+                try:
+                    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+                finally:
+                    os.close(fd)
+                if addr is None or addr == ctypes.c_void_p(-1).value:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"mmap of {file}: {os.strerror(err)}")
+                self._maps.append((addr, size))
+                libc.madvise(addr, size, 1)  # MADV_RANDOM: fault in the page asked for, nothing around it
+                view = np.ctypeslib.as_array((ctypes.c_ubyte * size).from_address(addr))
+                starts = np.concatenate([np.arange(s, e, page) for s, e in pages])
+                pending.append((len(jobs), view, starts))  # touched once its jobs (those before len(jobs)) are read
+
+            def read(job: tuple[Path, list[tuple[int, int]]]) -> None:
+                fd = os.open(job[0], os.O_RDONLY)
+                try:
+                    for s, e in job[1]:
+                        os.pread(fd, e - s, s)
+                finally:
+                    os.close(fd)
+
+            # Read in rounds of about ``round_pages`` pages, touching what was read so far after each round:
+            # a first read of a cold disk may take many minutes, longer than the reclaimer lets pages idle.
+            done = 0
+            with ThreadPoolExecutor(threads) as ex:
+                while done < len(jobs):
+                    stop, pages_in = done, 0
+                    while stop < len(jobs) and pages_in < round_pages:
+                        pages_in += sum(e - s for s, e in jobs[stop][1]) // page
+                        stop += 1
+                    for _ in ex.map(read, jobs[done:stop]):
+                        pass
+                    done = stop
+                    while pending and pending[0][0] <= done:
+                        self._touch.append(pending.pop(0)[1:])
+                    self.touch()
+        except BaseException:
+            self.close()
+            raise
+
+    def touch(self) -> int:
+        """Reads a byte of every held page; returns their sum (so that the reads happen)."""
+        return sum(int(view[starts].sum()) for view, starts in self._touch)
+
+    def close(self) -> None:
+        """Unmaps everything held."""
+        self._touch.clear()
+        for addr, size in self._maps:
+            self._libc.munmap(addr, size)
+        self._maps.clear()

@@ -43,7 +43,8 @@ mapping), by torch (``safetensors.torch.load_file``, then numpy and ``jax.device
 How
 ---
 Every run of a contender is a fresh subprocess, so imports and JAX start-up stay out of the timing and peak
-memory belongs to that contender alone. Each contender runs ``--repeat`` times per page-cache state and the
+memory belongs to that contender alone. Each contender runs ``--repeat`` times per page-cache state, in rounds
+(every contender once per round, so that a slow spell of a shared machine falls on all of them alike), and the
 median wall time of the restore call is reported (from the call until every array is ready; imports and
 building the abstract targets are excluded).
 
@@ -438,31 +439,38 @@ def contender_names(case: str, args, cache: str = "warm") -> list[str]:
 
 def run_block(case: str, names: list[str], cache: str, prefault_gib: float, setup_errors: dict[str, str | None],
               verified: set[str], args, model: ModelSpec, paths: Paths) -> dict[str, Any]:  # fmt: skip
-    """Every contender of a case, ``--repeat`` runs each, in one page-cache state and pre-fault setting."""
+    """Every contender of a case, ``--repeat`` runs each, in one page-cache state and pre-fault setting. The runs
+    go in rounds (each contender once per round, in order), so that a slow spell of the machine falls on every
+    contender alike instead of on the one whose runs it happens to meet."""
     title = f"{cache} cache" + (f", pre-faulted {prefault_gib:g} GiB" if prefault_gib else ", no pre-faulting")
     print(f"\n-- {case}: {title} --")
-    rows = []
+    heads: dict[str, dict[str, Any]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    files: dict[str, list] = {}
     for name in names:
         needs = "orbax" if (case, name) == ("dcp", "orbax") else case
-        row: dict[str, Any] = {"name": name, "label": label(case, name, prefault_gib)}
+        heads[name] = {"name": name, "label": label(case, name, prefault_gib)}
         if setup_errors.get(needs):
-            rows.append({**row, "error": setup_errors[needs]})
+            heads[name]["error"] = setup_errors[needs]
             continue
-        files = files_under(checkpoint_path(case, name, paths))
-        runs = []
-        for rep in range(args.repeat):
-            state = prepare_page_cache(files, cache, args.drop_caches)
+        files[name] = files_under(checkpoint_path(case, name, paths))
+        runs[name] = []
+    for rep in range(args.repeat):
+        for name in names:
+            if name not in runs or (runs[name] and "error" in runs[name][-1]):
+                continue
+            state = prepare_page_cache(files[name], cache, args.drop_caches)
             tag = f"{cache}{'-prefault' if prefault_gib else ''}-{rep}"
             verify = args.verify and name not in verified and raw_threads(name) is None
-            runs.append(run_contender(case, name, tag, args, paths, prefault_gib, verify))
-            runs[-1]["page_cache"] = state
-            if verify and "error" not in runs[-1]:
+            runs[name].append(run_contender(case, name, tag, args, paths, prefault_gib, verify))
+            runs[name][-1]["page_cache"] = state
+            if verify and "error" not in runs[name][-1]:
                 verified.add(name)
-            _print_run(name, rep, args.repeat, runs[-1])
-            if "error" in runs[-1]:
-                break
-        rows.append({**row, **summarize(runs, model.nbytes)})
-        if name == "convert":
+            _print_run(name, rep, args.repeat, runs[name][-1])
+    rows = []
+    for name in names:
+        rows.append(heads[name] if name not in runs else {**heads[name], **summarize(runs[name], model.nbytes)})
+        if name == "convert" and name in runs:
             rows[-1]["convert_inflight_bytes"] = args.convert_inflight_bytes
     methods = sorted({r["page_cache"]["method"] for row in rows for r in row.get("runs", []) if "page_cache" in r})
     block = {"cache": cache, "prefault_gib": prefault_gib, "rows": rows, "page_cache_method": methods}

@@ -42,6 +42,7 @@ import json
 import math
 import os
 import resource
+import select
 import shutil
 import struct
 import subprocess
@@ -325,10 +326,53 @@ def child(mode: str, path: str) -> dict:
     return out
 
 
-def run_child(mode: str, path: Path, timeout: float) -> dict:
+def hold_headers(path: str) -> None:
+    """Reads every archive's header and trailer windows (what a plan reads: the first ``HEAD`` and last
+    ``WINDOW_TAIL`` bytes, or the whole archive when the plan reads it whole) and the ``.metadata`` into the
+    page cache (:class:`_pagecache.Held`); prints a RESULT line, then touches them every 5 s until its standard
+    input closes."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _pagecache import Held
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from jreshard.formats.torchsave import HEAD, SMALL_BLOB, WINDOW_TAIL
+
+    t0 = time.perf_counter()
+    root = Path(path)
+    spans: dict[Path, list[tuple[int, int]]] = {root / ".metadata": [(0, (root / ".metadata").stat().st_size)]}
+    for info in FileSystemReader(path).read_metadata().storage_data.values():
+        ranges = spans.setdefault(root / info.relative_path, [])
+        start, stop = info.offset, info.offset + info.length
+        if info.length <= max(SMALL_BLOB, HEAD + WINDOW_TAIL):
+            ranges.append((start, stop))
+        else:
+            ranges += [(start, start + HEAD), (stop - WINDOW_TAIL, stop)]
+    held = Held(spans)
+    print("RESULT " + json.dumps({"held_bytes": held.bytes, "s": time.perf_counter() - t0}), flush=True)
+    while not select.select([sys.stdin], [], [], 5.0)[0]:
+        held.touch()
+    held.close()
+
+
+def _child_cmd(mode: str, path: Path) -> tuple[list[str], dict]:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, str(path)]
+    return [sys.executable, str(Path(__file__).resolve()), "--child", mode, str(path)], env
+
+
+def start_hold(path: Path) -> tuple[subprocess.Popen, dict]:
+    """A process holding ``path``'s headers in the page cache (:func:`hold_headers`), and what it reported."""
+    cmd, env = _child_cmd("hold", path)
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("RESULT "):
+            return proc, json.loads(line[len("RESULT "):])
+    proc.wait()
+    raise SystemExit(f"holding the headers of {path} failed (exit {proc.returncode})")
+
+
+def run_child(mode: str, path: Path, timeout: float) -> dict:
+    cmd, env = _child_cmd(mode, path)
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
@@ -404,9 +448,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warm", action="store_true",
                    help="before measuring a checkpoint, plan it once untimed (its archive headers then sit in the "
                         "page cache, as after any earlier use: 1.3M small reads of a cold disk take many minutes)")
+    p.add_argument("--hold", action="store_true",
+                   help="while measuring a checkpoint, hold its .metadata and archive headers in the page cache "
+                        "(a helper process reads them once, then touches every page of them every 5 s through a "
+                        "mapping), for machines that reclaim page-cache pages not used for a while")
     p.add_argument("--child", nargs=2, metavar=("MODE", "PATH"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
+        if args.child[0] == "hold":
+            hold_headers(args.child[1])
+            return 0
         print("RESULT " + json.dumps(child(*args.child)), flush=True)
         return 0
     ranks = sorted(int(r) for r in args.ranks.split(","))
@@ -432,6 +483,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"R={r}: {row['chunks']:,} chunks ({row['empty_chunks']} empty), .metadata "
               f"{row['metadata_bytes'] / 2**20:.1f} MiB, {row['apparent_gib']:.0f} GiB apparent, "
               f"{row['disk_gib']:.2f} GiB on disk", flush=True)
+        hold = None
+        if args.hold:
+            hold, row["held"] = start_hold(path)
+            print(f"  held in the page cache: {row['held']['held_bytes'] / GIB:.2f} GiB of headers "
+                  f"({row['held']['s']:.0f} s to read and lock)", flush=True)
         if args.warm:
             warm = run_child("plan", path, 3600)
             print(f"  warm-up plan (untimed): {json.dumps(warm)[:120]}", flush=True)
@@ -440,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
             wanted = mode in modes and (mode != "mesh" or r in mesh_ranks)
             row[mode] = run_child(mode, path, args.timeout) if wanted else {"skipped": "not run"}
             print(f"  {mode}: {json.dumps(row[mode])}", flush=True)
+        if hold is not None:
+            hold.stdin.close()
+            hold.wait()
         rows.append(row)
         if args.json:
             Path(args.json).write_text(json.dumps({"rows": rows, "timeout": args.timeout}, indent=1))

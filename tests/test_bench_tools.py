@@ -64,6 +64,33 @@ def test_evict_leaves_nothing_resident_and_warm_everything(tmp_path):
     os.sync()
 
 
+def test_page_spans_widen_sort_and_merge():
+    assert _pagecache.page_spans([(5000, 5001), (0, 1), (4095, 4097), (9000, 9000), (12288, 12289)], page=4096) == [
+        (0, 8192), (12288, 16384)]
+    assert _pagecache.page_spans([(8192, 8193), (4096, 4097)], page=4096) == [(4096, 12288)]
+    assert _pagecache.page_spans([], page=4096) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and posix_fadvise: Linux")
+def test_held_pages_are_resident_and_only_those(tmp_path):
+    if _fs_type(tmp_path) in ("tmpfs", "ramfs", "overlay"):
+        pytest.skip(f"{tmp_path} is on a file system whose pages cannot be evicted")
+    page = os.sysconf("SC_PAGE_SIZE")
+    files = _files(tmp_path, [40 * page, 3 * page + 5])
+    _pagecache.evict(files)
+    held = _pagecache.Held({files[0]: [(page + 1, page + 2), (10 * page - 1, 10 * page + 1)],
+                            files[1]: [(0, 10**9)]}, threads=2, round_pages=1)  # a round per job
+    try:
+        assert held.bytes == 3 * page + 4 * page  # whole pages
+        assert _pagecache.resident_bytes(files[0]) == 3 * page  # pages 1, 9 and 10, nothing read around them
+        assert _pagecache.resident_bytes(files[1]) == files[1].stat().st_size
+        want = int(np.frombuffer(files[0].read_bytes(), np.uint8)[[page, 9 * page, 10 * page]].sum(dtype=np.int64))
+        want += int(np.frombuffer(files[1].read_bytes(), np.uint8)[::page].sum(dtype=np.int64))
+        assert held.touch() == want
+    finally:
+        held.close()
+
+
 def test_ratios_use_the_fastest_raw_row_of_the_block():
     rows = [
         {"name": "jreshard", "median_s": 2.0},
@@ -94,3 +121,30 @@ def test_docs_benchmarks_page_is_the_readme_section():
     page = (root / "docs" / "benchmarks.md").read_text()
     assert page == readme.docs_page((root / "README.md").read_text())
     assert "bench:restore:start" in page and "## Restoring" in page
+
+
+def test_contenders_run_in_rounds_and_a_failed_one_stops(monkeypatch, tmp_path):
+    order: list[tuple[str, str]] = []
+
+    def run(case, name, tag, args, paths, prefault_gib, verify):
+        order.append((name, tag))
+        if name == "torch":
+            return {"error": "boom", "seconds": 0.0}
+        return {"seconds": {"jreshard": 2.0, "raw-t2": 1.0}[name] + len(order) * 1e-3, "peak_anon": 0,
+                "delta_anon": 0, "hwm_delta": 0}
+
+    monkeypatch.setattr(restore, "run_contender", run)
+    monkeypatch.setattr(restore, "prepare_page_cache", lambda files, cache, drop: {"method": "m", "resident_fraction": 1.0})
+    monkeypatch.setattr(restore, "checkpoint_path", lambda case, name, paths: tmp_path)
+    monkeypatch.setattr(restore, "print_block", lambda block: None)
+    monkeypatch.setattr(restore, "_print_run", lambda name, rep, repeat, run: None)
+    args = type("A", (), {"repeat": 3, "verify": False, "drop_caches": False, "convert_inflight_bytes": 0})()
+    model = type("M", (), {"nbytes": 1 << 30})()
+    block = restore.run_block("dcp", ["jreshard", "torch", "raw-t2"], "warm", 0.0, {}, set(), args, model, None)
+    assert order == [("jreshard", "warm-0"), ("torch", "warm-0"), ("raw-t2", "warm-0"),
+                     ("jreshard", "warm-1"), ("raw-t2", "warm-1"), ("jreshard", "warm-2"), ("raw-t2", "warm-2")]
+    rows = {r["name"]: r for r in block["rows"]}
+    assert [r["name"] for r in block["rows"]] == ["jreshard", "torch", "raw-t2"]
+    assert rows["torch"]["error"] == "boom"
+    assert rows["jreshard"]["median_s"] == pytest.approx(2.004)  # runs 1, 4 and 6 of the order above
+    assert rows["raw-t2"]["median_s"] == pytest.approx(1.005)
