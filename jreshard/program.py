@@ -600,10 +600,11 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
     # Blocks whose chunks are all located as plain storages already are read from the lane tables; the
     # others' chunks are located (or looked up) one by one. (Region objects are located below, with the rows
     # that lanes leave to copy jobs.)
-    tables = ckpt._lane_tables
-    located = ckpt._locate((b.info, c) for b in blocks
-                           if not (b.info.name in tables and (tables[b.info.name].state[b.cid] == 1).all())
-                           for c in np.unique(b.cid).tolist())
+    state = ckpt._located  # one consistent set of located chunks for this unit, even if a load ends meanwhile
+    tables = state.lane_tables
+    located = ckpt._locate(((b.info, c) for b in blocks
+                            if not (b.info.name in tables and (tables[b.info.name].state[b.cid] == 1).all())
+                            for c in np.unique(b.cid).tolist()), state=state)
     # Small archives (read whole for one request instead of header reads) are located for sub-ranges when
     # this unit needs less than 1/PARTIAL of their bytes: the bytes read then stay near the bytes needed.
     need: dict[tuple[str, int], int] = {}
@@ -614,7 +615,7 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
         chunk = info.chunks[cid]
         key = (info.name, cid)
         if chunk.whole_read_nbytes is not None and key not in located:
-            cached = ckpt._locators.get(key)  # located for sub-ranges by an earlier plan: read as such again
+            cached = state.locators.get(key)  # located for sub-ranges by an earlier plan: read as such again
             if cached is not None:
                 located[key] = cached
                 hit.add(info.name)
@@ -634,7 +635,7 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
         uniq, inv = np.unique(np.concatenate([b.cid for b in bs]), return_inverse=True)
         nbytes = np.zeros(len(uniq), np.int64)
         np.add.at(nbytes, inv, np.concatenate([b.size.prod(axis=1) for b in bs]) * info.dtype.itemsize)
-        if name in flat_names or name in ckpt._sub_ranged:
+        if name in flat_names or name in state.sub_ranged:
             for c, nb in zip(uniq.tolist(), nbytes.tolist()):
                 consider(info, c, nb)
             continue
@@ -648,7 +649,7 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
     partial = [(infos[n], cid) for (n, cid), nbytes in need.items()
                if _sub_ranges_pay(nbytes, infos[n].chunks[cid].whole_read_nbytes)]
     if partial:
-        located.update(ckpt._locate(partial, precise=True))
+        located.update(ckpt._locate(partial, precise=True, state=state))
         hit.update(info.name for info, _ in partial)
     # Whole-read rows whose chunks are now located go with the other rows; the rest are read whole.
     unread: list[RegionBlock] = []
@@ -662,12 +663,12 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
             blocks.append(b.subset(found))
         if not found.all():
             unread.append(b.subset(~found))
-    lanes, rest = lanes_of(blocks, located, tables, ckpt._file_ids)
+    lanes, rest = lanes_of(blocks, located, tables, state.file_ids)
     for b, rows in rest:
         flat.extend(_regions_of(b, rows))
-    located.update(ckpt._locate((r.info, r.overlap.chunk_id) for r in flat
-                                if (r.info.name, r.overlap.chunk_id) not in located
-                                and r.info.chunks[r.overlap.chunk_id].whole_read_nbytes is None))
+    located.update(ckpt._locate(((r.info, r.overlap.chunk_id) for r in flat
+                                 if (r.info.name, r.overlap.chunk_id) not in located
+                                 and r.info.chunks[r.overlap.chunk_id].whole_read_nbytes is None), state=state))
     jobs, deferred = jobs_of(flat, located)
     prepared = executor.prepare(jobs, lanes, feeds=feeds)
     total = 0

@@ -846,7 +846,7 @@ def test_small_archives_located_for_sub_ranges_agree_with_whole_reads(checkpoint
         except errors.JReshardError:
             part = None
         if part is not None:
-            assert ck._locators, "the chunk was not located for sub-ranges"
+            assert ck._located.locators, "the chunk was not located for sub-ranges"
             np.testing.assert_array_equal(part, expected if whole is None else whole,
                                           err_msg=f"byte {pos - blob.offset} of the item")
     finally:

@@ -207,7 +207,7 @@ def test_small_archives_located_for_sub_ranges_under_lanes_read_what_objects_rea
     small = [n for n in targets if all(c.whole_read_nbytes is not None for c in ckpt.tensors[n].chunks)]
     assert small
     first = ckpt.plan(targets)
-    assert ckpt._sub_ranged & set(small)  # some were located for sub-ranges
+    assert ckpt._located.sub_ranged & set(small)  # some were located for sub-ranges
     again = ckpt.plan(targets)  # now from the kept locators
     monkeypatch.setattr(program, "LANES", False)
     objects = jreshard.open(checkpoints.dirs["plain"]).plan(targets)

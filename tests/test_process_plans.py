@@ -170,3 +170,36 @@ def test_cli_plans_one_host_of_a_large_abstract_mesh(checkpoints):
     assert [line.split("│")[1].strip() for line in proc.stdout.splitlines()
             if line.startswith("│") and line.split("│")[1].strip() in ("0*", "1", "2", "3", "all")] == [
         "0*", "1", "2", "3", "all"]
+
+
+def test_located_state_lives_until_the_load_ends(checkpoints):
+    """Per-archive state (locators, their lane tables) is kept from a plan of this process for the load that
+    follows, which then reads exactly what the plan says (no header again), and dropped when that load ends; a
+    plan of other processes drops what it located when it returns."""
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+    with jreshard.open(checkpoints.dirs["plain"]) as ckpt:
+        target = _target(ckpt, mesh)
+        own = ckpt.plan(target)
+        state = ckpt._located
+        assert state.locators and state.lane_tables  # archives located by the plan (headers read)
+        before = (ckpt.io_stats.bytes_read, ckpt.io_stats.num_reads)
+        first = ckpt.load(target)
+        assert (ckpt.io_stats.bytes_read - before[0], ckpt.io_stats.num_reads - before[1]) == (own.bytes_to_read,
+                                                                                               own.num_reads)
+        assert not ckpt._located.locators and not ckpt._located.lane_tables and not ckpt._located.file_ids
+        assert state.locators  # (the state a plan may still be using is swapped, not emptied under it)
+        # the next load locates again: it reads the headers on top of the plan's bytes, and loads the same
+        before = (ckpt.io_stats.bytes_read, ckpt.io_stats.num_reads)
+        again = ckpt.load(target)
+        assert ckpt.io_stats.num_reads - before[1] > own.num_reads
+        assert not ckpt._located.locators
+        for name in target:
+            np.testing.assert_array_equal(np.asarray(again[name]), np.asarray(first[name]))
+        # other processes' plans leave nothing behind; this process's own plan does (for its load)
+        abstract = _target(ckpt, AbstractMesh((2, 4), ("data", "model")))
+        ckpt.plan(abstract, process_index="all", devices_per_process=2)
+        assert not ckpt._located.locators
+        ckpt.plan(abstract, process_index=1, devices_per_process=2)
+        assert not ckpt._located.locators
+        ckpt.plan(target)
+        assert ckpt._located.locators

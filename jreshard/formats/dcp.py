@@ -179,21 +179,27 @@ class DCPSource:
                 tensor, chunk = items[i]
                 out[i] = _chunk_locator(archive.obj, archive, tensor, chunk, where)
         if st_idx:
-            todo = sorted({(b.key, b.offset) for b in (items[i][1].ref.blob for i in st_idx)} - set(self._st_headers))
+            headers = self._st_headers  # (one dict throughout, even if released meanwhile)
+            todo = sorted({(b.key, b.offset) for b in (items[i][1].ref.blob for i in st_idx)} - set(headers))
             if todo:
-                self._st_headers.update(read_headers(self.store, todo))
+                headers.update(read_headers(self.store, todo))
             for i in st_idx:
-                out[i] = self._st_locator(*items[i])
+                out[i] = self._st_locator(*items[i], headers)
         return out  # type: ignore[return-value]
+
+    def release_located(self) -> None:
+        """Drops the safetensors headers read while locating chunks (per-archive state: see
+        ``Checkpoint._release_located``)."""
+        self._st_headers = {}
 
     def _where(self, tensor: TensorInfo, chunk: Chunk) -> str:
         b = chunk.ref.blob
         return f"{self.store.where(b.key)} (tensor {tensor.name!r}, chunk at offsets {chunk.offsets}, bytes [{b.offset}, {b.offset + b.length}))"
 
-    def _st_locator(self, tensor: TensorInfo, chunk: Chunk) -> Locator:
+    def _st_locator(self, tensor: TensorInfo, chunk: Chunk, headers: dict[tuple[str, int], Header]) -> Locator:
         b = chunk.ref.blob
         where = self._where(tensor, chunk)
-        header = self._st_headers[(b.key, b.offset)]
+        header = headers[(b.key, b.offset)]
         entry = header.entries.get(tensor.name)
         if entry is None:
             raise MissingDataError(f"{where}: the safetensors section has no entry {tensor.name!r}")

@@ -287,6 +287,9 @@ class SafetensorsSource:
                                      if len(files) > 1 else files[0])
         return TensorInfo(name, shape, first.dtype, tuple(chunks))
 
+    def release_located(self) -> None:
+        """Nothing to drop: locating a chunk here reads no header (its place is known from the open)."""
+
     def locate_many(self, items: Sequence[tuple[TensorInfo, Chunk]]) -> list[Locator]:
         out = []
         for info, chunk in items:
