@@ -672,14 +672,27 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
     nwin = (re - rs - 1) // max(1, limit) + 1
     first_win = np.cumsum(nwin) - nwin
     nw = int(nwin.sum())
-    lo_l, hi_l = [np.iinfo(np.int64).max] * nw, [-1] * nw  # the bytes each window reads
     parts: list[list[tuple[Any, Any]]] = [[] for _ in range(nw)] if feeds else []  # (none made when counting)
-    rs_l, fw_l = rs.tolist(), first_win.tolist()
-    regions = (np.searchsorted(rs, [d[2] for d in dense], "right") - 1).tolist()
+    regions = np.searchsorted(rs, [d[2] for d in dense], "right") - 1
     # Rows of runs inside one merged region: in one window (the usual case), bounds at once and parts as
     # they are (``one``); across windows, cut like the dense jobs (``cut``); the others run by run below.
     wins = _Windows(rs, re, first_win, limit)
     ow = wins.of(obj)
+    if feeds:
+        lo_l, hi_l = [np.iinfo(np.int64).max] * nw, [-1] * nw  # the bytes each window reads
+        many = None
+    else:
+        # Counted: a region of one window reads from its first run's start to its last byte (what the rows
+        # below would find), so the bounds come from the regions, and only rows reaching a region of several
+        # windows are placed.
+        many = nwin > 1
+        lo_l, hi_l = np.full(nw, np.iinfo(np.int64).max, np.int64), np.full(nw, -1, np.int64)
+        lo_l[first_win[~many]], hi_l[first_win[~many]] = rs[~many], re[~many]
+        dense = [d for d, m in zip(dense, regions.tolist()) if many[m]]
+        regions = regions[many[regions]] if len(regions) else regions
+    obj_reach = wins.reaches(obj, ow, many) if many is not None else np.ones(len(obj.x0), bool)
+    regions = regions.tolist()
+    rs_l, fw_l = (rs.tolist(), first_win.tolist()) if dense or ow.cut.any() else ([], [])
     picked = np.flatnonzero(ow.cut)
     if len(picked):
         row_jobs = [(j, r) for j, r, x in sparse if x is None]
@@ -702,15 +715,20 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
                                                       r.dst_strides, (k1 - k0,), r.run, r.step, r.item)
                     parts[w].append((j, part))
                 k0 = k1
-    lo, hi = np.array(lo_l, np.int64), np.array(hi_l, np.int64)
+    lo, hi = (np.array(lo_l, np.int64), np.array(hi_l, np.int64)) if feeds else (lo_l, hi_l)
     if len(obj.x0):
-        np.minimum.at(lo, ow.w0[ow.one], obj.x0[ow.one])
-        np.maximum.at(hi, ow.w0[ow.one], (ow.last + obj.run)[ow.one])
+        one = ow.one & obj_reach
+        np.minimum.at(lo, ow.w0[one], obj.x0[one])
+        np.maximum.at(hi, ow.w0[one], (ow.last + obj.run)[one])
         w0_l = ow.w0.tolist()
     for lane, lr in klanes:
         lw = wins.of(lr)
-        if not feeds:  # counted: the windows' bounds only
-            win, first, end = _window_bounds(lr, lw, first_win, rs, limit)
+        if not feeds:  # counted: the windows' bounds only, of the rows reaching regions of several windows
+            reach = np.flatnonzero(wins.reaches(lr, lw, many))
+            if not len(reach):
+                continue
+            win, first, end = _window_bounds(lr.take(reach), _Placement(*(a[reach] for a in lw)), first_win, rs,
+                                             limit)
             np.minimum.at(lo, win, first)
             np.maximum.at(hi, win, end)
             continue
@@ -735,7 +753,7 @@ def _file_requests(jobs: Sequence[CopyJob], gap: int, limit: int, chunk_gap: int
                 if feeds:
                     parts[w0_l[k]].append((j, r))
                 continue
-            if ow.cut[k]:
+            if ow.cut[k] or not obj_reach[k]:
                 continue
             x = _grid(r.src, r.outer, r.src_strides) + int(obj.base[k])
         m = np.searchsorted(rs, x, "right") - 1
@@ -923,6 +941,17 @@ class _Windows:
         inside = (m >= 0) & (last < self.re[mm]) & ((r.s > 0) | (r.n == 1))
         one = inside & (w0 == self.first_win[mm] + (last - self.rs[mm]) // self.limit)
         return _Placement(m, last, w0, one, inside & ~one, ~inside)
+
+    def reaches(self, r: Rows, p: _Placement, many: np.ndarray) -> np.ndarray:
+        """Whether each row (placed by :meth:`of` as ``p``) has a run start in a region flagged in ``many`` (or
+        may have: rows with runs outside every region, or of negative stride, count as reaching one)."""
+        if not len(r.x0):
+            return np.zeros(0, bool)
+        lo, hi = np.minimum(r.x0, p.last), np.maximum(r.x0, p.last)
+        m0 = np.searchsorted(self.rs, lo, "right") - 1
+        m1 = np.searchsorted(self.rs, hi, "right") - 1
+        flagged = np.concatenate(([0], np.cumsum(many)))
+        return (m0 < 0) | (flagged[m1 + 1] - flagged[np.maximum(m0, 0)] > 0)
 
 
 def _merge(starts: np.ndarray, lengths: np.ndarray, chunks: np.ndarray, gap: int, chunk_gap: int,
