@@ -296,9 +296,9 @@ class Checkpoint:
         ``k * devices_per_process ...`` of the mesh in row-major order (see
         :class:`jreshard.planning.AbstractSharding`).
 
-        The archive headers a plan of this process reads are kept for the :meth:`load` that follows (which then
-        reads none of them again); that load drops them when it ends, and a plan of other processes drops
-        what it read when it returns: no per-archive state outlives the load.
+        What a plan locates for this process (archive headers read) is kept for the :meth:`load` that follows,
+        which then reads none of it again and drops it when it ends; what it locates for other processes is
+        dropped when it returns: no per-archive state outlives the load.
 
         Example:
             >>> import jax, jreshard
@@ -312,11 +312,6 @@ class Checkpoint:
         target = resolve_target(self, target, mesh, rules)
         plan, _, _ = self._plan(target, mapping, max_inflight_bytes, coalesce_gap, mesh, local_only=False, cast=cast,
                                 process_index=process_index, devices_per_process=devices_per_process)
-        import jax
-
-        if process_index is not None and process_index != jax.process_index():
-            # Chunks located for other processes serve no load here: their state ends with this plan.
-            self._release_located()
         return plan
 
     def _plan(self, target: Any, mapping: Any, max_inflight_bytes: Any, coalesce_gap: int, mesh: Any,
@@ -360,7 +355,7 @@ class Checkpoint:
         this = jax.process_index()
         processes, keep = (([this], this) if local_only else _processes_asked(self.source, process_index, this, targets))
         plans, program = _program.build(self, targets, limit=limit, io_executor=executor, processes=processes,
-                                        keep=keep)
+                                        keep=keep, own=this)
         self._check_open()
         plan = _program.report(self, plans, this, targets, program, process=keep)
         plan._catalog = self.format.tensors  # shared, for Plan.picture

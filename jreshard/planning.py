@@ -236,9 +236,11 @@ class Piece:
     process: int
     devices: list[Any]
     shape: tuple[int, ...] = field(init=False, repr=False, compare=False)  # of the box
+    size: int = field(init=False, repr=False, compare=False)  # its elements
 
     def __post_init__(self) -> None:
         self.shape = tuple(b - a for a, b in self.box)
+        self.size = math.prod(self.shape)
 
     @property
     def index(self) -> tuple[slice, ...]:

@@ -429,11 +429,12 @@ def _steps_at_once(target: Target, pieces: list[Piece], boxes: list[Box], slot: 
             return None
     dtype = np.dtype(info.dtype)
     steps = [Step(target, piece, box, dtype, (), [], [], slot + k) for k, (piece, box) in enumerate(zip(pieces, boxes))]
+    shapes = [tuple(b - a for a, b in box) for box in boxes]
     # Refused before any byte is planned for it: a shard larger than this machine's memory (the largest).
-    big = max(steps, key=lambda st: math.prod(st.shape))
-    check_fits(math.prod(big.shape) * dtype.itemsize, f"the shard {big.box} of {target.name!r}")
+    big = max(range(len(boxes)), key=lambda k: math.prod(shapes[k]))
+    check_fits(math.prod(shapes[big]) * dtype.itemsize, f"the shard {boxes[big]} of {target.name!r}")
     if groups is None:
-        groups = _block_groups(target, index, boxes, [step.shape for step in steps])
+        groups = _block_groups(target, index, boxes, shapes)
         if len(index.memo) >= index.MEMO_ENTRIES:
             index.memo.clear()
         index.memo[key] = groups
@@ -488,15 +489,25 @@ def jobs_of(regions: Sequence[Region], located: dict) -> tuple[list[CopyJob], li
 
 
 def build(ckpt: Any, targets: Sequence[Target | None], *, limit: int, io_executor: Executor,
-          processes: Iterable[int], keep: int | None) -> tuple[dict[int, ProcessPlan], Program | None]:
+          processes: Iterable[int], keep: int | None, own: int | None = None
+          ) -> tuple[dict[int, ProcessPlan], Program | None]:
     """Plan the ``processes`` one after the other: per process, the pieces of its devices
     (:func:`jreshard.planning.pieces_of`, for that process only), its batches, their jobs and the requests they
     issue, summed into a :class:`ProcessPlan`; a process holding none of the targets' devices plans nothing.
     The program of process ``keep`` is returned whole; the others' are summed and dropped before the next
-    process is planned, so memory stays that of one process's plan and the work that of the pieces planned."""
+    process is planned, so memory stays that of one process's plan and the work that of the pieces planned.
+    Chunks located for process ``own`` (this one) go to the checkpoint's :class:`~jreshard.checkpoint.Located`
+    (kept for its load); those located for the others to one shared among them, dropped when this returns."""
     plans: dict[int, ProcessPlan] = {}
     program = None
+    others = None
     for pid in processes:
+        if pid == own:
+            state = ckpt._located
+        else:
+            if others is None:
+                others = type(ckpt._located)()
+            state = others
         items = [(t.index, t, piece, t.elem_bytes) for t in targets if t is not None
                  for piece in pieces_of(t.name, t.shape, t.sharding, addressable_only=False, process=pid)]
         total = sum(_host_bytes(item) for item in items)
@@ -504,7 +515,7 @@ def build(ckpt: Any, targets: Sequence[Target | None], *, limit: int, io_executo
         pp = ProcessPlan(pid)
         batches = []
         for in_parts, batch in _batches(items, limit, pack):
-            b = _plan_batch(ckpt, in_parts, batch, limit, io_executor, pp, feeds=pid == keep)
+            b = _plan_batch(ckpt, in_parts, batch, limit, io_executor, pp, feeds=pid == keep, state=state)
             if pid == keep:
                 batches.append(b)
         pp.pieces += len(items)
@@ -528,17 +539,17 @@ def target_processes(targets: Sequence[Target | None]) -> list[int]:
 
 
 def _plan_batch(ckpt: Any, in_parts: bool, items: list, limit: int, executor: Executor, pp: ProcessPlan,
-                feeds: bool = True) -> Batch:
+                feeds: bool = True, state: Any = None) -> Batch:
     group = [(t, piece) for _, t, piece, _ in items]
     if not in_parts:
-        return Batch(False, [_unit_of(ckpt, group, None, executor, pp, feeds)])
+        return Batch(False, [_unit_of(ckpt, group, None, executor, pp, feeds, state)])
     elem = items[0][3]
     parts = _parts(tuple((0, n) for n in items[0][2].shape), elem, max(elem, limit // len(group)))
-    return Batch(True, [_unit_of(ckpt, group, rel, executor, pp, feeds) for rel in parts], group)
+    return Batch(True, [_unit_of(ckpt, group, rel, executor, pp, feeds, state) for rel in parts], group)
 
 
 def _unit_of(ckpt: Any, group: list[tuple[Target, Piece]], rel: Box | None, executor: Executor,
-             pp: ProcessPlan, feeds: bool = True) -> Unit:
+             pp: ProcessPlan, feeds: bool = True, state: Any = None) -> Unit:
     """The unit reading the pieces of ``group`` whole (``rel`` None), or their part ``rel`` (relative box)."""
     steps: list[Step] = []
     regions: list[list[Any]] = []
@@ -559,7 +570,7 @@ def _unit_of(ckpt: Any, group: list[tuple[Target, Piece]], rel: Box | None, exec
             slot += 1 + len(step.temps)
             steps.append(step)
             regions.append(regs)
-    unit = plan_unit(ckpt, steps, regions, executor, pp, feeds)
+    unit = plan_unit(ckpt, steps, regions, executor, pp, feeds, state)
     unit.rel = rel
     return unit
 
@@ -579,9 +590,11 @@ def _region_bytes(r: Region | RegionBlock) -> int:
 
 
 def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executor: Executor, pp: ProcessPlan,
-              feeds: bool = True) -> Unit:
+              feeds: bool = True, state: Any = None) -> Unit:
     """The unit that fills ``steps`` from their ``regions``, its reads counted into ``pp``. ``feeds`` False: a
-    unit only counted (another process's), whose requests are made without what each feeds (never run)."""
+    unit only counted (another process's), whose requests are made without what each feeds (never run).
+    ``state``: where located chunks are looked up and kept (default the checkpoint's
+    :class:`~jreshard.checkpoint.Located`)."""
     flat = [r for regs in regions for r in regs if type(r) is Region]
     blocks, wholes = [], []
     for b in (r for regs in regions for r in regs if type(r) is RegionBlock):
@@ -600,7 +613,8 @@ def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executo
     # Blocks whose chunks are all located as plain storages already are read from the lane tables; the
     # others' chunks are located (or looked up) one by one. (Region objects are located below, with the rows
     # that lanes leave to copy jobs.)
-    state = ckpt._located  # one consistent set of located chunks for this unit, even if a load ends meanwhile
+    if state is None:
+        state = ckpt._located  # one consistent set of located chunks for this unit, even if a load ends meanwhile
     tables = state.lane_tables
     located = ckpt._locate(((b.info, c) for b in blocks
                             if not (b.info.name in tables and (tables[b.info.name].state[b.cid] == 1).all())
@@ -767,7 +781,7 @@ def _batches(work: list, limit: int, pack: int | None = None) -> Iterable[tuple[
 
 def _host_bytes(item: tuple) -> int:
     """Host bytes of a work item: its piece's elements times the bytes each takes while read."""
-    return math.prod(item[2].shape) * item[3]
+    return item[2].size * item[3]
 
 
 def inflight_limit(value: Any, targets: Sequence[Target | None]) -> int:

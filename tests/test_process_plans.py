@@ -172,7 +172,7 @@ def test_cli_plans_one_host_of_a_large_abstract_mesh(checkpoints):
         "0*", "1", "2", "3", "all"]
 
 
-def test_located_state_lives_until_the_load_ends(checkpoints):
+def test_located_state_lives_until_the_load_ends(checkpoints, monkeypatch):
     """Per-archive state (locators, their lane tables) is kept from a plan of this process for the load that
     follows, which then reads exactly what the plan says (no header again), and dropped when that load ends; a
     plan of other processes drops what it located when it returns."""
@@ -195,11 +195,20 @@ def test_located_state_lives_until_the_load_ends(checkpoints):
         assert not ckpt._located.locators
         for name in target:
             np.testing.assert_array_equal(np.asarray(again[name]), np.asarray(first[name]))
-        # other processes' plans leave nothing behind; this process's own plan does (for its load)
+        # what is located for other processes ends with the plan; what is located for this one is kept
         abstract = _target(ckpt, AbstractMesh((2, 4), ("data", "model")))
-        ckpt.plan(abstract, process_index="all", devices_per_process=2)
-        assert not ckpt._located.locators
         ckpt.plan(abstract, process_index=1, devices_per_process=2)
         assert not ckpt._located.locators
-        ckpt.plan(target)
-        assert ckpt._located.locators
+        every = ckpt.plan(abstract, process_index="all", devices_per_process=2)
+        kept = set(ckpt._located.locators)
+        ckpt._release_located()
+        ckpt.plan(abstract, process_index=0, devices_per_process=2)
+        assert kept == set(ckpt._located.locators) and kept  # this process's archives
+        assert sorted(every.processes) == [0, 1, 2, 3]
+        others = set()  # what the other processes locate, each planned as if it were this one
+        for k in (1, 2, 3):
+            ckpt._release_located()
+            monkeypatch.setattr(jax, "process_index", lambda k=k: k)
+            ckpt.plan(abstract, process_index=k, devices_per_process=2)
+            others |= set(ckpt._located.locators)
+        assert others - kept  # archives only they need: the plan of all kept none of them (kept is 0's alone)
