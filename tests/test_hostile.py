@@ -852,3 +852,34 @@ def test_small_archives_located_for_sub_ranges_agree_with_whole_reads(checkpoint
     finally:
         path.write_bytes(original)
         monkeypatch.undo()
+
+
+@pytest.mark.parametrize("over", [1, 24, 64, 200])
+def test_located_storage_moved_over_a_header_not_read_is_refused(checkpoints, tmp_path, monkeypatch, over):
+    """A corrupt extra-field length in the storage's local header moves its data forward, over the local
+    header of a later entry (``version``) that a read of sub-ranges does not read: the central directory's
+    header offsets alone show the overlap, so the located read is refused, as the whole read is."""
+    from jreshard import program
+
+    d = tmp_path / "ck"
+    shutil.copytree(checkpoints.dirs["plain"], d)
+    name = "plain.w"
+    blob = jreshard.open(d).tensors[name].chunks[0].ref.blob
+    path = d / blob.key
+    raw = bytearray(path.read_bytes())
+    item = bytes(raw[blob.offset : blob.offset + blob.length])
+    infos = sorted(zipfile.ZipFile(io.BytesIO(item)).infolist(), key=lambda i: i.header_offset)
+    k = next(i for i, info in enumerate(infos) if info.filename.endswith("/data/0"))
+    storage, after = infos[k], infos[k + 1]
+    at = blob.offset + storage.header_offset + 28  # the local header's extra-field length
+    (elen,) = struct.unpack_from("<H", raw, at)
+    data_end = storage.header_offset + 30 + len(storage.filename) + elen + storage.compress_size
+    # the data moved to end ``over`` bytes into the next entry's local header
+    struct.pack_into("<H", raw, at, elen + after.header_offset - data_end + over)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(errors.JReshardError):
+        jreshard.open(d).read(name)
+    monkeypatch.setattr(program, "HEADER_COST", 0)  # located for sub-ranges, whatever the archive's size
+    ck = jreshard.open(d)
+    with pytest.raises(errors.InconsistentCheckpointError, match="overlap"):
+        ck.read(name, (slice(2, 5), slice(3, 6)))

@@ -209,8 +209,12 @@ def _local_data_offset(header: bytes, entry: ZipEntry, where: str) -> int:
 
 
 def _check_layout(entries: Sequence[ZipEntry], cd_off: int, where: str) -> None:
-    """Entries whose data offsets are known lie before the central directory and do not overlap."""
-    spans = sorted((e.header_offset, e.data_offset + e.size, e.name) for e in entries if e.data_offset is not None)
+    """Entries lie before the central directory and do not overlap: from its local header to the end of its
+    data for an entry whose data offset is known, else at least its local header's fixed part and name (an
+    archive located for sub-ranges reads only the local headers of the entries it needs, so a corrupt extra
+    length there must not move their data over a header it did not read)."""
+    spans = sorted((e.header_offset, e.data_offset + e.size if e.data_offset is not None
+                    else e.header_offset + 30 + len(e.raw_name), e.name) for e in entries)
     end, last = 0, ""
     for start, stop, name in spans:
         if start < end:
