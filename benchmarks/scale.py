@@ -487,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.hold:
             hold, row["held"] = start_hold(path)
             print(f"  held in the page cache: {row['held']['held_bytes'] / GIB:.2f} GiB of headers "
-                  f"({row['held']['s']:.0f} s to read and lock)", flush=True)
+                  f"({row['held']['s']:.0f} s to read)", flush=True)
         if args.warm:
             warm = run_child("plan", path, 3600)
             print(f"  warm-up plan (untimed): {json.dumps(warm)[:120]}", flush=True)

@@ -6,6 +6,9 @@ in a subprocess, so torch's process group never lives inside the pytest process.
 
 Set ``JRESHARD_TEST_CHECKPOINTS=/some/dir`` to keep the written checkpoints between sessions
 (written there once, reused while ``DIR/DONE`` exists).
+
+Hypothesis draws the same examples on every run (``derandomize``), so that a run of the suite (CI's) is
+repeatable; ``JRESHARD_HYPOTHESIS=random`` draws new ones, to look further.
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("random", derandomize=False)
+settings.load_profile("random" if os.environ.get("JRESHARD_HYPOTHESIS") == "random" else "repeatable")
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
