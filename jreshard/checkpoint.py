@@ -151,7 +151,8 @@ class Checkpoint:
         included): a :meth:`load` or :meth:`read` running meanwhile fails with CheckpointClosedError (it
         never returns partial or wrong data), and every later ``read``, ``load``, ``plan`` or ``objects``
         raises CheckpointClosedError. Files are closed once the reads running at that moment end.
-        Inspection that needs no I/O (``tensors``, ``saved_sharding``) keeps working.
+        Inspection that needs no I/O (``tensors``, ``saved_sharding``) keeps working. What plans located
+        (archive headers read) is dropped.
 
         Example:
             >>> import jreshard
@@ -171,6 +172,7 @@ class Checkpoint:
         close = getattr(self.store, "close", None)
         if close:
             close()
+        self._release_located()  # (a load running meanwhile keeps its own set until it fails)
 
     def _check_open(self) -> None:
         if self._closed:

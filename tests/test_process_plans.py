@@ -204,6 +204,7 @@ def test_located_state_lives_until_the_load_ends(checkpoints, monkeypatch):
         ckpt._release_located()
         ckpt.plan(abstract, process_index=0, devices_per_process=2)
         assert kept == set(ckpt._located.locators) and kept  # this process's archives
+        kept_state = ckpt._located
         assert sorted(every.processes) == [0, 1, 2, 3]
         others = set()  # what the other processes locate, each planned as if it were this one
         for k in (1, 2, 3):
@@ -212,3 +213,6 @@ def test_located_state_lives_until_the_load_ends(checkpoints, monkeypatch):
             ckpt.plan(abstract, process_index=k, devices_per_process=2)
             others |= set(ckpt._located.locators)
         assert others - kept  # archives only they need: the plan of all kept none of them (kept is 0's alone)
+        ckpt.plan(target)
+        assert ckpt._located.locators
+    assert not ckpt._located.locators and kept_state.locators  # close() drops it (swapped, not emptied)
