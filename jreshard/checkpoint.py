@@ -21,7 +21,7 @@ from . import place as _place
 from . import program as _program
 from .catalog import Locator, TensorInfo
 from .gcpause import gc_paused
-from .lanes import LaneTable
+from .lanes import LaneTable, Located
 from .errors import (
     CheckpointClosedError,
     InvalidArgumentError,
@@ -35,21 +35,6 @@ from .storage import IOStats, Store
 from .targets import flatten_target
 from .views import View
 
-
-
-class Located:
-    """What locating chunks found (per-archive state): the locators by (tensor name, chunk id), the tensors
-    with chunks read whole by default among them, and the same locators as arrays per tensor
-    (:class:`~jreshard.lanes.LaneTable`, for :func:`~jreshard.lanes.lanes_of`) with the file ids those use.
-    One object, swapped whole when released, so that a plan running meanwhile keeps one consistent set."""
-
-    __slots__ = ("file_ids", "lane_tables", "locators", "sub_ranged")
-
-    def __init__(self) -> None:
-        self.locators: dict[tuple[str, int], Locator] = {}
-        self.sub_ranged: set[str] = set()
-        self.lane_tables: dict[str, LaneTable] = {}
-        self.file_ids: dict[str, int] = {}
 
 
 class Checkpoint:
@@ -400,109 +385,114 @@ class Checkpoint:
             >>> bool((small[t.name] == out[t.name]).all())
             True
         """
-        import jax
-
         try:
-            target = resolve_target(self, target, mesh, rules)
-            plan, entries, unflatten = self._plan(target, mapping, max_inflight_bytes, coalesce_gap, mesh, local_only=True,
-                                                  cast=cast)
-            program: _program.Program | None = plan._program
-            targets = plan._targets
-            report = _progress_fn(progress)
-            executor = program.executor if program is not None else Executor(self.store, self.io, coalesce_gap)
-            device_arrays: dict[int, dict[Any, Any]] = {t.index: {} for t in targets if t is not None}
-            total = plan.bytes_needed
-            done = 0
-            t0 = time.perf_counter()
-
-            def advance(nbytes: int) -> None:
-                """After each batch (or part) placed: fail a load the checkpoint was closed under, then report."""
-                nonlocal done
-                self._check_open()
-                done += nbytes
-                if report:
-                    report({"bytes_done": done, "bytes_total": total, "seconds": time.perf_counter() - t0,
-                            "bytes_read": self.store.stats.bytes_read})
-
-            limit = program.limit if program is not None else 0
-            # The unit being read (its reads on the pool), and on accelerators the units whose host buffers are
-            # still being copied to the devices: unit k+1 is read while unit k goes to the devices, as long as
-            # their host bytes together stay within the bound.
-            # Host blocks whose bytes reached an accelerator are reused by the next units (no fresh page faults).
-            reading: list[tuple[_program.Unit, list[np.ndarray], Callable[[], None], list[np.ndarray]]] = []
-            moving: collections.deque[tuple[list[Any], int, list[np.ndarray]]] = collections.deque()
-            host_pool = _place.HostPool(limit)
-
-            def held() -> int:
-                return sum(u.host_bytes for u, _, _, _ in reading) + sum(n for _, n, _ in moving)
-
-            def place() -> None:
-                """Finish the oldest unit being read and put its pieces on their devices (asynchronously)."""
-                unit, hosts, wait, blocks = reading.pop(0)
-                bufs = self._finish_unit(unit, hosts, wait)
-                host, devs, owners = [], [], []
-                for step, buf in zip(unit.steps, bufs):
-                    for dev in step.piece.devices:
-                        host.append(buf)
-                        devs.append(dev)
-                        owners.append(step.target.index)
-                placed = _place.put(host, devs)
-                if _copies_to_device(devs):  # its host buffers are released (or reused) once this is done
-                    moving.append((placed, unit.host_bytes, blocks))
-                for i, dev, arr in zip(owners, devs, placed):
-                    device_arrays[i][dev] = arr
-                advance(unit.nbytes)
-
-            def settle(nbytes: int = -1) -> None:
-                """Until ``nbytes`` more host bytes fit the bound (all, by default): place the unit being read,
-                then wait for the oldest transfers."""
-                while reading and (nbytes < 0 or held() + nbytes > limit):
-                    place()
-                while moving and (nbytes < 0 or held() + nbytes > limit):
-                    placed, _, blocks = moving.popleft()
-                    jax.block_until_ready(placed)
-                    host_pool.give(blocks)
-
-            with ThreadPoolExecutor(executor.threads) as pool, _closing(report):
-                try:
-                    for batch in program.batches if program is not None else ():
-                        if batch.in_parts:  # shards larger than the bound
-                            settle()
-                            for i, dev, arr in self._load_in_parts(batch, executor, pool, advance):
-                                device_arrays[i][dev] = arr
-                            continue
-                        unit = batch.units[0]
-                        settle(unit.host_bytes)
-                        # Only a unit whose every device copies reads into pooled blocks (and gives them back): a
-                        # device that aliases its host buffer (CPU) keeps the block as its array.
-                        blocks: list[np.ndarray] = []
-                        if all(_copies_to_device([d]) for step in unit.steps for d in step.piece.devices):
-                            hosts, wait = self._start_unit(unit, executor, pool, host_pool, blocks)
-                        else:
-                            hosts, wait = self._start_unit(unit, executor, pool)
-                        reading.append((unit, hosts, wait, blocks))
-                        if len(reading) > 1:
-                            place()  # the previous unit, while the pool reads this one
-                    settle()
-                except BaseException:
-                    for unit, hosts, wait, _ in reading:  # no read still writes into a buffer once this raises
-                        with contextlib.suppress(BaseException):
-                            self._finish_unit(unit, hosts, wait)
-                    raise
-            out = []
-            for entry, t in zip(entries, targets):
-                if t is None:
-                    out.append(self.objects[entry.name])
-                    continue
-                per_dev = device_arrays[t.index]
-                order = list(t.sharding.addressable_devices_indices_map(t.shape))
-                out.append(_place.assemble(t.shape, t.sharding, [per_dev[d] for d in order]))
-            # A close() that came after the last read still fails the load: "closed before load returned" is
-            # then always an error, never a race between success and failure.
-            self._check_open()
-            return unflatten(out)
+            return self._load(target, mapping, max_inflight_bytes, progress, coalesce_gap, mesh, cast, rules)
         finally:
             self._release_located()  # per-archive state does not outlive the load
+
+    def _load(self, target: Any, mapping: Any, max_inflight_bytes: int | None,
+              progress: bool | Callable[[dict[str, Any]], None], coalesce_gap: int, mesh: Any, cast: str,
+              rules: Any) -> Any:
+        import jax
+
+        target = resolve_target(self, target, mesh, rules)
+        plan, entries, unflatten = self._plan(target, mapping, max_inflight_bytes, coalesce_gap, mesh, local_only=True,
+                                              cast=cast)
+        program: _program.Program | None = plan._program
+        targets = plan._targets
+        report = _progress_fn(progress)
+        executor = program.executor if program is not None else Executor(self.store, self.io, coalesce_gap)
+        device_arrays: dict[int, dict[Any, Any]] = {t.index: {} for t in targets if t is not None}
+        total = plan.bytes_needed
+        done = 0
+        t0 = time.perf_counter()
+
+        def advance(nbytes: int) -> None:
+            """After each batch (or part) placed: fail a load the checkpoint was closed under, then report."""
+            nonlocal done
+            self._check_open()
+            done += nbytes
+            if report:
+                report({"bytes_done": done, "bytes_total": total, "seconds": time.perf_counter() - t0,
+                        "bytes_read": self.store.stats.bytes_read})
+
+        limit = program.limit if program is not None else 0
+        # The unit being read (its reads on the pool), and on accelerators the units whose host buffers are
+        # still being copied to the devices: unit k+1 is read while unit k goes to the devices, as long as
+        # their host bytes together stay within the bound.
+        # Host blocks whose bytes reached an accelerator are reused by the next units (no fresh page faults).
+        reading: list[tuple[_program.Unit, list[np.ndarray], Callable[[], None], list[np.ndarray]]] = []
+        moving: collections.deque[tuple[list[Any], int, list[np.ndarray]]] = collections.deque()
+        host_pool = _place.HostPool(limit)
+
+        def held() -> int:
+            return sum(u.host_bytes for u, _, _, _ in reading) + sum(n for _, n, _ in moving)
+
+        def place() -> None:
+            """Finish the oldest unit being read and put its pieces on their devices (asynchronously)."""
+            unit, hosts, wait, blocks = reading.pop(0)
+            bufs = self._finish_unit(unit, hosts, wait)
+            host, devs, owners = [], [], []
+            for step, buf in zip(unit.steps, bufs):
+                for dev in step.piece.devices:
+                    host.append(buf)
+                    devs.append(dev)
+                    owners.append(step.target.index)
+            placed = _place.put(host, devs)
+            if _copies_to_device(devs):  # its host buffers are released (or reused) once this is done
+                moving.append((placed, unit.host_bytes, blocks))
+            for i, dev, arr in zip(owners, devs, placed):
+                device_arrays[i][dev] = arr
+            advance(unit.nbytes)
+
+        def settle(nbytes: int = -1) -> None:
+            """Until ``nbytes`` more host bytes fit the bound (all, by default): place the unit being read,
+            then wait for the oldest transfers."""
+            while reading and (nbytes < 0 or held() + nbytes > limit):
+                place()
+            while moving and (nbytes < 0 or held() + nbytes > limit):
+                placed, _, blocks = moving.popleft()
+                jax.block_until_ready(placed)
+                host_pool.give(blocks)
+
+        with ThreadPoolExecutor(executor.threads) as pool, _closing(report):
+            try:
+                for batch in program.batches if program is not None else ():
+                    if batch.in_parts:  # shards larger than the bound
+                        settle()
+                        for i, dev, arr in self._load_in_parts(batch, executor, pool, advance):
+                            device_arrays[i][dev] = arr
+                        continue
+                    unit = batch.units[0]
+                    settle(unit.host_bytes)
+                    # Only a unit whose every device copies reads into pooled blocks (and gives them back): a
+                    # device that aliases its host buffer (CPU) keeps the block as its array.
+                    blocks: list[np.ndarray] = []
+                    if all(_copies_to_device([d]) for step in unit.steps for d in step.piece.devices):
+                        hosts, wait = self._start_unit(unit, executor, pool, host_pool, blocks)
+                    else:
+                        hosts, wait = self._start_unit(unit, executor, pool)
+                    reading.append((unit, hosts, wait, blocks))
+                    if len(reading) > 1:
+                        place()  # the previous unit, while the pool reads this one
+                settle()
+            except BaseException:
+                for unit, hosts, wait, _ in reading:  # no read still writes into a buffer once this raises
+                    with contextlib.suppress(BaseException):
+                        self._finish_unit(unit, hosts, wait)
+                raise
+        out = []
+        for entry, t in zip(entries, targets):
+            if t is None:
+                out.append(self.objects[entry.name])
+                continue
+            per_dev = device_arrays[t.index]
+            order = list(t.sharding.addressable_devices_indices_map(t.shape))
+            out.append(_place.assemble(t.shape, t.sharding, [per_dev[d] for d in order]))
+        # A close() that came after the last read still fails the load: "closed before load returned" is
+        # then always an error, never a race between success and failure.
+        self._check_open()
+        return unflatten(out)
 
     def _run_unit(self, unit: _program.Unit, executor: Executor, pool: ThreadPoolExecutor) -> list[np.ndarray]:
         """Read one unit into fresh host buffers; per step, its buffer cast to the target dtype."""
@@ -611,7 +601,7 @@ class Checkpoint:
     def _locate(self, wanted: Iterable[tuple[TensorInfo, int]], precise: bool = False,
                 state: Located | None = None) -> dict[tuple[str, int], Locator]:
         """Locators of the (tensor, chunk id) pairs, keyed by (name, chunk id): one batched locate for those
-        not in ``state`` (default: the checkpoint's current :class:`Located`) yet, which are then added to it.
+        not in ``state`` (default: the checkpoint's current :class:`~jreshard.lanes.Located`) yet, which are then added to it.
         Locators holding bytes in memory (small or compressed items) are not kept.
         ``precise``: chunks read whole only for being small are located for sub-ranges instead."""
         if state is None:
@@ -625,7 +615,9 @@ class Checkpoint:
                 if out[key] is None:
                     todo.append((info, cid))
         if todo:
-            for (info, cid), loc in zip(todo, self.format.locate_many([(info, info.chunks[cid]) for info, cid in todo], **({'precise': True} if precise else {}))):
+            found = self.format.locate_many([(info, info.chunks[cid]) for info, cid in todo], precise=precise,
+                                            headers=state.headers)
+            for (info, cid), loc in zip(todo, found):
                 out[(info.name, cid)] = loc
                 if loc.data is None:
                     state.locators[(info.name, cid)] = loc
@@ -638,11 +630,10 @@ class Checkpoint:
         return out  # type: ignore[return-value]  # every entry is filled now
 
     def _release_located(self) -> None:
-        """Drops what locating chunks found (:class:`Located`, and the format's header caches): per-archive state
-        lives until the load that used it ends, not for the life of the checkpoint. A later plan or load
-        locates again (reading those headers again)."""
+        """Drops what locating chunks found (:class:`~jreshard.lanes.Located`, header caches included):
+        per-archive state lives until the load that used it ends, not for the life of the checkpoint. A later
+        plan or load locates again (reading those headers again)."""
         self._located = Located()
-        self.format.release_located()
 
 
 # read(): at most this many boxes per saved dimension combination are traced for strided slices (one box per

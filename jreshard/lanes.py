@@ -135,6 +135,23 @@ class Lane:
         return Lane(self.keys, self.names, self.rows.take(mask), whole=self.whole or self)
 
 
+class Located:
+    """What locating chunks found (per-archive state): the locators by (tensor name, chunk id), the tensors
+    with chunks read whole by default among them, the same locators as arrays per tensor (:class:`LaneTable`,
+    for :func:`lanes_of`) with the file ids those use, and the headers a format read to locate them (its own
+    cache, by key). One object, swapped whole when released, so that a plan running meanwhile keeps one
+    consistent set."""
+
+    __slots__ = ("file_ids", "headers", "lane_tables", "locators", "sub_ranged")
+
+    def __init__(self) -> None:
+        self.locators: dict[tuple[str, int], Any] = {}
+        self.sub_ranged: set[str] = set()
+        self.lane_tables: dict[str, LaneTable] = {}
+        self.file_ids: dict[str, int] = {}
+        self.headers: dict[Any, Any] = {}
+
+
 class LaneTable:
     """Per chunk of one saved tensor, what :func:`lanes_of` needs of its locator, as arrays filled as chunks are
     located (:meth:`put`): ``state`` -1 (not located yet), 0 (located, not a plain storage rows can read: in

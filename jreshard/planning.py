@@ -326,10 +326,7 @@ def _named_parts(sharding: Any) -> tuple[tuple[int, ...], tuple[str, ...], Any] 
     from jax.sharding import NamedSharding
 
     if isinstance(sharding, AbstractSharding):
-        parts = getattr(sharding, "_parts", None)  # (set once it is made)
-        if parts is not None:
-            return parts
-        sharding = sharding.sharding
+        return sharding._parts
     if type(sharding) is not NamedSharding:
         return None
     spec = sharding.spec

@@ -41,7 +41,7 @@ from .planning import (
     processes_of,
     runs_of,
 )
-from .lanes import Lane, RegionBlock, lanes_of
+from .lanes import Lane, Located, RegionBlock, lanes_of
 from .read import CopyJob, Executor, Prepared
 from .spec import matches_saved
 from .targets import TargetLeaf, key_name, missing_message
@@ -496,7 +496,7 @@ def build(ckpt: Any, targets: Sequence[Target | None], *, limit: int, io_executo
     issue, summed into a :class:`ProcessPlan`; a process holding none of the targets' devices plans nothing.
     The program of process ``keep`` is returned whole; the others' are summed and dropped before the next
     process is planned, so memory stays that of one process's plan and the work that of the pieces planned.
-    Chunks located for process ``own`` (this one) go to the checkpoint's :class:`~jreshard.checkpoint.Located`
+    Chunks located for process ``own`` (this one) go to the checkpoint's :class:`~jreshard.lanes.Located`
     (kept for its load); those located for the others to one shared among them, dropped when this returns."""
     plans: dict[int, ProcessPlan] = {}
     program = None
@@ -506,7 +506,7 @@ def build(ckpt: Any, targets: Sequence[Target | None], *, limit: int, io_executo
             state = ckpt._located
         else:
             if others is None:
-                others = type(ckpt._located)()
+                others = Located()
             state = others
         items = [(t.index, t, piece, t.elem_bytes) for t in targets if t is not None
                  for piece in pieces_of(t.name, t.shape, t.sharding, addressable_only=False, process=pid)]
@@ -539,7 +539,7 @@ def target_processes(targets: Sequence[Target | None]) -> list[int]:
 
 
 def _plan_batch(ckpt: Any, in_parts: bool, items: list, limit: int, executor: Executor, pp: ProcessPlan,
-                feeds: bool = True, state: Any = None) -> Batch:
+                feeds: bool = True, state: Located | None = None) -> Batch:
     group = [(t, piece) for _, t, piece, _ in items]
     if not in_parts:
         return Batch(False, [_unit_of(ckpt, group, None, executor, pp, feeds, state)])
@@ -549,7 +549,7 @@ def _plan_batch(ckpt: Any, in_parts: bool, items: list, limit: int, executor: Ex
 
 
 def _unit_of(ckpt: Any, group: list[tuple[Target, Piece]], rel: Box | None, executor: Executor,
-             pp: ProcessPlan, feeds: bool = True, state: Any = None) -> Unit:
+             pp: ProcessPlan, feeds: bool = True, state: Located | None = None) -> Unit:
     """The unit reading the pieces of ``group`` whole (``rel`` None), or their part ``rel`` (relative box)."""
     steps: list[Step] = []
     regions: list[list[Any]] = []
@@ -590,11 +590,11 @@ def _region_bytes(r: Region | RegionBlock) -> int:
 
 
 def plan_unit(ckpt: Any, steps: list[Step], regions: list[list[Region]], executor: Executor, pp: ProcessPlan,
-              feeds: bool = True, state: Any = None) -> Unit:
+              feeds: bool = True, state: Located | None = None) -> Unit:
     """The unit that fills ``steps`` from their ``regions``, its reads counted into ``pp``. ``feeds`` False: a
     unit only counted (another process's), whose requests are made without what each feeds (never run).
     ``state``: where located chunks are looked up and kept (default the checkpoint's
-    :class:`~jreshard.checkpoint.Located`)."""
+    :class:`~jreshard.lanes.Located`)."""
     flat = [r for regs in regions for r in regs if type(r) is Region]
     blocks, wholes = [], []
     for b in (r for regs in regions for r in regs if type(r) is RegionBlock):

@@ -216,3 +216,20 @@ def test_located_state_lives_until_the_load_ends(checkpoints, monkeypatch):
         ckpt.plan(target)
         assert ckpt._located.locators
     assert not ckpt._located.locators and kept_state.locators  # close() drops it (swapped, not emptied)
+
+
+def test_header_cache_lives_with_the_located_state(checkpoints):
+    """A DCP checkpoint of safetensors items: the section headers read to locate chunks are per-archive state
+    too, kept from a plan for its load, dropped when the load ends, and never kept for other processes."""
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+    with jreshard.open(checkpoints.dirs["safetensors"]) as ckpt:
+        target = _target(ckpt, mesh)
+        own = ckpt.plan(target)
+        assert ckpt._located.headers  # headers read by the plan
+        before = (ckpt.io_stats.bytes_read, ckpt.io_stats.num_reads)
+        ckpt.load(target)
+        assert (ckpt.io_stats.bytes_read - before[0], ckpt.io_stats.num_reads - before[1]) == (own.bytes_to_read,
+                                                                                               own.num_reads)
+        assert not ckpt._located.headers
+        ckpt.plan(_target(ckpt, AbstractMesh((2, 4), ("data", "model"))), process_index=1, devices_per_process=2)
+        assert not ckpt._located.headers and not ckpt._located.locators

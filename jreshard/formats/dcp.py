@@ -78,7 +78,6 @@ class DCPSource:
         where = store.where(METADATA)
         with decoding(where), gc_paused():
             self._read_metadata(store, where)
-        self._st_headers: dict[tuple[str, int], Header] = {}
 
     def _read_metadata(self, store: Store, where: str) -> None:
         raw = store.read_all(METADATA)
@@ -158,13 +157,16 @@ class DCPSource:
 
     # -- chunk resolution -------------------------------------------------------------------------
 
-    def locate_many(self, items: Sequence[tuple[TensorInfo, Chunk]], precise: bool = False) -> list[Locator]:
+    def locate_many(self, items: Sequence[tuple[TensorInfo, Chunk]], precise: bool = False,
+                    headers: dict[Any, Any] | None = None) -> list[Locator]:
         """Locators of the chunks; ``precise``: small archives too are located for sub-ranges (header reads)
-        instead of being read whole."""
+        instead of being read whole. ``headers``: the caller's cache of the safetensors headers read (kept
+        there, and looked up there first)."""
         with decoding(self.store.description):
-            return self._locate_many(items, precise)
+            return self._locate_many(items, precise, {} if headers is None else headers)
 
-    def _locate_many(self, items: Sequence[tuple[TensorInfo, Chunk]], precise: bool = False) -> list[Locator]:
+    def _locate_many(self, items: Sequence[tuple[TensorInfo, Chunk]], precise: bool,
+                     headers: dict[Any, Any]) -> list[Locator]:
         out: list[Locator | None] = [None] * len(items)
         ts_idx = [i for i, (_, c) in enumerate(items) if c.ref.kind == "torch_save"]
         st_idx = [i for i, (_, c) in enumerate(items) if c.ref.kind == "safetensors"]
@@ -179,18 +181,12 @@ class DCPSource:
                 tensor, chunk = items[i]
                 out[i] = _chunk_locator(archive.obj, archive, tensor, chunk, where)
         if st_idx:
-            headers = self._st_headers  # (one dict throughout, even if released meanwhile)
             todo = sorted({(b.key, b.offset) for b in (items[i][1].ref.blob for i in st_idx)} - set(headers))
             if todo:
                 headers.update(read_headers(self.store, todo))
             for i in st_idx:
                 out[i] = self._st_locator(*items[i], headers)
         return out  # type: ignore[return-value]
-
-    def release_located(self) -> None:
-        """Drops the safetensors headers read while locating chunks (per-archive state: see
-        ``Checkpoint._release_located``)."""
-        self._st_headers = {}
 
     def _where(self, tensor: TensorInfo, chunk: Chunk) -> str:
         b = chunk.ref.blob

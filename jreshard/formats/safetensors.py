@@ -287,10 +287,10 @@ class SafetensorsSource:
                                      if len(files) > 1 else files[0])
         return TensorInfo(name, shape, first.dtype, tuple(chunks))
 
-    def release_located(self) -> None:
-        """Nothing to drop: locating a chunk here reads no header (its place is known from the open)."""
-
-    def locate_many(self, items: Sequence[tuple[TensorInfo, Chunk]]) -> list[Locator]:
+    def locate_many(self, items: Sequence[tuple[TensorInfo, Chunk]], precise: bool = False,
+                    headers: dict[Any, Any] | None = None) -> list[Locator]:
+        """Locators of the chunks (their places are known from the open: ``precise`` and ``headers``, the
+        caller's header cache, change nothing here)."""
         out = []
         for info, chunk in items:
             f, offset, nbytes = chunk.ref

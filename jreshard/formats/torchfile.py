@@ -129,10 +129,10 @@ class TorchSaveSource:
             raise MissingDataError(f"{store.where(index or '')}: entries listed in the index are missing: {missing[:5]}")
         self.object_refs = {name: name for name in self.objects_}
 
-    def release_located(self) -> None:
-        """Nothing to drop: locating a chunk here reads no header (its place is known from the open)."""
-
-    def locate_many(self, items: Sequence[tuple[TensorInfo, Chunk]]) -> list[Locator]:
+    def locate_many(self, items: Sequence[tuple[TensorInfo, Chunk]], precise: bool = False,
+                    headers: dict[Any, Any] | None = None) -> list[Locator]:
+        """Locators of the chunks (their places are known from the open: ``precise`` and ``headers``, the
+        caller's header cache, change nothing here)."""
         with decoding(self.store.description):
             return [self._refs[info.name][0].locator(self._refs[info.name][1], info.name) for info, _ in items]
 
