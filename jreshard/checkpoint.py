@@ -510,13 +510,19 @@ class Checkpoint:
         for lane in unit.lanes:
             lane.dests = hosts
         try:
-            if unit.deferred:  # compressed items: read and decompressed now, one batch
-                located = self._locate((r.info, r.overlap.chunk_id) for r in unit.deferred)
-                jobs, _ = _program.jobs_of(unit.deferred, located)
-                for j in jobs:
-                    j.dest = hosts[j.slot]
-                executor.run(jobs, pool)
-            return hosts, executor.start(unit.prepared, pool)
+            wait = executor.start(unit.prepared, pool)
+            if unit.deferred:  # items read whole (small or compressed): read and copied now, while the pool reads
+                try:
+                    located = self._locate((r.info, r.overlap.chunk_id) for r in unit.deferred)
+                    jobs, _ = _program.jobs_of(unit.deferred, located)
+                    for j in jobs:
+                        j.dest = hosts[j.slot]
+                    executor.run(jobs, pool)
+                except BaseException:
+                    with contextlib.suppress(BaseException):
+                        wait()  # no read still writes into the buffers once this raises
+                    raise
+            return hosts, wait
         except BaseException as e:
             _unbind(unit)
             if isinstance(e, RuntimeError):

@@ -303,12 +303,11 @@ class Executor:
     def _posix(self, groups: list[tuple[list[tuple[str, int, int]], list[Feeds]]], pool: ThreadPoolExecutor,
                futures: list[Future[None]]) -> None:
         """Each request (cut near BOUNCE and merged over gaps up to LOCAL_GAP inside a chunk) read with ``preadv``
-        on the pool: scattered straight into the pieces where it can be (:func:`_scatter_iovs`, built here for
-        IOV_BATCH bytes of requests at a time while the pool reads the earlier ones), else into a per-thread
-        buffer (which stays in cache) and copied out from there. A file shorter than a request (truncated, even
-        while being read) is a TruncatedDataError: plain reads return short counts where a memory map would
-        raise SIGBUS."""
-        junk = _junk()
+        on the pool, in tasks of about IOV_BATCH bytes of requests: each task builds the scatter lists of its
+        requests (:func:`_scatter_iovs`, on the pool, so the thread that plans and places does not) and reads
+        each request straight into the pieces where it can be, else into a per-thread buffer (which stays in
+        cache) copied out from there. A file shorter than a request (truncated, even while being read) is a
+        TruncatedDataError: plain reads return short counts where a memory map would raise SIGBUS."""
         for requests, feeds in groups:
             i = 0
             while i < len(requests):
@@ -316,34 +315,25 @@ class Executor:
                 while k < len(requests) and (k == i or size < IOV_BATCH):
                     size += requests[k][2] - requests[k][1]
                     k += 1
-                iovs = _scatter_iovs(requests[i:k], feeds[i:k], junk)
-                # One pool task per request, or per run of small requests (a task costs microseconds).
-                task: list[tuple[tuple[str, int, int], Feeds, np.ndarray | None]] = []
-                size = 0
-                for work in zip(requests[i:k], feeds[i:k], iovs):
-                    task.append(work)
-                    size += work[0][2] - work[0][1]
-                    if size >= BOUNCE or len(task) >= 64:
-                        futures.append(pool.submit(self._pread_all, task))
-                        task, size = [], 0
-                if task:
-                    futures.append(pool.submit(self._pread_all, task))
+                futures.append(pool.submit(self._pread_all, requests[i:k], feeds[i:k]))
                 i = k
 
-    def _pread_all(self, work: list[tuple[tuple[str, int, int], Feeds, np.ndarray | None]]) -> None:
-        """Read a run of requests (a file's descriptor held once for the requests of one file, counted once)."""
+    def _pread_all(self, requests: list[tuple[str, int, int]], feeds: list[Feeds]) -> None:
+        """Read a run of requests, scattered straight into the pieces where :func:`_scatter_iovs` can (a file's
+        descriptor held once for the requests of one file, counted once)."""
         store = self.store
         assert isinstance(store, LocalStore)
+        iovs = _scatter_iovs(requests, feeds, _junk())
         i = 0
-        while i < len(work):
-            key = work[i][0][0]
+        while i < len(requests):
+            key = requests[i][0]
             k = i
-            while k < len(work) and work[k][0][0] == key:
+            while k < len(requests) and requests[k][0] == key:
                 k += 1
             nbytes = 0
             with store._use(key) as fd:
-                for request, feeds, iov in work[i:k]:
-                    nbytes += self._pread(fd, request, feeds, iov)
+                for request, feed, iov in zip(requests[i:k], feeds[i:k], iovs[i:k]):
+                    nbytes += self._pread(fd, request, feed, iov)
             store.stats.add(nbytes, k - i)
             i = k
 
@@ -419,7 +409,12 @@ def _scatter_iovs(requests: Sequence[tuple[str, int, int]], feeds: Sequence[Feed
     sds: list[int] = []
     arrays: list[tuple[np.ndarray, ...]] = []
     lane_dest: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    out: list[np.ndarray | None] = [None] * m
     for k, feed in enumerate(feeds):
+        tiled = _tiled_iov(requests[k], feed)
+        if tiled is not None:
+            out[k] = tiled
+            continue
         for j, r in feed:
             if type(r) is Rows:
                 got = lane_dest.get(id(j))
@@ -456,7 +451,6 @@ def _scatter_iovs(requests: Sequence[tuple[str, int, int]], feeds: Sequence[Feed
                                r.dst_starts() + dest.ctypes.data, zero))
     if sq:
         arrays.append(tuple(np.array(a, np.int64) for a in (sq, sx, sn, ss, sr, sd, sds)))
-    out: list[np.ndarray | None] = [None] * m
     if not arrays:
         return out
     q, x0, n, st, run, d0, ds = (np.concatenate([a[i] for a in arrays]).astype(np.int64, copy=False)
@@ -523,6 +517,87 @@ def _scatter_iovs(requests: Sequence[tuple[str, int, int]], feeds: Sequence[Feed
         if bounds[k] < bounds[k + 1]:
             out[k] = iov[bounds[k] : bounds[k + 1]]
     return out
+
+
+def _tiled_iov(request: tuple[str, int, int], feed: Feeds) -> np.ndarray | None:
+    """The scatter list of one request whose runs tile it exactly, row after row (the usual shape: a band of a
+    chunk's rows, each row cut into the column slices of several pieces), built as a grid of rows by parts
+    with no sort and no gap; None when the request is not of that shape (:func:`_scatter_iovs` then takes the
+    general way, which also reports what is wrong).
+
+    Example:
+        >>> from jreshard.catalog import Locator
+        >>> from jreshard.planning import Overlap
+        >>> a, b = np.zeros((2, 2), np.uint8), np.zeros((2, 2), np.uint8)
+        >>> loc = Locator("f", 0, 0, (4, 1), 8)
+        >>> ja = CopyJob("w", loc, (2, 4), Overlap(0, (0, 0), (0, 0), (2, 2)), a, Runs(0, (4,), 0, (2,), (2,), 2))
+        >>> jb = CopyJob("w", loc, (2, 4), Overlap(0, (0, 2), (0, 0), (2, 2)), b, Runs(2, (4,), 0, (2,), (2,), 2))
+        >>> iov = _tiled_iov(("f", 0, 8), [(ja, ja.runs), (jb, jb.runs)])  # rows of 4 bytes: 2 to a, 2 to b
+        >>> [int(n) for n in iov[:, 1]], int(iov[1, 0]) == b.ctypes.data
+        ([2, 2, 2, 2], True)
+    """
+    parts = []
+    for j, r in feed:
+        if type(r) is not Runs or r.step or len(r.outer) > 1 or not r.count:
+            return None
+        dest = _dest_u8(j)
+        n = r.outer[0] if r.outer else 1
+        st = r.src_strides[0] if r.outer else 0
+        ds = r.dst_strides[0] if r.outer else 0
+        if r.dst < 0 or r.dst + (n - 1) * ds + r.run > len(dest) or (n > 1 and ds < 0):
+            return None
+        parts.append((r.src + j.locator.base, n, st, r.run, r.dst + dest.ctypes.data, ds))
+    if not parts:
+        return None
+    parts.sort()
+    # Bands of rows, back to back from the request's start to its stop: the parts of a band have the same file
+    # step and side by side fill each row from one to the next; their row counts do not grow from one to the
+    # next and differ by at most one (a request cut in the middle of a row); one-row parts are a run each.
+    pos, i = request[1], 0
+    dsts, lengths = [], []
+    while i < len(parts):
+        x, n, st = parts[i][0], parts[i][1], parts[i][2]
+        if x != pos:
+            return None
+        k, end, low = i, x, n
+        while k < len(parts) and parts[k][0] == end:
+            pn = parts[k][1]
+            if n == 1 and pn != 1:
+                break
+            if n > 1 and ((pn > 1 and parts[k][2] != st) or pn > low or pn < n - 1):
+                break
+            low = pn
+            end += parts[k][3]
+            k += 1
+        if k == i or (n > 1 and end - x != st):
+            return None
+        band = parts[i:k]
+        d0 = np.array([p[4] for p in band], np.int64)
+        runs = np.array([p[3] for p in band], np.int64)
+        if n == 1:
+            dsts.append(d0)
+            lengths.append(runs)
+            pos = end
+        else:
+            ds = np.array([p[5] for p in band], np.int64)
+            count = sum(p[1] for p in band)  # the last row holds the parts with n rows, then stops
+            dsts.append((d0[None, :] + np.arange(n, dtype=np.int64)[:, None] * ds[None, :]).reshape(-1)[:count])
+            lengths.append(np.broadcast_to(runs, (n, len(band))).reshape(-1)[:count])
+            pos = x + sum(p[1] * p[3] for p in band)
+        i = k
+    if pos != request[2]:
+        return None
+    dst = dsts[0] if len(dsts) == 1 else np.concatenate(dsts)
+    length = lengths[0] if len(lengths) == 1 else np.concatenate(lengths)
+    # Runs next to each other in the file (all of them) and in memory are one row.
+    new = np.ones(len(dst), bool)
+    new[1:] = dst[1:] != dst[:-1] + length[:-1]
+    if not new.all():
+        first = np.flatnonzero(new)
+        dst, length = dst[first], np.add.reduceat(length, first)
+    iov = np.empty((len(dst), 2), np.int64)
+    iov[:, 0], iov[:, 1] = dst, length
+    return iov.view(np.uint64)
 
 
 @dataclass
