@@ -303,7 +303,7 @@ class Checkpoint:
 
     def _plan(self, target: Any, mapping: Any, max_inflight_bytes: Any, coalesce_gap: int, mesh: Any,
               local_only: bool, cast: str = "safe", *, process_index: Any = None,
-              devices_per_process: int | None = None) -> tuple[Plan, list, Any]:
+              devices_per_process: int | None = None, lazy: bool = False) -> tuple[Plan, list, Any]:
         import jax
 
         self._check_open()
@@ -342,7 +342,7 @@ class Checkpoint:
         this = jax.process_index()
         processes, keep = (([this], this) if local_only else _processes_asked(self.source, process_index, this, targets))
         plans, program = _program.build(self, targets, limit=limit, io_executor=executor, processes=processes,
-                                        keep=keep, own=this)
+                                        keep=keep, own=this, lazy=lazy and local_only)
         self._check_open()
         plan = _program.report(self, plans, this, targets, program, process=keep)
         plan._catalog = self.format.tensors  # shared, for Plan.picture
@@ -364,8 +364,10 @@ class Checkpoint:
         shard larger than the bound is read in parts, each placed on the shard's device(s) and written into
         the shard there. It must hold one element (saved and cast) of every tensor loaded, else
         InvalidArgumentError. Within it, the next batch is read while the previous one goes to the devices; on
-        accelerators, host buffers whose transfer ended are reused by the next batches. A :meth:`close` before
-        this returns makes it raise CheckpointClosedError.
+        accelerators, host buffers whose transfer ended are reused by the next batches. Without ``progress`` the
+        batches are planned as they run (the first is read while the next ones are planned; an error found
+        planning a later batch fails the load once the reads under way have ended); with it, all of them first,
+        for the total. A :meth:`close` before this returns makes it raise CheckpointClosedError.
 
         A target dtype other than the saved one (for a target read without a mapping entry) is a cast: with
         ``cast="safe"`` (the default) only one that keeps every value (``np.can_cast(saved, target, "safe")``;
@@ -396,8 +398,10 @@ class Checkpoint:
         import jax
 
         target = resolve_target(self, target, mesh, rules)
+        # Without a progress report (which needs the total first), the program is planned batch by batch as
+        # it runs: the first batch is read while the next ones are planned.
         plan, entries, unflatten = self._plan(target, mapping, max_inflight_bytes, coalesce_gap, mesh, local_only=True,
-                                              cast=cast)
+                                              cast=cast, lazy=not (callable(progress) or progress))
         program: _program.Program | None = plan._program
         targets = plan._targets
         report = _progress_fn(progress)

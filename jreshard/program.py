@@ -17,7 +17,7 @@ import itertools
 import math
 import numbers
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -489,7 +489,7 @@ def jobs_of(regions: Sequence[Region], located: dict) -> tuple[list[CopyJob], li
 
 
 def build(ckpt: Any, targets: Sequence[Target | None], *, limit: int, io_executor: Executor,
-          processes: Iterable[int], keep: int | None, own: int | None = None
+          processes: Iterable[int], keep: int | None, own: int | None = None, lazy: bool = False
           ) -> tuple[dict[int, ProcessPlan], Program | None]:
     """Plan the ``processes`` one after the other: per process, the pieces of its devices
     (:func:`jreshard.planning.pieces_of`, for that process only), its batches, their jobs and the requests they
@@ -497,7 +497,11 @@ def build(ckpt: Any, targets: Sequence[Target | None], *, limit: int, io_executo
     The program of process ``keep`` is returned whole; the others' are summed and dropped before the next
     process is planned, so memory stays that of one process's plan and the work that of the pieces planned.
     Chunks located for process ``own`` (this one) go to the checkpoint's :class:`~jreshard.lanes.Located`
-    (kept for its load); those located for the others to one shared among them, dropped when this returns."""
+    (kept for its load); those located for the others to one shared among them, dropped when this returns.
+
+    ``lazy`` (a load, which runs the program of ``keep`` as it is made): that program's batches are planned as
+    they are taken from ``Program.batches`` (a generator), the first one read while the next is planned; its
+    :class:`ProcessPlan` is complete once they all are."""
     plans: dict[int, ProcessPlan] = {}
     program = None
     others = None
@@ -508,25 +512,33 @@ def build(ckpt: Any, targets: Sequence[Target | None], *, limit: int, io_executo
             if others is None:
                 others = Located()
             state = others
-        items = [(t.index, t, piece, t.elem_bytes) for t in targets if t is not None
-                 for piece in pieces_of(t.name, t.shape, t.sharding, addressable_only=False, process=pid)]
-        total = sum(_host_bytes(item) for item in items)
-        pack = min(limit, max(MIN_PACK, total // 20))
         pp = ProcessPlan(pid)
-        batches = []
-        for in_parts, batch in _batches(items, limit, pack):
-            b = _plan_batch(ckpt, in_parts, batch, limit, io_executor, pp, feeds=pid == keep, state=state)
-            if pid == keep:
-                batches.append(b)
-        pp.pieces += len(items)
-        for t, run in itertools.groupby(items, key=lambda item: item[1]):
-            entry = pp.tensors.setdefault(t.name, {"pieces": 0, "bytes_needed": 0})
-            entry["pieces"] += sum(1 for _ in run)
-        if items or pid == keep:
+        batches = _process_batches(ckpt, targets, limit, io_executor, pid, pid == keep, pp, state)
+        if lazy and pid == keep:
+            plans[pid] = pp
+            program = Program(pid, batches, io_executor, limit)
+            continue
+        kept = [b for b in batches if pid == keep]
+        if pp.pieces or pid == keep:
             plans[pid] = pp
         if pid == keep:
-            program = Program(pid, batches, io_executor, limit)
+            program = Program(pid, kept, io_executor, limit)
     return plans, program
+
+
+def _process_batches(ckpt: Any, targets: Sequence[Target | None], limit: int, executor: Executor, pid: int,
+                     feeds: bool, pp: ProcessPlan, state: Located) -> Iterator[Batch]:
+    """The batches of process ``pid``, planned one at a time as they are taken, summed into ``pp``."""
+    items = [(t.index, t, piece, t.elem_bytes) for t in targets if t is not None
+             for piece in pieces_of(t.name, t.shape, t.sharding, addressable_only=False, process=pid)]
+    pp.pieces += len(items)
+    for t, run in itertools.groupby(items, key=lambda item: item[1]):
+        entry = pp.tensors.setdefault(t.name, {"pieces": 0, "bytes_needed": 0})
+        entry["pieces"] += sum(1 for _ in run)
+    total = sum(_host_bytes(item) for item in items)
+    pack = min(limit, max(MIN_PACK, total // 20))
+    for in_parts, batch in _batches(items, limit, pack):
+        yield _plan_batch(ckpt, in_parts, batch, limit, executor, pp, feeds=feeds, state=state)
 
 
 def target_processes(targets: Sequence[Target | None]) -> list[int]:

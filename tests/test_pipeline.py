@@ -183,3 +183,78 @@ def test_blocks_of_units_with_aliasing_devices_never_join_the_pool(plain, monkey
     assert taken and min(taken) >= 0  # the pool lent only what it handed out
     for n in NAMES:
         check_loaded_array(out[n], target[n], ref[n], n)
+
+
+def _plans_and_starts(monkeypatch):
+    events: list[str] = []
+    plan_batch, start = program._plan_batch, checkpoint.Checkpoint._start_unit
+
+    def plan_batch_(*args, **kwargs):
+        events.append("plan")
+        return plan_batch(*args, **kwargs)
+
+    def start_unit(self, unit, *args):
+        events.append("start")
+        return start(self, unit, *args)
+
+    monkeypatch.setattr(program, "_plan_batch", plan_batch_)
+    monkeypatch.setattr(checkpoint.Checkpoint, "_start_unit", start_unit)
+    return events
+
+
+def test_a_load_plans_each_batch_while_the_one_before_is_read(plain, monkeypatch):
+    """Without a progress report, a load plans its batches as it runs them: batch k+1 is planned after batch k's
+    reads are submitted, so reading starts once the first batch is planned. With a report (which needs the
+    total bytes first) every batch is planned before the first read. Both give the same exact arrays."""
+    ckpt, ref = plain
+    target = _target(ckpt, NAMES)
+    monkeypatch.setattr(program, "MIN_PACK", 256 * KiB)  # a batch per tensor
+    events = _plans_and_starts(monkeypatch)
+    out = ckpt.load(target, max_inflight_bytes=2100 * KiB)
+    assert events.count("plan") == events.count("start") >= 3
+    assert events == ["plan", "start"] * events.count("plan"), events
+    for n in NAMES:
+        check_loaded_array(out[n], target[n], ref[n], n)
+    events.clear()
+    seen = []
+    out = ckpt.load(target, max_inflight_bytes=2100 * KiB, progress=seen.append)
+    k = events.count("plan")
+    assert events == ["plan"] * k + ["start"] * k, events
+    assert seen[-1]["bytes_done"] == seen[-1]["bytes_total"] == sum(ckpt.tensors[n].nbytes for n in NAMES)
+    for n in NAMES:
+        check_loaded_array(out[n], target[n], ref[n], n)
+
+
+def test_a_batch_that_fails_to_plan_fails_the_load_once_the_reads_before_it_end(plain, monkeypatch):
+    """A batch planned while earlier ones are read (a header found corrupt, say) fails the load with its error,
+    after every unit already submitted has been waited for: no read still writes into a buffer, no array is
+    returned."""
+    ckpt, _ = plain
+    target = _target(ckpt, NAMES)
+    monkeypatch.setattr(program, "MIN_PACK", 256 * KiB)
+    plan_batch, finish = program._plan_batch, checkpoint.Checkpoint._finish_unit
+    calls = {"plan": 0, "finish": 0}
+    started: list[int] = []
+
+    def plan_batch_(*args, **kwargs):
+        calls["plan"] += 1
+        if calls["plan"] == 3:
+            raise jreshard.JReshardError("mp.c: planted failure while planning")
+        return plan_batch(*args, **kwargs)
+
+    def finish_(self, unit, hosts, wait):
+        calls["finish"] += 1
+        return finish(self, unit, hosts, wait)
+
+    start = checkpoint.Checkpoint._start_unit
+
+    def start_unit(self, unit, *args):
+        started.append(1)
+        return start(self, unit, *args)
+
+    monkeypatch.setattr(program, "_plan_batch", plan_batch_)
+    monkeypatch.setattr(checkpoint.Checkpoint, "_finish_unit", finish_)
+    monkeypatch.setattr(checkpoint.Checkpoint, "_start_unit", start_unit)
+    with pytest.raises(jreshard.JReshardError, match="planted failure"):
+        ckpt.load(target, max_inflight_bytes=2100 * KiB)
+    assert len(started) == 2 and calls["finish"] == 2
