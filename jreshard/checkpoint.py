@@ -407,6 +407,7 @@ class Checkpoint:
         report = _progress_fn(progress)
         executor = program.executor if program is not None else Executor(self.store, self.io, coalesce_gap)
         device_arrays: dict[int, dict[Any, Any]] = {t.index: {} for t in targets if t is not None}
+        whole: dict[int, Any] = {}  # targets whose every local piece came in one unit: their global arrays
         total = plan.bytes_needed
         done = 0
         t0 = time.perf_counter()
@@ -436,17 +437,31 @@ class Checkpoint:
             """Finish the oldest unit being read and put its pieces on their devices (asynchronously)."""
             unit, hosts, wait, blocks = reading.pop(0)
             bufs = self._finish_unit(unit, hosts, wait)
+            # A target whose local pieces are all in this unit becomes its global array at once (one batched
+            # put); the pieces of the others are put one by one and assembled at the end.
+            boxes: dict[int, dict[Any, np.ndarray]] = {}
+            ndev: dict[int, int] = {}
+            for step, buf in zip(unit.steps, bufs):
+                boxes.setdefault(step.target.index, {})[step.piece.box] = buf
+                ndev[step.target.index] = ndev.get(step.target.index, 0) + len(step.piece.devices)
+            at_once = {i for i, n in ndev.items() if not device_arrays[i]
+                       and n == len(targets[i].sharding.addressable_devices)}
             host, devs, owners = [], [], []
             for step, buf in zip(unit.steps, bufs):
+                if step.target.index in at_once:
+                    continue
                 for dev in step.piece.devices:
                     host.append(buf)
                     devs.append(dev)
                     owners.append(step.target.index)
             placed = _place.put(host, devs)
-            if _copies_to_device(devs):  # its host buffers are released (or reused) once this is done
-                moving.append((placed, unit.host_bytes, blocks))
             for i, dev, arr in zip(owners, devs, placed):
                 device_arrays[i][dev] = arr
+            for i in sorted(at_once):
+                whole[i] = _place.make_global(targets[i].shape, targets[i].sharding, boxes[i])
+                placed.append(whole[i])
+            if _copies_to_device([d for step in unit.steps for d in step.piece.devices]):
+                moving.append((placed, unit.host_bytes, blocks))  # its host buffers are released (or reused) once done
             advance(unit.nbytes)
 
         def settle(nbytes: int = -1) -> None:
@@ -489,6 +504,9 @@ class Checkpoint:
         for entry, t in zip(entries, targets):
             if t is None:
                 out.append(self.objects[entry.name])
+                continue
+            if t.index in whole:
+                out.append(whole[t.index])
                 continue
             per_dev = device_arrays[t.index]
             order = list(t.sharding.addressable_devices_indices_map(t.shape))

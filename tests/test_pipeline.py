@@ -48,8 +48,16 @@ def _log(monkeypatch, copies: bool):
             events.append(("ready", id(x)))
         return ready(x)
 
+    make_global = place.make_global
+
+    def make_global_(shape, sharding, pieces):
+        if copies:
+            pieces = {box: np.array(h, copy=True) for box, h in pieces.items()}
+        return make_global(shape, sharding, pieces)
+
     monkeypatch.setattr(checkpoint.Checkpoint, "_start_unit", start_unit)
     monkeypatch.setattr(place, "put", put_)
+    monkeypatch.setattr(place, "make_global", make_global_)
     monkeypatch.setattr(jax, "block_until_ready", ready_)
     if copies:
         monkeypatch.setattr(checkpoint, "_copies_to_device", lambda devices: True)
