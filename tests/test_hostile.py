@@ -860,7 +860,10 @@ def test_located_storage_moved_over_a_header_not_read_is_refused(checkpoints, tm
     header of a later entry (``version``) that a read of sub-ranges does not read: the central directory's
     header offsets alone show the overlap, so the located read is refused, as the whole read is."""
     from jreshard import program
+    from jreshard.formats import torchsave
 
+    # The layout check alone: the extra-field check refuses most of these lengths first.
+    monkeypatch.setattr(torchsave, "_records_fill", lambda extra: True)
     d = tmp_path / "ck"
     shutil.copytree(checkpoints.dirs["plain"], d)
     name = "plain.w"
@@ -883,3 +886,44 @@ def test_located_storage_moved_over_a_header_not_read_is_refused(checkpoints, tm
     ck = jreshard.open(d)
     with pytest.raises(errors.InconsistentCheckpointError, match="overlap"):
         ck.read(name, (slice(2, 5), slice(3, 6)))
+
+
+@pytest.mark.parametrize("name", ["plain.w", "mp.a"])
+def test_every_changed_extra_length_of_a_storage_header_is_refused(checkpoints, tmp_path, monkeypatch, name):
+    """The extra-field length of a storage's local header, changed by any amount from one less than its
+    length down to 1, or up by 1 to 64 (the data then starts that many bytes earlier or later: inside the
+    alignment padding, or past the true start), is refused by a whole read and by a read of sub-ranges alike,
+    for an archive held whole (``plain.w``) and one read in windows (``mp.a``): never data read from the wrong
+    place. (A length cut to 0 leaves an empty extra field, which is valid zip and not caught.)"""
+    from jreshard import program
+
+    d = tmp_path / "ck"
+    shutil.copytree(checkpoints.dirs["plain"], d)
+    ck = jreshard.open(d)
+    expected = ck.read(name)
+    blob = ck.tensors[name].chunks[0].ref.blob
+    ck.close()
+    path = d / blob.key
+    original = path.read_bytes()
+    item = original[blob.offset : blob.offset + blob.length]
+    storage = next(i for i in zipfile.ZipFile(io.BytesIO(item)).infolist() if i.filename.endswith("/data/0"))
+    at = blob.offset + storage.header_offset + 28
+    (elen,) = struct.unpack_from("<H", original, at)
+    assert elen > 0  # torch pads the data to 64 bytes with an extra-field record
+    box = tuple(slice(0, max(1, n // 2)) for n in expected.shape)
+    read = []
+    for delta in [*range(1 - elen, 0), *range(1, 65)]:
+        raw = bytearray(original)
+        struct.pack_into("<H", raw, at, elen + delta)
+        path.write_bytes(bytes(raw))
+        for sub in (False, True):
+            with monkeypatch.context() as m:
+                if sub:
+                    m.setattr(program, "HEADER_COST", 0)  # located for sub-ranges, whatever the archive's size
+                try:
+                    with jreshard.open(d) as c:
+                        got = c.read(name, box if sub else ...)
+                except errors.JReshardError:
+                    continue
+            read.append((delta, sub, np.array_equal(got, expected[box] if sub else expected)))
+    assert not read, read

@@ -194,9 +194,21 @@ def _zip64_extra(extra: bytes, csize: int, usize: int, lh_off: int, where: str) 
     raise CheckpointFormatError(f"{where}: zip64 sizes missing")
 
 
+def _local_header_len(fixed: bytes) -> int:
+    """How many bytes of a local header (from its 30-byte fixed part) :func:`_local_data_offset` looks at: the
+    fixed part, the name and, when it is at most LOCAL_SLACK bytes long (as every reader's window holds it),
+    the extra field."""
+    if len(fixed) < 30 or fixed[:4] != _LFH:
+        return 30
+    nlen, elen = struct.unpack_from("<HH", fixed, 26)
+    return 30 + nlen + (elen if elen <= LOCAL_SLACK else 0)
+
+
 def _local_data_offset(header: bytes, entry: ZipEntry, where: str) -> int:
     """Where ``entry``'s bytes start (relative to the archive), from its local header, which must name the
-    same file as the central directory."""
+    same file as the central directory, and whose extra field (when ``header`` holds it whole and it is at
+    most LOCAL_SLACK bytes) must be a run of records that fills it: a changed extra-field length, which moves
+    the data, is refused instead of read from the wrong place."""
     if len(header) < 30 or header[:4] != _LFH:
         raise CheckpointFormatError(f"{where}: corrupt zip local header for {entry.name!r}")
     nlen, elen = struct.unpack_from("<HH", header, 26)
@@ -205,7 +217,35 @@ def _local_data_offset(header: bytes, entry: ZipEntry, where: str) -> int:
         raise InconsistentCheckpointError(
             f"{where}: zip local header names {local_name[:100]!r}, the central directory {entry.name!r}"
         )
+    extra = header[30 + nlen : 30 + nlen + elen]
+    if elen <= LOCAL_SLACK and len(extra) == elen and not _records_fill(extra):
+        raise CheckpointFormatError(
+            f"{where}: corrupt zip local header for {entry.name!r}: its extra field ({elen} bytes) is not a run of "
+            "records that fills it exactly"
+        )
     return entry.header_offset + 30 + nlen + elen
+
+
+def _records_fill(extra: bytes) -> bool:
+    """Whether ``extra`` is a run of zip extra-field records (2-byte id, not 0; 2-byte size; the data) that
+    ends exactly at its end. A local header whose extra-field length was changed (which moves the entry's
+    data) almost never is: the last record overshoots, or the bytes after it are no record.
+
+    Example:
+        >>> _records_fill(b"FB" + (3).to_bytes(2, "little") + b"abc"), _records_fill(b"FB" + (4).to_bytes(2, "little") + b"abc")
+        (True, False)
+        >>> _records_fill(bytes(8)), _records_fill(b"FB" + (1).to_bytes(2, "little") + b"a" + b"\\0\\0")  # zeros: no record
+        (False, False)
+    """
+    pos = 0
+    while pos < len(extra):
+        if pos + 4 > len(extra):
+            return False
+        tag, size = struct.unpack_from("<HH", extra, pos)
+        if tag == 0:
+            return False
+        pos += 4 + size
+    return pos == len(extra)
 
 
 def _check_layout(entries: Sequence[ZipEntry], cd_off: int, where: str) -> None:
@@ -406,14 +446,13 @@ def _parse_windows(w: _Windows, blob: Blob, where: str, tail: int, held: bytes |
     for entry in entries.values():
         rel = entry.name[len(a.prefix):]
         hoff = entry.header_offset
-        if held is not None:  # as _archive_in_memory: every entry, its header as long as the central name
-            header = w.get(hoff, hoff + 30 + len(entry.raw_name), note=False)
-        elif rel in ("data.pkl", "byteorder") or rel.startswith("data/"):
-            # The general path checks the local name when its read holds it; this parse always does (a
-            # name it accepts, the general path accepts or does not look at).
+        if held is not None or rel in ("data.pkl", "byteorder") or rel.startswith("data/"):
+            # As _archive_in_memory (every entry) or the general path: the fixed part, the local name and the
+            # extra field (up to LOCAL_SLACK bytes). The general path checks the local name when its read
+            # holds it; this parse always does (a name it accepts, the general path accepts or does not look at).
             header = w.get(hoff, hoff + 30, note=False)
             if header[:4] == _LFH:
-                header += w.get(hoff + 30, hoff + 30 + struct.unpack_from("<H", header, 26)[0], note=False)
+                header += w.get(hoff + 30, hoff + _local_header_len(header), note=False)
         else:
             continue
         entry.data_offset = _local_data_offset(header, entry, where)
@@ -607,8 +646,9 @@ def _archive_in_memory(b: Blob, data: bytes, where: str) -> Archive:
     a = Archive(b, where, entries, data=data, cd_off=cd_off)
     a.prefix = _prefix(a)
     for entry in entries.values():
-        entry.data_offset = _local_data_offset(
-            data[entry.header_offset : entry.header_offset + 30 + len(entry.raw_name)], entry, where)
+        hoff = entry.header_offset
+        entry.data_offset = _local_data_offset(data[hoff : hoff + _local_header_len(data[hoff : hoff + 30])],
+                                               entry, where)
         if entry.data_offset + entry.size > len(data):
             raise TruncatedDataError(f"{where}: zip entry {entry.name!r} runs past the end of the archive")
         rel = entry.name[len(a.prefix):]
