@@ -37,10 +37,16 @@ def row_jobs(draw):
                 runs = Runs(r0 * width + a, (2 * width, width), 0, (2 * run, run), (half, 2), run)
             else:
                 runs = Runs(r0 * width + a, (width,), 0, (run,), (n,), run)
-            ov = Overlap(0, (r0, a), (0, 0), (runs.count, run))
-            jobs.append(CopyJob(f"t{c}", loc, (rows, width), ov, None, runs, 1, 0, (run, 1)))
+            jobs.append(band_job(f"t{c}", loc, (rows, width), (r0, a), runs))
         base += rows * width
     return jobs
+
+
+def band_job(name: str, loc: Locator, chunk: tuple[int, int], start: tuple[int, int], runs: Runs) -> CopyJob:
+    """The copy job of ``runs`` (a column band of some rows of a byte-element chunk, from ``start``) into a
+    piece of its own, rows of ``runs.run`` bytes, unbound."""
+    ov = Overlap(0, start, (0, 0), (runs.count, runs.run))
+    return CopyJob(name, loc, chunk, ov, None, runs, 1, 0, (runs.run, 1))
 
 
 def _runs(j: CopyJob, r: Runs) -> list[tuple[int, int, int]]:

@@ -17,7 +17,7 @@ from jreshard import read
 from jreshard.catalog import Locator
 from jreshard.planning import Overlap, Runs
 from jreshard.read import CopyJob, _copy_part, _file_requests, _scatter_iovs, _tiled_iov
-from tests.test_file_requests import row_jobs
+from tests.test_file_requests import band_job, row_jobs
 
 
 def _file(jobs, seed):
@@ -163,8 +163,7 @@ def tiled_jobs(draw):
                 runs = Runs(r0 * width + a, (), 0, (), (), run)
             else:
                 runs = Runs(r0 * width + a, (width,), 0, (run,), (n,), run)
-            ov = Overlap(0, (r0, a), (0, 0), (runs.count, run))
-            jobs.append(CopyJob(f"t{c}", loc, (rows, width), ov, None, runs, 1, 0, (run, 1)))
+            jobs.append(band_job(f"t{c}", loc, (rows, width), (r0, a), runs))
         base += rows * width
     return jobs
 
