@@ -12,6 +12,7 @@ jobs become the exact requests the executor issues (:meth:`jreshard.read.Executo
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import math
@@ -514,15 +515,12 @@ def build(ckpt: Any, targets: Sequence[Target | None], *, limit: int, io_executo
             state = others
         pp = ProcessPlan(pid)
         batches = _process_batches(ckpt, targets, limit, io_executor, pid, pid == keep, pp, state)
-        if lazy and pid == keep:
-            plans[pid] = pp
-            program = Program(pid, batches, io_executor, limit)
-            continue
-        kept = [b for b in batches if pid == keep]
+        if pid == keep:
+            program = Program(pid, batches if lazy else list(batches), io_executor, limit)
+        else:
+            collections.deque(batches, maxlen=0)  # planned and summed, each batch dropped as the next is made
         if pp.pieces or pid == keep:
             plans[pid] = pp
-        if pid == keep:
-            program = Program(pid, kept, io_executor, limit)
     return plans, program
 
 

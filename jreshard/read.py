@@ -44,7 +44,7 @@ LOCAL_GAP = 64 * 2**10  # inside a chunk, local reads may read through gaps up t
 TILE = 128  # transposing copies go tile by tile, TILE x TILE elements
 WASTE = 16  # gaps above coalesce_gap are read (bridged) only while they total at most 1/WASTE of the bytes needed
 JUNK = 256 * 2**10  # the buffer for bytes read through (gaps) when reading straight into pieces
-IOV_BATCH = 16 * 2**20  # local requests get their scatter lists built this many bytes of requests at a time
+IOV_BATCH = 16 * 2**20  # a local read task takes about this many bytes of requests (and builds their scatter lists)
 MAX_REQUEST = 8 * 2**20  # a ranged read is cut (between runs) near this size: parallel requests, cache-sized copies
 # Each pool thread's read buffer (``buf``), shared by executors: Checkpoint.read makes one per call, and a
 # fresh buffer would cost page faults on every call. It lives as long as the thread.
@@ -308,6 +308,7 @@ class Executor:
         each request straight into the pieces where it can be, else into a per-thread buffer (which stays in
         cache) copied out from there. A file shorter than a request (truncated, even while being read) is a
         TruncatedDataError: plain reads return short counts where a memory map would raise SIGBUS."""
+        junk = _junk()
         for requests, feeds in groups:
             i = 0
             while i < len(requests):
@@ -315,15 +316,15 @@ class Executor:
                 while k < len(requests) and (k == i or size < IOV_BATCH):
                     size += requests[k][2] - requests[k][1]
                     k += 1
-                futures.append(pool.submit(self._pread_all, requests[i:k], feeds[i:k]))
+                futures.append(pool.submit(self._pread_all, requests[i:k], feeds[i:k], junk))
                 i = k
 
-    def _pread_all(self, requests: list[tuple[str, int, int]], feeds: list[Feeds]) -> None:
-        """Read a run of requests, scattered straight into the pieces where :func:`_scatter_iovs` can (a file's
-        descriptor held once for the requests of one file, counted once)."""
+    def _pread_all(self, requests: list[tuple[str, int, int]], feeds: list[Feeds], junk: np.ndarray) -> None:
+        """Read a run of requests, scattered straight into the pieces where :func:`_scatter_iovs` can (gaps into
+        ``junk``; a file's descriptor held once for the requests of one file, counted once)."""
         store = self.store
         assert isinstance(store, LocalStore)
-        iovs = _scatter_iovs(requests, feeds, _junk())
+        iovs = _scatter_iovs(requests, feeds, junk)
         i = 0
         while i < len(requests):
             key = requests[i][0]
@@ -431,9 +432,7 @@ def _scatter_iovs(requests: Sequence[tuple[str, int, int]], feeds: Sequence[Feed
                 ok[k] = False
                 continue
             dest = _dest_u8(j)
-            lo = r.dst + sum(min(0, (n - 1) * st) for n, st in zip(r.outer, r.dst_strides))
-            hi = r.dst + sum(max(0, (n - 1) * st) for n, st in zip(r.outer, r.dst_strides)) + r.run
-            if lo < 0 or hi > len(dest):
+            if not _inside(r, len(dest)):
                 ok[k] = False
                 continue
             if len(r.outer) <= 1:
@@ -519,6 +518,13 @@ def _scatter_iovs(requests: Sequence[tuple[str, int, int]], feeds: Sequence[Feed
     return out
 
 
+def _inside(r: Runs, size: int) -> bool:
+    """Whether every run of ``r`` lands inside a destination of ``size`` bytes."""
+    lo = r.dst + sum(min(0, (n - 1) * st) for n, st in zip(r.outer, r.dst_strides))
+    hi = r.dst + sum(max(0, (n - 1) * st) for n, st in zip(r.outer, r.dst_strides)) + r.run
+    return lo >= 0 and hi <= size
+
+
 def _tiled_iov(request: tuple[str, int, int], feed: Feeds) -> np.ndarray | None:
     """The scatter list of one request whose runs tile it exactly, row after row (the usual shape: a band of a
     chunk's rows, each row cut into the column slices of several pieces), built as a grid of rows by parts
@@ -541,11 +547,11 @@ def _tiled_iov(request: tuple[str, int, int], feed: Feeds) -> np.ndarray | None:
         if type(r) is not Runs or r.step or len(r.outer) > 1 or not r.count:
             return None
         dest = _dest_u8(j)
+        if not _inside(r, len(dest)):
+            return None
         n = r.outer[0] if r.outer else 1
         st = r.src_strides[0] if r.outer else 0
         ds = r.dst_strides[0] if r.outer else 0
-        if r.dst < 0 or r.dst + (n - 1) * ds + r.run > len(dest) or (n > 1 and ds < 0):
-            return None
         parts.append((r.src + j.locator.base, n, st, r.run, r.dst + dest.ctypes.data, ds))
     if not parts:
         return None

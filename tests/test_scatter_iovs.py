@@ -325,12 +325,18 @@ def test_a_grid_is_given_only_where_it_places_every_byte(case):
 
 
 def test_a_grid_never_writes_outside_its_piece():
-    """Rows whose places run past the piece's end, or before its start (a negative step), get no grid, and no
-    scatter list at all: the staged copy reports them."""
+    """Rows placed last to first inside the piece get a grid that puts each where it belongs; rows whose places
+    run past the piece's end, or before its start (a negative step), get no grid, and no scatter list at all:
+    the staged copy reports them."""
     loc = Locator("f", 0, 0, (8, 1), 32)
     dest = np.zeros((4, 8), np.uint8)
     job = CopyJob("w", loc, (4, 8), Overlap(0, (0, 0), (0, 0), (4, 8)), dest, Runs(0, (8,), 0, (8,), (4,), 8), 1)
     assert _tiled_iov(("f", 0, 32), [(job, job.runs)]) is not None
+    flipped = Runs(0, (8,), 24, (-8,), (4,), 8)  # rows placed last to first: inside the piece
+    grid = _tiled_iov(("f", 0, 32), [(job, flipped)])
+    data = np.arange(32, dtype=np.uint8)
+    _apply(grid, data, 0, 32, np.zeros(64, np.uint8))
+    np.testing.assert_array_equal(dest, data.reshape(4, 8)[::-1])
     for bad in (Runs(0, (8,), 8, (8,), (4,), 8), Runs(0, (8,), 0, (-8,), (4,), 8), Runs(0, (8,), -1, (8,), (4,), 8)):
         assert _tiled_iov(("f", 0, 32), [(job, bad)]) is None
         assert _scatter_iovs([("f", 0, 32)], [[(job, bad)]], np.zeros(64, np.uint8)) == [None]

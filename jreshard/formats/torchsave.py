@@ -217,8 +217,8 @@ def _local_data_offset(header: bytes, entry: ZipEntry, where: str) -> int:
         raise InconsistentCheckpointError(
             f"{where}: zip local header names {local_name[:100]!r}, the central directory {entry.name!r}"
         )
-    extra = header[30 + nlen : 30 + nlen + elen]
-    if elen <= LOCAL_SLACK and len(extra) == elen and not _records_fill(extra):
+    checked = _local_header_len(header) - 30 - nlen  # the extra field's bytes looked at: all of it, or none
+    if checked and len(header) >= 30 + nlen + checked and not _records_fill(header[30 + nlen : 30 + nlen + checked]):
         raise CheckpointFormatError(
             f"{where}: corrupt zip local header for {entry.name!r}: its extra field ({elen} bytes) is not a run of "
             "records that fills it exactly"
