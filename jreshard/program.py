@@ -428,6 +428,7 @@ def _steps_at_once(target: Target, pieces: list[Piece], boxes: list[Box], slot: 
         index = chunk_index(info.chunks, boxes)
         if index is None:
             return None
+        groups = index.memo.get(key)  # a tensor cut alike, seen before, made them
     dtype = np.dtype(info.dtype)
     steps = [Step(target, piece, box, dtype, (), [], [], slot + k) for k, (piece, box) in enumerate(zip(pieces, boxes))]
     shapes = [tuple(b - a for a, b in box) for box in boxes]

@@ -155,6 +155,31 @@ def test_tensors_cut_alike_share_one_index_and_its_blocks():
     assert ("steps", tuple(boxes)) in ia.memo and ("steps", tuple(boxes)) in ic.memo
 
 
+def test_a_tensor_cut_alike_takes_the_blocks_at_its_first_plan(monkeypatch):
+    """The blocks of a set of boxes are found once per layout: a tensor cut alike whose chunks were never asked
+    for their index yet (the usual case: each layer of a model is planned once) takes them from the memo."""
+    from jreshard import program
+
+    calls = []
+    real = program._block_groups
+    monkeypatch.setattr(program, "_block_groups", lambda *a: calls.append(a[0].name) or real(*a))
+    cuts = [Chunk((0, 5 * i), (3, 5)) for i in range(70)]  # a layout no other test uses
+    tensors = {n: TensorInfo(n, (3, 350), np.dtype("float32"), validate_chunks(n, (3, 350), list(cuts), "ckpt"))
+               for n in ("l0", "l1", "l2")}
+    boxes = [((0, 3), (0, 160)), ((0, 3), (160, 320)), ((0, 3), (320, 350))]
+    pieces = [Piece("x", bx, 0, []) for bx in boxes]
+    for name in tensors:
+        shape, dt = (3, 350), np.dtype("float32")
+        target = Target(0, name, View("saved", name, (), f"saved({name!r})", shape, dt), shape, dt, None, 4)
+        steps, regions = _steps_at_once(target, pieces, boxes, 0, tensors)
+        blocks = [r for regs in regions for r in regs]
+        assert all(r.info is tensors[name] for r in blocks)
+        for k, (piece, bx) in enumerate(zip(pieces, boxes)):
+            _, regs = make_step(target, piece, bx, k, tensors)
+            assert _block_rows(blocks, k) == _block_rows(regs, k), name
+    assert calls == ["l0"]
+
+
 def test_index_memo_is_bounded(monkeypatch):
     chunks = validate_chunks("t", (200,), [Chunk((2 * i,), (2,)) for i in range(100)], "ckpt")
     tensors = {"t": TensorInfo("t", (200,), np.dtype("float32"), chunks)}
