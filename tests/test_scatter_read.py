@@ -11,6 +11,8 @@ import os
 import jax
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -86,6 +88,23 @@ def test_scatter_short_reads_continue(tmp_path, monkeypatch, limit):
     with store._use("f.bin") as fd:
         assert store.fill_scatter(fd, "f.bin", 100, iov)
     np.testing.assert_array_equal(np.concatenate([a, b, junk, c]), data[100:4600])
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=30), st.integers(1, 6), st.integers(1, 120))
+def test_scatter_reads_every_region_whatever_the_calls_return(tmp_path, monkeypatch, lengths, per_call, limit):
+    """Regions read in calls of ``per_call`` regions (IOV_MAX), each call returning at most ``limit`` bytes: every
+    byte lands in its region, however the short reads fall against the calls' windows."""
+    data = np.random.default_rng(len(lengths)).integers(0, 256, sum(lengths) + 10, dtype=np.uint8)
+    (tmp_path / "g.bin").write_bytes(data.tobytes())
+    monkeypatch.setattr(storage, "_PREADV_C", [_short_preadv(limit)])
+    monkeypatch.setattr(storage, "_IOV_MAX", per_call)
+    bufs = [np.zeros(n, np.uint8) for n in lengths]
+    iov = np.array([[x.ctypes.data, len(x)] for x in bufs], np.uint64)
+    store = storage.LocalStore(str(tmp_path))
+    with store._use("g.bin") as fd:
+        assert store.fill_scatter(fd, "g.bin", 7, iov)
+    np.testing.assert_array_equal(np.concatenate(bufs), data[7 : 7 + sum(lengths)])
 
 
 def test_scatter_past_the_end_is_truncated(tmp_path):
