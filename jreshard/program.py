@@ -420,15 +420,12 @@ def _steps_at_once(target: Target, pieces: list[Piece], boxes: list[Box], slot: 
     if info.ndim not in (1, 2) or any(b <= a for box in boxes for a, b in box):
         return None
     # The blocks depend on the chunks' bounds and the boxes only: tensors cut alike (a model's layers) share
-    # them through their index's memo (whose boxes were checked for the index when they were computed).
+    # them through their index's memo, whichever of them was planned first.
+    index = chunk_index(info.chunks, boxes)
+    if index is None:
+        return None
     key = ("steps", tuple(boxes))
-    index = getattr(info.chunks, "_index", None)
-    groups = None if index is None else index.memo.get(key)
-    if groups is None:
-        index = chunk_index(info.chunks, boxes)
-        if index is None:
-            return None
-        groups = index.memo.get(key)  # a tensor cut alike, seen before, made them
+    groups = index.memo.get(key)
     dtype = np.dtype(info.dtype)
     steps = [Step(target, piece, box, dtype, (), [], [], slot + k) for k, (piece, box) in enumerate(zip(pieces, boxes))]
     shapes = [tuple(b - a for a, b in box) for box in boxes]
