@@ -71,8 +71,10 @@ def test_many_boxes_refuse_what_one_box_refuses():
     assert catalog.chunk_overlap_arrays_many(many, []) is None
 
 
-def _target(shape, dtype=np.dtype("float32")):
-    return Target(0, "x", View("saved", "t", (), "saved('t')", shape, dtype), shape, dtype, None, dtype.itemsize)
+def _target(shape, dtype=np.dtype("float32"), name="t"):
+    """A target read as tensor ``name`` is saved."""
+    dtype = np.dtype(dtype)
+    return Target(0, "x", View("saved", name, (), f"saved({name!r})", shape, dtype), shape, dtype, None, dtype.itemsize)
 
 
 def _block_rows(regions, slot):
@@ -143,8 +145,8 @@ def test_tensors_cut_alike_share_one_index_and_its_blocks():
     boxes = [box, ((40, 65), (0, 6))]
     pieces = [Piece("x", bx, 0, []) for bx in boxes]
     for name in ("a", "b", "c", "d", "b"):
-        shape, dt = (240, 6), tensors[name].dtype
-        target = Target(0, "x", View("saved", name, (), f"saved({name!r})", shape, dt), shape, dt, None, dt.itemsize)
+        dt = tensors[name].dtype
+        target = _target((240, 6), dt, name)
         steps, regions = _steps_at_once(target, pieces, boxes, 3, tensors)
         blocks = [r for regs in regions for r in regs]
         assert all(r.info is tensors[name] for r in blocks)
@@ -162,15 +164,14 @@ def test_a_tensor_cut_alike_takes_the_blocks_at_its_first_plan(monkeypatch):
 
     calls = []
     real = program._block_groups
-    monkeypatch.setattr(program, "_block_groups", lambda *a: calls.append(a[0].name) or real(*a))
+    monkeypatch.setattr(program, "_block_groups", lambda *a: calls.append(a[0].view._args) or real(*a))
     cuts = [Chunk((0, 5 * i), (3, 5)) for i in range(70)]  # a layout no other test uses
     tensors = {n: TensorInfo(n, (3, 350), np.dtype("float32"), validate_chunks(n, (3, 350), list(cuts), "ckpt"))
                for n in ("l0", "l1", "l2")}
     boxes = [((0, 3), (0, 160)), ((0, 3), (160, 320)), ((0, 3), (320, 350))]
     pieces = [Piece("x", bx, 0, []) for bx in boxes]
     for name in tensors:
-        shape, dt = (3, 350), np.dtype("float32")
-        target = Target(0, name, View("saved", name, (), f"saved({name!r})", shape, dt), shape, dt, None, 4)
+        target = _target((3, 350), name=name)
         steps, regions = _steps_at_once(target, pieces, boxes, 0, tensors)
         blocks = [r for regs in regions for r in regs]
         assert all(r.info is tensors[name] for r in blocks)

@@ -240,29 +240,21 @@ def test_a_batch_that_fails_to_plan_fails_the_load_once_the_reads_before_it_end(
     ckpt, _ = plain
     target = _target(ckpt, NAMES)
     monkeypatch.setattr(program, "MIN_PACK", 256 * KiB)
+    events = _plans_and_starts(monkeypatch)
     plan_batch, finish = program._plan_batch, checkpoint.Checkpoint._finish_unit
-    calls = {"plan": 0, "finish": 0}
-    started: list[int] = []
+    finished: list[int] = []
 
     def plan_batch_(*args, **kwargs):
-        calls["plan"] += 1
-        if calls["plan"] == 3:
+        if events.count("plan") == 2:  # the third batch
             raise jreshard.JReshardError("mp.c: planted failure while planning")
         return plan_batch(*args, **kwargs)
 
     def finish_(self, unit, hosts, wait):
-        calls["finish"] += 1
+        finished.append(1)
         return finish(self, unit, hosts, wait)
-
-    start = checkpoint.Checkpoint._start_unit
-
-    def start_unit(self, unit, *args):
-        started.append(1)
-        return start(self, unit, *args)
 
     monkeypatch.setattr(program, "_plan_batch", plan_batch_)
     monkeypatch.setattr(checkpoint.Checkpoint, "_finish_unit", finish_)
-    monkeypatch.setattr(checkpoint.Checkpoint, "_start_unit", start_unit)
     with pytest.raises(jreshard.JReshardError, match="planted failure"):
         ckpt.load(target, max_inflight_bytes=2100 * KiB)
-    assert len(started) == 2 and calls["finish"] == 2
+    assert events == ["plan", "start"] * 2 and len(finished) == 2
