@@ -138,6 +138,10 @@ def validate_chunks(name: str, shape: tuple[int, ...], chunks: list[Chunk], wher
     shape = checked_shape(shape, f"tensor {name!r}: shape", where)
     if not isinstance(chunks, (list, tuple)):
         chunks = list(chunks)
+    if len(chunks) <= _SMALL_CHUNKS:
+        small = _small_tiling(shape, chunks)
+        if small is not None:
+            return small
     lo, size, plain = _chunk_arrays(name, shape, chunks, where)
     ndim = len(shape)
     extent = np.array(shape, dtype=np.int64)
@@ -187,6 +191,48 @@ def validate_chunks(name: str, shape: tuple[int, ...], chunks: list[Chunk], wher
 
 
 _UNKNOWN = object()  # the overlap search ran out of its budget
+
+_SMALL_CHUNKS = 16  # up to this many chunks, plain Python decides a valid layout faster than numpy's calls
+
+
+def _small_tiling(shape: Shape, chunks: Sequence[Any]) -> ChunkTuple | None:
+    """What :func:`validate_chunks` returns for a few chunks that tile ``shape`` exactly, each an exact tuple of
+    exact ``int`` in range, of the tensor's rank and inside it (empty chunks and exact duplicates dropped); None
+    for anything else, which the array path then decides and reports. Pairwise: O(n**2) for n <= _SMALL_CHUNKS."""
+    ndim = len(shape)
+    boxes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    seen: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
+    kept: list[Any] = []
+    total = 0
+    for c in chunks:
+        lo, size = c.offsets, c.sizes
+        if (type(lo) not in (tuple, Shape) or type(size) not in (tuple, Shape) or len(lo) != ndim
+                or len(size) != ndim):
+            return None
+        for a, n, d in zip(lo, size, shape):
+            if type(a) is not int or type(n) is not int or a < 0 or n < 0 or a > d or n > d - a:
+                return None
+        if ndim and 0 in size:
+            continue  # empty: dropped
+        key = (tuple(lo), tuple(size))
+        if key in seen:
+            continue  # an exact duplicate: the first is kept
+        seen.add(key)
+        kept.append(c)
+        boxes.append(key)
+        total += math.prod(size)
+        if ndim == 0:
+            break  # a scalar keeps its first chunk
+    if total != math.prod(shape):
+        return None
+    # Every chunk inside, the volumes add up to the tensor's and no two overlap: an exact tiling.
+    for i in range(len(boxes)):
+        alo, asz = boxes[i]
+        for j in range(i):
+            blo, bsz = boxes[j]
+            if all(a < b + m and b < a + n for a, n, b, m in zip(alo, asz, blo, bsz)):
+                return None
+    return ChunkTuple(chunks) if len(kept) == len(chunks) else ChunkTuple(kept)
 
 
 def _raise_overlap(name: str, where: str, kept: tuple[Chunk, ...], pair: tuple[int, int]) -> None:

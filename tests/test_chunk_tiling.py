@@ -213,7 +213,40 @@ def test_random_boxes_match_painting(data):
     check_against_paint(shape, chunks)
 
 
+@SETTINGS
+@given(st.data(), split_tiling(max_chunks=catalog._SMALL_CHUNKS))
+def test_the_small_and_the_array_paths_both_match_painting(data, tiling):
+    """Layouts of up to _SMALL_CHUNKS chunks (valid, with extras, or mutated) decided by plain Python and by the
+    array path: both agree with the painting."""
+    shape, chunks = tiling
+    kind = data.draw(st.sampled_from(["as_is", "extras", "mutated"]))
+    if kind == "extras":
+        shape, chunks = data.draw(with_extras(st.just((shape, chunks))))
+    elif kind == "mutated":
+        chunks = mutate(data, shape, chunks)
+    small = catalog._SMALL_CHUNKS
+    try:
+        for limit in (small, 0):
+            catalog._SMALL_CHUNKS = limit
+            check_against_paint(shape, chunks)
+    finally:
+        catalog._SMALL_CHUNKS = small
+
+
+def test_a_few_chunks_that_tile_are_decided_without_arrays(monkeypatch):
+    def refuse(*args):
+        raise AssertionError("the array path was taken")
+
+    monkeypatch.setattr(catalog, "_chunk_arrays", refuse)
+    grid = [Chunk((r, c), (2, 3)) for r in (0, 2) for c in (0, 3, 6)]
+    assert validate_chunks("w", (4, 9), grid + [grid[1], Chunk((1, 1), (0, 2))], "ckpt") == tuple(grid)
+    with pytest.raises(AssertionError, match="array path"):  # an overlap is left to the array path to report
+        validate_chunks("w", (4, 9), grid[:-1] + [Chunk((2, 5), (2, 4))], "ckpt")
+
+
 def _forced(monkeypatch, **budgets):
+    """The array path (whatever the chunk count) with its work budgets set to ``budgets``."""
+    monkeypatch.setattr(catalog, "_SMALL_CHUNKS", 0)
     for k, v in budgets.items():
         monkeypatch.setattr(catalog, k, v)
 
