@@ -198,7 +198,9 @@ class Executor:
         self.store = store
         self.posix = isinstance(store, LocalStore) and io in ("auto", "posix")
         self.gap = max(0, int(coalesce_gap))
-        self.threads = threads or min(8, max(2, 2 * (os.cpu_count() or 1)))
+        # A read thread per CPU (at least 2, at most 8): the reads that page-cache hits serve are copies the
+        # kernel makes on the reading thread, and more threads than CPUs only contend for them.
+        self.threads = threads or min(8, max(2, os.cpu_count() or 1))
         self._local = _LOCAL
 
     def prepare(self, jobs: Sequence[CopyJob], lanes: Sequence[Lane] = (), feeds: bool = True) -> Prepared:

@@ -155,3 +155,11 @@ def test_normalize_index_rejects_steps():
     assert normalize_index((slice(1, None),), (4, 2)) == ((1, 4), (0, 2))
     with pytest.raises(IndexError):
         normalize_index((slice(None, None, 2),), (4,))
+
+
+@pytest.mark.parametrize("cpus, expected", [(None, 2), (1, 2), (2, 2), (3, 3), (6, 6), (64, 8)])
+def test_read_threads_follow_the_cpu_count(tmp_path, monkeypatch, cpus, expected):
+    """One read thread per CPU, at least 2 (a read overlaps the next) and at most 8; an explicit count wins."""
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    assert Executor(LocalStore(str(tmp_path))).threads == expected
+    assert Executor(LocalStore(str(tmp_path)), threads=5).threads == 5
