@@ -138,7 +138,7 @@ def validate_chunks(name: str, shape: tuple[int, ...], chunks: list[Chunk], wher
     shape = checked_shape(shape, f"tensor {name!r}: shape", where)
     if not isinstance(chunks, (list, tuple)):
         chunks = list(chunks)
-    if len(chunks) <= _SMALL_CHUNKS:
+    if len(chunks) <= _SMALL_CHUNKS and len(chunks) < _INDEX_MIN_CHUNKS:  # (an index needs the array path's bounds)
         small = _small_tiling(shape, chunks)
         if small is not None:
             return small
