@@ -138,7 +138,7 @@ def validate_chunks(name: str, shape: tuple[int, ...], chunks: list[Chunk], wher
     shape = checked_shape(shape, f"tensor {name!r}: shape", where)
     if not isinstance(chunks, (list, tuple)):
         chunks = list(chunks)
-    if len(chunks) <= _SMALL_CHUNKS and len(chunks) < _INDEX_MIN_CHUNKS:  # (an index needs the array path's bounds)
+    if len(chunks) <= _SMALL_CHUNKS:
         small = _small_tiling(shape, chunks)
         if small is not None:
             return small
@@ -200,7 +200,6 @@ def _small_tiling(shape: Shape, chunks: Sequence[Any]) -> ChunkTuple | None:
     exact ``int`` in range, of the tensor's rank and inside it (empty chunks and exact duplicates dropped); None
     for anything else, which the array path then decides and reports. Pairwise: O(n**2) for n <= _SMALL_CHUNKS."""
     ndim = len(shape)
-    boxes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
     seen: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
     kept: list[Any] = []
     total = 0
@@ -219,13 +218,13 @@ def _small_tiling(shape: Shape, chunks: Sequence[Any]) -> ChunkTuple | None:
             continue  # an exact duplicate: the first is kept
         seen.add(key)
         kept.append(c)
-        boxes.append(key)
         total += math.prod(size)
         if ndim == 0:
             break  # a scalar keeps its first chunk
     if total != math.prod(shape):
         return None
     # Every chunk inside, the volumes add up to the tensor's and no two overlap: an exact tiling.
+    boxes = list(seen)
     for i in range(len(boxes)):
         alo, asz = boxes[i]
         for j in range(i):
@@ -550,7 +549,7 @@ def _build_index(chunks: tuple) -> _ChunkIndex | None:
     offsets = [c.offsets for c in chunks]
     sizes = [c.sizes for c in chunks]
     ranks = set(map(len, offsets)) | set(map(len, sizes))
-    if (len(ranks) != 1 or not set(map(type, offsets)) | set(map(type, sizes)) <= {tuple}
+    if (len(ranks) != 1 or not set(map(type, offsets)) | set(map(type, sizes)) <= {tuple, Shape}
             or not set(map(type, chain.from_iterable(offsets))) | set(map(type, chain.from_iterable(sizes))) <= {int}):
         return None
     ndim = ranks.pop()
