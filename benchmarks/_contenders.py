@@ -7,6 +7,7 @@ them per fresh process (see its docstring for what each contender is).
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -290,8 +291,36 @@ def prepare_raw(case: str, model: ModelSpec, paths: Paths, args, threads: int) -
     return restore, None
 
 
+def prepare_layout(case: str, model: ModelSpec, paths: Paths, args) -> tuple[Restore, Any]:
+    """The layout floor (``_layoutread.py``): the scatter lists of jreshard's target layout built untimed, then
+    only the reads, on as many threads as jreshard reads with."""
+    from _layoutread import LayoutRead
+
+    targets = make_targets(model)
+    threads = min(8, max(2, os.cpu_count() or 1))
+    return LayoutRead(checkpoint_path(case, "jreshard", paths), targets, threads), targets
+
+
+def verify_pieces(model: ModelSpec, out: Any, targets: dict[str, Any]) -> str:
+    """"ok", or what is wrong with the layout floor's output: every target's pieces, one per device, each
+    compared (bit for bit) with its slice of ``expected()``."""
+    problems = []
+    for t in model.tensors:
+        pieces = out.get(t.name, [])
+        if {d for d, _, _ in pieces} != set(targets[t.name].sharding.device_set):
+            problems.append(f"{t.name}: pieces for {len(pieces)} devices")
+            continue
+        expected = t.expected()
+        if any(not np.array_equal(_bits(p), _bits(expected[index])) for _, index, p in pieces):
+            problems.append(f"{t.name}: values differ")
+    if not problems:
+        return "ok"
+    return f"FAIL ({len(problems)}): " + "; ".join(problems[:3])
+
+
 PREPARE = {
     "jreshard": prepare_jreshard,
+    "layout": prepare_layout,
     "port": prepare_port,
     "torch": prepare_torch,
     "orbax": prepare_orbax,

@@ -24,6 +24,11 @@ Contenders (``_contenders.py``):
             anonymous memory, not pre-faulted, as the loaders' are, so first-touch page faults are paid by
             the anchor too: that is the honest comparison. Run for each T of ``--raw-threads`` (default 1, 2,
             4, 8); every raw row is printed and the FASTEST one is the anchor of the "x raw" column.
+  layout    the layout floor (``_layoutread.py``): the same bytes read with ``preadv`` straight into the
+            target's device pieces (each saved row cut at the column boundaries of the (2, 4) mesh, so
+            1-3 KiB per piece), the scatter lists built untimed, the reads on as many threads as jreshard
+            uses; numpy pieces, no ``device_put``. Its "x raw" is what the layout itself costs; jreshard's
+            time over it (printed under the table) is what jreshard adds.
 
   Conversion contenders (DCP -> a native Orbax checkpoint, the tree a nested dict of the dotted names, every
   array unsharded on the first device, dtypes as saved; the destination is removed, untimed, before each
@@ -124,6 +129,7 @@ from _contenders import (
     raw_threads,
     verify_arrays,
     verify_converted,
+    verify_pieces,
 )
 from _machine import facts
 from _memwatch import PeakAnonMemory, prefault
@@ -131,8 +137,8 @@ from _model import DEVICE_COUNT, GIB, ModelSpec, build_model, port_tensors
 from _pagecache import cold_possible, evict, files_under, resident_bytes, warm
 
 CASES = {
-    "dcp": ("jreshard", "port", "torch", "orbax", "raw", "convert", "dcp_orbax", "jr_orbax"),
-    "safetensors": ("jreshard", "port", "torch", "orbax", "raw"),
+    "dcp": ("jreshard", "port", "torch", "orbax", "raw", "layout", "convert", "dcp_orbax", "jr_orbax"),
+    "safetensors": ("jreshard", "port", "torch", "orbax", "raw", "layout"),
 }
 DESCRIPTIONS = {
     "dcp": "torch.distributed.checkpoint, 4 ranks x Shard(0) -> (2, 4) mesh of 8 CPU devices",
@@ -150,6 +156,8 @@ LABELS = {
     ("safetensors", "port"): "jreshard port (transpose + stack mapping)",
     ("safetensors", "torch"): "`safetensors.torch.load_file` + `device_put`",
     ("safetensors", "orbax"): "Orbax v1 safetensors layout",
+    ("dcp", "layout"): "layout floor: `preadv` into the target's pieces",
+    ("safetensors", "layout"): "layout floor: `preadv` into the target's pieces",
 }
 CONVERT_INFLIGHT = 256 * 2**20
 BASELINES = ("torch", "orbax")  # ratio columns besides "x raw"
@@ -195,7 +203,9 @@ def worker_main(args, model: ModelSpec, paths: Paths) -> int:
             if args._verify:
                 result["verify"] = verify_converted(model, Path(out))
         elif args._verify:
-            if name == "port":
+            if name == "layout":
+                result["verify"] = verify_pieces(model, out, targets)
+            elif name == "port":
                 result["verify"] = verify_arrays(model, out, targets, port_tensors(model))
                 result["plan"] = jreshard_plan(case, paths, targets, port_mapping(model))
             else:
@@ -394,6 +404,11 @@ def print_block(block: dict[str, Any]) -> None:
               f"{r['peak_anon_gib']:>9.3f} {r['delta_anon_gib']:>6.3f}  {r['verify']}")  # fmt: skip
     if block["anchor"]:
         print(f"x raw: over {block['anchor']} (the fastest raw read); peak anon and +anon in GiB")
+    timed = {r["name"]: r["median_s"] for r in block["rows"] if "median_s" in r}
+    if "layout" in timed:
+        for other in ("jreshard", "port"):
+            if other in timed:
+                print(f"{other} / layout floor = {timed[other] / timed['layout']:.2f}x")
     conv = {r["name"]: r for r in block["rows"] if r["name"] in CONVERTERS and "median_s" in r}
     if "convert" in conv:
         for other in ("dcp_orbax", "jr_orbax"):

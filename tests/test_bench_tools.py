@@ -148,3 +148,51 @@ def test_contenders_run_in_rounds_and_a_failed_one_stops(monkeypatch, tmp_path):
     assert rows["torch"]["error"] == "boom"
     assert rows["jreshard"]["median_s"] == pytest.approx(2.004)  # runs 1, 4 and 6 of the order above
     assert rows["raw-t2"]["median_s"] == pytest.approx(1.005)
+
+
+_LAYOUT_NAMES = ("d1.s0", "d1.s1", "d1.uneven_s0", "d1.uneven_s1", "d1.vec", "d1.vec_uneven", "d2.s0s1", "d2.s1s0",
+                 "d2.uneven_s0s1", "model.layers.0.w", "model.layers.1.w", "model.embed", "dtypes.sharded.float64",
+                 "dtypes.sharded.bfloat16", "dtypes.uneven.int16")
+
+
+def _layout_spec(shape):
+    from jax.sharding import PartitionSpec as P
+
+    if len(shape) == 1:
+        return P("model") if shape[0] % 4 == 0 else P()
+    if shape[0] % 2 == 0 and shape[1] % 4 == 0:
+        return P("data", "model")
+    if shape[1] % 4 == 0:
+        return P(None, "model")
+    return P("model") if shape[0] % 4 == 0 else P()
+
+
+@pytest.mark.parametrize("task", [8 << 20, 40])
+def test_layout_floor_puts_every_saved_byte_in_its_device_piece(checkpoints, monkeypatch, task):
+    """The layout floor's pieces are the target's: every device's slice of torch's own reading, bit for bit,
+    whether a chunk's scatter list is one task or cut into many."""
+    import _layoutread
+    import jax
+    from jax.sharding import Mesh, NamedSharding
+
+    import jreshard
+
+    monkeypatch.setattr(_layoutread, "TASK", task)
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    path = checkpoints.dirs["plain"]
+    with jreshard.open(path) as ckpt:
+        targets = {n: jax.ShapeDtypeStruct(ckpt.tensor(n).shape, ckpt.tensor(n).dtype,
+                                           sharding=NamedSharding(mesh, _layout_spec(ckpt.tensor(n).shape)))
+                   for n in _LAYOUT_NAMES}
+    read = _layoutread.LayoutRead(path, targets, threads=3)
+    if task == 40:
+        assert len(read.tasks) > len(_LAYOUT_NAMES) * 4  # chunks were cut into several tasks
+    out = read()
+    ref = checkpoints.reference("plain")
+    for name in _LAYOUT_NAMES:
+        pieces = out[name]
+        assert {d for d, _, _ in pieces} == set(jax.devices()), name
+        for device, index, piece in pieces:
+            want = np.asarray(ref[name])[index]
+            assert piece.shape == want.shape and piece.dtype == want.dtype, (name, device)
+            assert piece.tobytes() == want.tobytes(), (name, device, index)
