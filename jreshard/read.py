@@ -229,19 +229,17 @@ class Executor:
         self.start(prepared, pool)()
 
     def start(self, prepared: Prepared, pool: ThreadPoolExecutor) -> Callable[[], None]:
-        """Begin :meth:`execute`: the reads of ``prepared`` are submitted to ``pool`` (bytes held in memory and
-        staged reads are copied now); returns the function that waits for them to land and completes the copies.
+        """Begin :meth:`execute`: the reads of ``prepared`` are submitted to ``pool`` (with the copies of bytes
+        held in memory and the staged reads, as one more task); returns the function that waits for them to land
+        and completes the copies.
         The destinations must stay bound until it returns. Whatever happens, call it (it also waits after a
         failure, so no read still writes into the buffers)."""
-        for j in prepared.memory:
-            buf = np.frombuffer(j.locator.data, np.uint8)[j.locator.base:]
-            (_copy_runs_from if j.runs is not None else _copy_elements_from)(buf, 0, j)
-        if prepared.staged:
-            datas = self._read(prepared.staged_requests, prepared.staged)
-            for j, (_, start, _), data in zip(prepared.staged, prepared.staged_requests, datas):
-                _copy_elements_from(np.frombuffer(data, np.uint8), start - j.locator.base, j)
         futures: list[Future[None]] = []
         try:
+            if prepared.memory or prepared.staged:
+                # On the pool too: the first touch of a fresh piece faults in a whole huge page, which the
+                # thread that plans the next batch should not wait for.
+                futures.append(pool.submit(self._small, prepared))
             if prepared.groups:
                 if self.posix:
                     self._posix(prepared.groups, pool, futures)
@@ -262,6 +260,16 @@ class Executor:
                 _fix_byteorder(j)
 
         return finish
+
+    def _small(self, prepared: Prepared) -> None:
+        """The copies of bytes held in memory and the staged reads (read whole, then copied element-wise)."""
+        for j in prepared.memory:
+            buf = np.frombuffer(j.locator.data, np.uint8)[j.locator.base:]
+            (_copy_runs_from if j.runs is not None else _copy_elements_from)(buf, 0, j)
+        if prepared.staged:
+            datas = self._read(prepared.staged_requests, prepared.staged)
+            for j, (_, start, _), data in zip(prepared.staged, prepared.staged_requests, datas):
+                _copy_elements_from(np.frombuffer(data, np.uint8), start - j.locator.base, j)
 
     def _read(self, requests: list[tuple[str, int, int]], jobs: Sequence[CopyJob]) -> list[bytes]:
         try:

@@ -59,6 +59,34 @@ def test_column_pieces_read_straight_into_pieces(checkpoints, monkeypatch):
     assert all(step for _, step in staged), sorted({n for n, step in staged if not step})
 
 
+
+def test_bytes_held_in_memory_are_copied_on_the_read_threads(checkpoints, monkeypatch):
+    """Small items held in memory are copied into their pieces by the read pool, not by the thread that plans
+    and places (a first touch of a fresh piece faults in a whole huge page); the arrays are still exact."""
+    import threading
+
+    threads = []
+    copy_runs, copy_elements = read._copy_runs_from, read._copy_elements_from
+
+    def record(fn):
+        def wrapped(buf, origin, job, *rest):
+            if job.locator.data is not None:
+                threads.append(threading.current_thread())
+            return fn(buf, origin, job, *rest)
+        return wrapped
+
+    monkeypatch.setattr(read, "_copy_runs_from", record(copy_runs))
+    monkeypatch.setattr(read, "_copy_elements_from", record(copy_elements))
+    mesh = make_mesh("2x4")
+    ref = checkpoints.reference("plain")
+    with jreshard.open(checkpoints.dirs["plain"], io="posix") as ckpt:
+        targets = _targets(ckpt, mesh)
+        out = ckpt.load(targets)
+    for name, arr in out.items():
+        check_loaded_array(arr, targets[name], np.asarray(ref[name]), f"plain: {name}")
+    assert threads  # the checkpoint has such items
+    assert threading.main_thread() not in threads
+
 def _short_preadv(limit):
     """A preadv that reads at most ``limit`` bytes per call (as a signal or a slow file system may)."""
 
