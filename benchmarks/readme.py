@@ -183,7 +183,8 @@ def render_restore(data: dict[str, Any]) -> str:
     parts = []
     titles = {"dcp": "DCP checkpoint (4 ranks, `Shard(0)`) -> (2, 4) mesh",
               "safetensors": "one `.safetensors` file -> (2, 4) mesh"}  # fmt: skip
-    columns = [("s", "s"), ("raw", "x raw"), ("torch", "x torch"), ("orbax", "x orbax")]
+    columns = [("s", "s"), ("raw", "x raw"), ("raw_rounds", "x raw per round"), ("torch", "x torch"),
+               ("orbax", "x orbax")]
     for case_name, case in data["cases"].items():
         order, by = _rows_by_key(case)
         names = [k for k in order if k[0] not in CONVERTERS]

@@ -376,13 +376,24 @@ def add_ratios(rows: list[dict[str, Any]]) -> str | None:
     timed = {r["name"]: r["median_s"] for r in rows if "median_s" in r}
     raws = {n: s for n, s in timed.items() if raw_threads(n) is not None}
     anchor = min(raws, key=raws.__getitem__) if raws else None
+    by_name = {r["name"]: r for r in rows}
     for r in rows:
         if "median_s" not in r:
             continue
         bases = {"raw": anchor, **{b: b for b in (*BASELINES, "dcp_orbax")}}
         r["ratios"] = {key: (r["median_s"] / timed[base] if base in timed else None)
                        for key, base in bases.items()}  # fmt: skip
+        r["ratios"]["raw_rounds"] = round_ratio(r, by_name[anchor]) if anchor else None
     return anchor
+
+
+def round_ratio(row: dict[str, Any], base: dict[str, Any]) -> float | None:
+    """The median over rounds of ``row``'s time over ``base``'s in the same round (runs of one round are
+    minutes apart at most, so a slow spell of the machine weighs on both sides of each ratio); None without a
+    round in which both ran."""
+    pairs = [(a["seconds"], b["seconds"]) for a, b in zip(row.get("runs", []), base.get("runs", []))
+             if "seconds" in a and "seconds" in b]
+    return statistics.median(a / b for a, b in pairs) if pairs else None
 
 
 def _fmt(value: float | None, spec: str = ".2f") -> str:
@@ -404,6 +415,10 @@ def print_block(block: dict[str, Any]) -> None:
               f"{r['peak_anon_gib']:>9.3f} {r['delta_anon_gib']:>6.3f}  {r['verify']}")  # fmt: skip
     if block["anchor"]:
         print(f"x raw: over {block['anchor']} (the fastest raw read); peak anon and +anon in GiB")
+    rounds = {r["name"]: r["ratios"].get("raw_rounds") for r in block["rows"] if "ratios" in r}
+    if block["anchor"] and any(v is not None for v in rounds.values()):
+        print("x raw per round (median over the rounds of each round's ratio): "
+              + ", ".join(f"{n} {v:.2f}" for n, v in rounds.items() if v is not None and n != block["anchor"]))
     timed = {r["name"]: r["median_s"] for r in block["rows"] if "median_s" in r}
     if "layout" in timed:
         for other in ("jreshard", "port"):

@@ -100,9 +100,23 @@ def test_ratios_use_the_fastest_raw_row_of_the_block():
         {"name": "orbax", "error": "boom"},
     ]
     assert restore.add_ratios(rows) == "raw-t4"
-    assert rows[0]["ratios"] == {"raw": 4.0, "torch": 0.25, "orbax": None, "dcp_orbax": None}
+    assert rows[0]["ratios"] == {"raw": 4.0, "torch": 0.25, "orbax": None, "dcp_orbax": None, "raw_rounds": None}
     assert rows[2]["ratios"]["raw"] == 2.0
     assert "ratios" not in rows[4]
+
+
+def test_round_ratios_pair_each_run_with_the_anchors_run_of_its_round():
+    def runs(*seconds):
+        return [{"seconds": s} if s is not None else {"error": "boom"} for s in seconds]
+
+    rows = [
+        {"name": "jreshard", "median_s": 3.0, "runs": runs(2.0, 3.0, 9.0, 4.0)},
+        {"name": "raw-t2", "median_s": 2.0, "runs": runs(1.0, 2.0, 3.0, None)},
+    ]
+    assert restore.add_ratios(rows) == "raw-t2"
+    # Rounds 1-3 pair (2/1, 3/2, 9/3); round 4 has no anchor time. The ratio of medians would be 1.5.
+    assert rows[0]["ratios"]["raw_rounds"] == 2.0
+    assert rows[1]["ratios"]["raw_rounds"] == 1.0
 
 
 def test_readme_block_replaced_between_its_markers_only():
