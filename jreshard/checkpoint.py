@@ -533,17 +533,20 @@ class Checkpoint:
             lane.dests = hosts
         try:
             wait = executor.start(unit.prepared, pool)
-            if unit.deferred:  # items read whole (small or compressed): read and copied now, while the pool reads
+            if unit.deferred:  # items read whole (small or compressed): located now, read and copied on the pool
                 try:
                     located = self._locate((r.info, r.overlap.chunk_id) for r in unit.deferred)
                     jobs, _ = _program.jobs_of(unit.deferred, located)
                     for j in jobs:
                         j.dest = hosts[j.slot]
-                    executor.run(jobs, pool)
+                    # Not waited for here: queued behind this unit's reads, they would hold up the planning of
+                    # the next unit until the pool is idle.
+                    rest = executor.start(executor.prepare(jobs), pool)
                 except BaseException:
                     with contextlib.suppress(BaseException):
                         wait()  # no read still writes into the buffers once this raises
                     raise
+                wait = _both(wait, rest)
             return hosts, wait
         except BaseException as e:
             _unbind(unit)
@@ -988,6 +991,21 @@ def _copies_to_device(devices: Sequence[Any]) -> bool:
     """Whether ``device_put`` onto ``devices`` copies host buffers (asynchronously) rather than aliasing them
     (CPU devices)."""
     return any(d.platform != "cpu" for d in devices)
+
+
+def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    """A wait for two started parts: both have ended when it returns or raises (the first failure)."""
+
+    def wait() -> None:
+        try:
+            first()
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                second()
+            raise
+        second()
+
+    return wait
 
 
 def _unbind(unit: _program.Unit) -> None:

@@ -87,6 +87,40 @@ def test_bytes_held_in_memory_are_copied_on_the_read_threads(checkpoints, monkey
     assert threads  # the checkpoint has such items
     assert threading.main_thread() not in threads
 
+
+def test_items_read_whole_do_not_hold_up_the_next_unit(checkpoints, monkeypatch):
+    """A unit's items read whole (small archives: here every tensor of a replicated target) are read and copied
+    on the pool, behind the unit's other reads, and not waited for when the unit starts: starting it returns
+    while its reads are still held back, so the next unit can be planned meanwhile. The arrays are exact."""
+    import threading
+
+    from jreshard.checkpoint import Checkpoint
+
+    started, late = threading.Event(), []
+    start_unit, pread_all = Checkpoint._start_unit, read.Executor._pread_all
+
+    def start(self, *args, **kwargs):
+        out = start_unit(self, *args, **kwargs)
+        started.set()
+        return out
+
+    def held_back(self, *args):
+        if not started.wait(20):  # the unit's start waited for this read: it would never come otherwise
+            late.append(args[0][0])
+        return pread_all(self, *args)
+
+    monkeypatch.setattr(Checkpoint, "_start_unit", start)
+    monkeypatch.setattr(read.Executor, "_pread_all", held_back)
+    mesh = make_mesh("2x4")
+    ref = checkpoints.reference("plain")
+    with jreshard.open(checkpoints.dirs["plain"], io="posix") as ckpt:
+        targets = {n: jax.ShapeDtypeStruct(i.shape, i.dtype, sharding=NamedSharding(mesh, P()))
+                   for n, i in ckpt.tensors.items()}
+        out = ckpt.load(targets)
+    for name, arr in out.items():
+        check_loaded_array(arr, targets[name], np.asarray(ref[name]), f"plain: {name}")
+    assert started.is_set() and not late
+
 def _short_preadv(limit):
     """A preadv that reads at most ``limit`` bytes per call (as a signal or a slow file system may)."""
 
@@ -159,3 +193,26 @@ def test_an_io_error_is_a_storage_error_naming_file_and_tensor(checkpoints, monk
         targets = _targets(ckpt, mesh)
         with pytest.raises(StorageError, match=r"\.distcp.*Input/output error.*while reading tensor"):
             ckpt.load(targets)
+
+
+def test_a_wait_for_two_parts_ends_both_and_raises_the_first_failure():
+    from jreshard.checkpoint import _both
+
+    calls = []
+
+    def ok(tag):
+        return lambda: calls.append(tag)
+
+    def fails(tag):
+        def wait():
+            calls.append(tag)
+            raise ValueError(tag)
+        return wait
+
+    _both(ok("a"), ok("b"))()
+    assert calls == ["a", "b"]
+    for first, second, raised in ((fails("a"), ok("b"), "a"), (ok("a"), fails("b"), "b"), (fails("a"), fails("b"), "a")):
+        calls.clear()
+        with pytest.raises(ValueError, match=raised):
+            _both(first, second)()
+        assert calls == ["a", "b"]  # the second part is waited for even after the first failed
