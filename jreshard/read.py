@@ -570,7 +570,8 @@ def _tiled_iov(request: tuple[str, int, int], feed: Feeds) -> np.ndarray | None:
     # step and side by side fill each row from one to the next; their row counts do not grow from one to the
     # next and differ by at most one (a request cut in the middle of a row); one-row parts are a run each.
     pos, i = request[1], 0
-    dsts, lengths = [], []
+    bands = []  # (first address of each part, its run, its step in memory, rows, rows x parts written)
+    total = 0
     while i < len(parts):
         x, n, st = parts[i][0], parts[i][1], parts[i][2]
         if x != pos:
@@ -588,32 +589,73 @@ def _tiled_iov(request: tuple[str, int, int], feed: Feeds) -> np.ndarray | None:
         if k == i or (n > 1 and end - x != st):
             return None
         band = parts[i:k]
-        d0 = np.array([p[4] for p in band], np.int64)
-        runs = np.array([p[3] for p in band], np.int64)
-        if n == 1:
-            dsts.append(d0)
-            lengths.append(runs)
-            pos = end
-        else:
-            ds = np.array([p[5] for p in band], np.int64)
-            count = sum(p[1] for p in band)  # the last row holds the parts with n rows, then stops
-            dsts.append((d0[None, :] + np.arange(n, dtype=np.int64)[:, None] * ds[None, :]).reshape(-1)[:count])
-            lengths.append(np.broadcast_to(runs, (n, len(band))).reshape(-1)[:count])
-            pos = x + sum(p[1] * p[3] for p in band)
+        # The last row holds the parts with n rows, then stops.
+        count = len(band) if n == 1 else sum(p[1] for p in band)
+        bands.append(([p[4] for p in band], [p[3] for p in band], [p[5] for p in band], n, count))
+        total += count
+        pos = end if n == 1 else x + sum(p[1] * p[3] for p in band)
         i = k
     if pos != request[2]:
         return None
-    dst = dsts[0] if len(dsts) == 1 else np.concatenate(dsts)
-    length = lengths[0] if len(lengths) == 1 else np.concatenate(lengths)
-    # Runs next to each other in the file (all of them) and in memory are one row.
-    new = np.ones(len(dst), bool)
-    new[1:] = dst[1:] != dst[:-1] + length[:-1]
-    if not new.all():
-        first = np.flatnonzero(new)
-        dst, length = dst[first], np.add.reduceat(length, first)
-    iov = np.empty((len(dst), 2), np.int64)
-    iov[:, 0], iov[:, 1] = dst, length
+    # Each band written in place, row by row (a row: one run per part), its addresses a grid of first address
+    # plus row times step.
+    iov = np.empty((total, 2), np.int64)
+    o, merge, prev = 0, False, None
+    for d0, runs, ds, n, count in bands:
+        width = len(d0)
+        full = n - 1 if count < n * width else n
+        if full:
+            block = iov[o : o + full * width].reshape(full, width, 2)
+            if ds.count(ds[0]) == width:  # parts of one step (the usual case): one pass
+                np.add.outer(np.arange(full, dtype=np.int64) * ds[0], np.array(d0, np.int64), out=block[:, :, 0])
+            else:
+                np.multiply.outer(np.arange(full, dtype=np.int64), np.array(ds, np.int64), out=block[:, :, 0])
+                block[:, :, 0] += np.array(d0, np.int64)
+            block[:, :, 1] = runs
+        if full < n:  # the last row, cut
+            a = count - full * width
+            tail = iov[o + full * width : o + count]
+            tail[:, 0] = [d + full * step for d, step in zip(d0[:a], ds[:a])]
+            tail[:, 1] = runs[:a]
+        # Could two consecutive runs be next to each other in memory (then they are one row)? Within a row,
+        # from one row to the next, and from the band before: each is one linear condition on the row number.
+        merge = merge or _may_touch(d0, runs, ds, n, count, prev)
+        last = count - 1
+        prev = (d0[last % width] + (last // width) * ds[last % width] + runs[last % width])
+        o += count
+    if merge:
+        dst, length = iov[:, 0], iov[:, 1]
+        new = np.ones(len(dst), bool)
+        new[1:] = dst[1:] != dst[:-1] + length[:-1]
+        if not new.all():
+            first = np.flatnonzero(new)
+            out = np.empty((len(first), 2), np.int64)
+            out[:, 0], out[:, 1] = dst[first], np.add.reduceat(length, first)
+            iov = out
     return iov.view(np.uint64)
+
+
+def _may_touch(d0: list[int], runs: list[int], ds: list[int], n: int, count: int, prev: int | None) -> bool:
+    """Whether, in a band of ``n`` rows of parts (part k of row i at ``d0[k] + i * ds[k]``, ``runs[k]`` bytes;
+    ``count`` runs in all, the last row cut), some run ends where the next one starts in memory, or the first
+    starts where the band before ended (``prev``). Each such meeting is ``A + i * B == 0`` for a row number i:
+    it is checked for the rows that have both runs, without a pass over the runs."""
+    if prev is not None and prev == d0[0]:
+        return True
+    width = len(d0)
+    rows_with = [n if k < count - (n - 1) * width else n - 1 for k in range(width)] if n > 1 else [1] * width
+
+    def meets(a: int, b: int, rows: int) -> bool:  # a + i * b == 0 for some 0 <= i < rows
+        if b == 0:
+            return a == 0 and rows > 0
+        return a % b == 0 and 0 <= -a // b < rows
+
+    for k in range(width - 1):  # part k, then part k + 1 of the same row
+        if meets(d0[k] + runs[k] - d0[k + 1], ds[k] - ds[k + 1], rows_with[k + 1]):
+            return True
+    # The last part of row i, then the first part of row i + 1.
+    last = width - 1
+    return n > 1 and meets(d0[last] + runs[last] - d0[0] - ds[0], ds[last] - ds[0], rows_with[0] - 1)
 
 
 @dataclass

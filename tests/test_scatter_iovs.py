@@ -322,6 +322,9 @@ def test_a_grid_is_given_only_where_it_places_every_byte(case):
             got[pos + b] = addr + b
         pos += n
     assert iov is None or (pos == end and got == want)
+    # As few rows as can be: no run starts in memory where the one before it ended (those are one row).
+    rows = [] if iov is None else iov.tolist()
+    assert not any(a + n == b for (a, n), (b, _) in zip(rows, rows[1:])), rows
 
 
 def test_a_grid_never_writes_outside_its_piece():
@@ -340,3 +343,24 @@ def test_a_grid_never_writes_outside_its_piece():
     for bad in (Runs(0, (8,), 8, (8,), (4,), 8), Runs(0, (8,), 0, (-8,), (4,), 8), Runs(0, (8,), -1, (8,), (4,), 8)):
         assert _tiled_iov(("f", 0, 32), [(job, bad)]) is None
         assert _scatter_iovs([("f", 0, 32)], [[(job, bad)]], np.zeros(64, np.uint8)) == [None]
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.data())
+def test_runs_that_meet_in_memory_are_found_without_a_pass_over_them(data):
+    """read._may_touch (whether a grid's runs need the pass that joins neighbours) says yes exactly when some
+    run of a band, listed row by row, starts where the one before it (or the band before) ended."""
+    from jreshard.read import _may_touch
+
+    width = data.draw(st.integers(1, 4))
+    n = data.draw(st.integers(1, 5))
+    a = data.draw(st.integers(1, width)) if n > 1 else width  # parts in the last row
+    count = (n - 1) * width + a
+    small = st.integers(-6, 6)  # a small space, where runs meet often, at any row
+    d0 = [data.draw(small) for _ in range(width)]
+    runs = [data.draw(st.integers(1, 3)) for _ in range(width)]
+    ds = [data.draw(small) for _ in range(width)] if n > 1 else [0] * width
+    prev = data.draw(st.none() | small)
+    flat = [(d0[k] + i * ds[k], runs[k]) for i in range(n) for k in range(width)][:count]
+    meets = any(s + r == t for (s, r), (t, _) in zip(flat, flat[1:])) or (prev is not None and prev == flat[0][0])
+    assert _may_touch(d0, runs, ds, n, count, prev) == meets
