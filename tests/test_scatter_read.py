@@ -32,6 +32,21 @@ def _targets(ckpt, mesh):
     return targets
 
 
+def _load_plain(checkpoints, spec=None) -> None:
+    """Load the "plain" checkpoint with posix reads onto the (2, 4) mesh (each tensor with a spec that fits it,
+    or ``spec`` for all) and check every array against torch's own reading."""
+    mesh = make_mesh("2x4")
+    ref = checkpoints.reference("plain")
+    with jreshard.open(checkpoints.dirs["plain"], io="posix") as ckpt:
+        if spec is None:
+            targets = _targets(ckpt, mesh)
+        else:
+            targets = {n: jax.ShapeDtypeStruct(i.shape, i.dtype, sharding=NamedSharding(mesh, spec))
+                       for n, i in ckpt.tensors.items()}
+        out = ckpt.load(targets)
+    for name, arr in out.items():
+        check_loaded_array(arr, targets[name], np.asarray(ref[name]), f"plain: {name}")
+
 def test_column_pieces_read_straight_into_pieces(checkpoints, monkeypatch):
     staged, scattered = [], []
     copy, fill = read._copy_runs_from, storage.LocalStore.fill_scatter
@@ -47,13 +62,7 @@ def test_column_pieces_read_straight_into_pieces(checkpoints, monkeypatch):
 
     monkeypatch.setattr(read, "_copy_runs_from", copy_runs)
     monkeypatch.setattr(storage.LocalStore, "fill_scatter", fill_scatter)
-    mesh = make_mesh("2x4")
-    ref = checkpoints.reference("plain")
-    with jreshard.open(checkpoints.dirs["plain"], io="posix") as ckpt:
-        targets = _targets(ckpt, mesh)
-        out = ckpt.load(targets)
-    for name, arr in out.items():
-        check_loaded_array(arr, targets[name], np.asarray(ref[name]), f"plain: {name}")
+    _load_plain(checkpoints)
     assert scattered and max(scattered) > 1  # requests scattered over several runs/pieces
     # Only runs placed element by element (a transposed destination) still go through a staging buffer.
     assert all(step for _, step in staged), sorted({n for n, step in staged if not step})
@@ -77,13 +86,7 @@ def test_bytes_held_in_memory_are_copied_on_the_read_threads(checkpoints, monkey
 
     monkeypatch.setattr(read, "_copy_runs_from", record(copy_runs))
     monkeypatch.setattr(read, "_copy_elements_from", record(copy_elements))
-    mesh = make_mesh("2x4")
-    ref = checkpoints.reference("plain")
-    with jreshard.open(checkpoints.dirs["plain"], io="posix") as ckpt:
-        targets = _targets(ckpt, mesh)
-        out = ckpt.load(targets)
-    for name, arr in out.items():
-        check_loaded_array(arr, targets[name], np.asarray(ref[name]), f"plain: {name}")
+    _load_plain(checkpoints)
     assert threads  # the checkpoint has such items
     assert threading.main_thread() not in threads
 
@@ -111,14 +114,7 @@ def test_items_read_whole_do_not_hold_up_the_next_unit(checkpoints, monkeypatch)
 
     monkeypatch.setattr(Checkpoint, "_start_unit", start)
     monkeypatch.setattr(read.Executor, "_pread_all", held_back)
-    mesh = make_mesh("2x4")
-    ref = checkpoints.reference("plain")
-    with jreshard.open(checkpoints.dirs["plain"], io="posix") as ckpt:
-        targets = {n: jax.ShapeDtypeStruct(i.shape, i.dtype, sharding=NamedSharding(mesh, P()))
-                   for n, i in ckpt.tensors.items()}
-        out = ckpt.load(targets)
-    for name, arr in out.items():
-        check_loaded_array(arr, targets[name], np.asarray(ref[name]), f"plain: {name}")
+    _load_plain(checkpoints, P())
     assert started.is_set() and not late
 
 def _short_preadv(limit):
