@@ -210,3 +210,22 @@ def test_layout_floor_puts_every_saved_byte_in_its_device_piece(checkpoints, mon
             want = np.asarray(ref[name])[index]
             assert piece.shape == want.shape and piece.dtype == want.dtype, (name, device)
             assert piece.tobytes() == want.tobytes(), (name, device, index)
+
+
+def test_partial_raw_copy_matches_jreshards_read(checkpoints):
+    """partial.py's raw copy (memmap views of the saved chunks, found by jreshard's own locating) gives the
+    boxes jreshard's read gives, for every 2-D tensor of a checkpoint torch wrote."""
+    import glob
+
+    import partial
+
+    import jreshard
+
+    path = checkpoints.dirs["plain"]
+    maps = {os.path.basename(f): np.memmap(f, np.uint8, "r") for f in glob.glob(os.path.join(path, "*.distcp"))}
+    with jreshard.open(path) as ckpt:
+        want = partial.boxes(ckpt, 2)
+        assert want  # the checkpoint has 2-D tensors
+        got = partial.raw_copy(ckpt, want, maps, partial.locators(ckpt, want))
+        for name, box in want.items():
+            assert got[name].tobytes() == ckpt.read(name, box).tobytes(), name
