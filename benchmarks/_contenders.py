@@ -7,7 +7,6 @@ them per fresh process (see its docstring for what each contender is).
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -296,9 +295,10 @@ def prepare_layout(case: str, model: ModelSpec, paths: Paths, args) -> tuple[Res
     only the reads, on as many threads as jreshard reads with."""
     from _layoutread import LayoutRead
 
+    from jreshard.read import read_threads
+
     targets = make_targets(model)
-    threads = min(8, max(2, os.cpu_count() or 1))
-    return LayoutRead(checkpoint_path(case, "jreshard", paths), targets, threads), targets
+    return LayoutRead(checkpoint_path(case, "jreshard", paths), targets, read_threads()), targets
 
 
 def verify_pieces(model: ModelSpec, out: Any, targets: dict[str, Any]) -> str:

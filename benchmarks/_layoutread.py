@@ -48,6 +48,18 @@ def _boxes(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int,
     return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
 
 
+def file_locators(ckpt: Any, names: Any) -> dict:
+    """Where every chunk of the tensors ``names`` lies in its file, keyed by (name, chunk id): located through
+    jreshard's catalogue (sub-ranges of small archives too), outside any timing. A chunk whose bytes are held
+    in memory (a compressed item) has no place in a file to map or read: ValueError."""
+    located = ckpt._locate([(ckpt.tensor(n), c) for n in names for c in range(len(ckpt.tensor(n).chunks))],
+                           precise=True)
+    held = sorted(key for key, loc in located.items() if loc.data is not None)
+    if held:
+        raise ValueError(f"chunk {held[0]} is held in memory, not in a file")
+    return located
+
+
 class LayoutRead:
     """The scatter lists of one restore (``path`` onto ``targets``), ready to run (:meth:`__call__`)."""
 
@@ -62,8 +74,7 @@ class LayoutRead:
         specs = []  # (name, info, {box: [(device, index)]})
         total = 0
         with jreshard.open(str(path)) as ckpt:
-            located = ckpt._locate([(ckpt.tensor(n), c) for n in targets for c in range(len(ckpt.tensor(n).chunks))],
-                                   precise=True)
+            located = file_locators(ckpt, targets)
             for name, target in targets.items():
                 info = ckpt.tensor(name)
                 if len(info.shape) > 2:
@@ -96,7 +107,7 @@ class LayoutRead:
                 for cid, chunk in enumerate(info.chunks):
                     loc = located[(name, cid)]
                     sizes = tuple(chunk.sizes)
-                    if loc.data is not None or not loc.is_c_contiguous(sizes):
+                    if not loc.is_c_contiguous(sizes):
                         raise ValueError(f"{name}: chunk {cid} is not a plain contiguous range of a file")
                     c_off = chunk.offsets if len(sizes) == 2 else (0, *chunk.offsets)
                     c_sz = sizes if len(sizes) == 2 else (1, *sizes)

@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+from _layoutread import file_locators
 from _machine import facts
 
 import jreshard
@@ -47,15 +48,6 @@ def boxes(ckpt: jreshard.Checkpoint, col_parts: int) -> dict[str, tuple[slice, s
             rows, cols = info.shape
             out[name] = (slice(0, rows // 2), slice(0, cols // col_parts))
     return out
-
-
-def locators(ckpt: jreshard.Checkpoint, names) -> dict:
-    """Where every chunk of the tensors ``names`` lies in its file (located once, outside the timing)."""
-    located = ckpt._locate([(ckpt.tensors[n], c) for n in names for c in range(len(ckpt.tensors[n].chunks))],
-                           precise=True)
-    if any(loc.data is not None for loc in located.values()):
-        raise SystemExit("a chunk is held in memory, not in a file: the raw copy cannot map it")
-    return located
 
 
 def raw_copy(ckpt: jreshard.Checkpoint, want: dict[str, tuple[slice, slice]], maps: dict, located: dict
@@ -107,7 +99,7 @@ def main() -> int:
         want = boxes(ckpt, parts)
         for name in want:  # locate chunks once (headers), outside the timing
             ckpt.read(name, (slice(0, 1), slice(0, 1)))
-        located = locators(ckpt, want)
+        located = file_locators(ckpt, want)
         t_j, t_r = [], []
         for _ in range(args.repeat):
             before = ckpt.io_stats.bytes_read

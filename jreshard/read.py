@@ -191,6 +191,17 @@ def _fix_byteorder(job: CopyJob) -> None:
             view.byteswap(inplace=True)
 
 
+def read_threads() -> int:
+    """How many threads read local files by default: one per CPU, at least 2, at most 8. The reads that page-cache
+    hits serve are copies the kernel makes on the reading thread, and more threads than CPUs only contend.
+
+    Example:
+        >>> 2 <= read_threads() <= 8
+        True
+    """
+    return min(8, max(2, os.cpu_count() or 1))
+
+
 class Executor:
     """Runs copy jobs against one store with a thread pool; ``io`` is "posix" or "tensorstore"."""
 
@@ -198,9 +209,7 @@ class Executor:
         self.store = store
         self.posix = isinstance(store, LocalStore) and io in ("auto", "posix")
         self.gap = max(0, int(coalesce_gap))
-        # A read thread per CPU (at least 2, at most 8): the reads that page-cache hits serve are copies the
-        # kernel makes on the reading thread, and more threads than CPUs only contend for them.
-        self.threads = threads or min(8, max(2, os.cpu_count() or 1))
+        self.threads = threads or read_threads()
         self._local = _LOCAL
 
     def prepare(self, jobs: Sequence[CopyJob], lanes: Sequence[Lane] = (), feeds: bool = True) -> Prepared:

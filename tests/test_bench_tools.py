@@ -217,6 +217,7 @@ def test_partial_raw_copy_matches_jreshards_read(checkpoints):
     boxes jreshard's read gives, for every 2-D tensor of a checkpoint torch wrote."""
     import glob
 
+    import _layoutread
     import partial
 
     import jreshard
@@ -226,6 +227,6 @@ def test_partial_raw_copy_matches_jreshards_read(checkpoints):
     with jreshard.open(path) as ckpt:
         want = partial.boxes(ckpt, 2)
         assert want  # the checkpoint has 2-D tensors
-        got = partial.raw_copy(ckpt, want, maps, partial.locators(ckpt, want))
+        got = partial.raw_copy(ckpt, want, maps, _layoutread.file_locators(ckpt, want))
         for name, box in want.items():
             assert got[name].tobytes() == ckpt.read(name, box).tobytes(), name
