@@ -12,6 +12,7 @@ from typing import Any, Callable
 from . import errors
 from .catalog import Chunk, Locator, TensorInfo
 from .checkpoint import Checkpoint
+from .gcpause import gc_paused
 from .errors import (CheckpointClosedError, CheckpointFormatError, InconsistentCheckpointError, InvalidArgumentError,
                      JReshardError, MissingDataError, OutOfMemoryError, ShardingError, StorageError, TargetMismatchError,
                      TruncatedDataError, UnsafeCheckpointError)
@@ -113,14 +114,17 @@ def load(source: str | os.PathLike | Checkpoint, target: Any = _ALL_TENSORS, *, 
         >>> len(everything) == len(ckpt.tensors), everything[t.name].sharding.spec
         (True, P('x',))
     """
-    ckpt = source if isinstance(source, Checkpoint) else open(source, io=io, storage_options=storage_options,
-                                                              variant=variant)
-    try:
-        return ckpt.load(target, mapping=mapping, max_inflight_bytes=max_inflight_bytes, progress=progress,
-                         coalesce_gap=coalesce_gap, mesh=mesh, cast=cast, rules=rules)
-    finally:
-        if ckpt is not source:
-            ckpt.close()
+    # One pause of the cyclic collector over the open and the load: resumed between them, it would first
+    # rescan every object the open made.
+    with gc_paused():
+        ckpt = source if isinstance(source, Checkpoint) else open(source, io=io, storage_options=storage_options,
+                                                                  variant=variant)
+        try:
+            return ckpt.load(target, mapping=mapping, max_inflight_bytes=max_inflight_bytes, progress=progress,
+                             coalesce_gap=coalesce_gap, mesh=mesh, cast=cast, rules=rules)
+        finally:
+            if ckpt is not source:
+                ckpt.close()
 
 
 def plan(source: str | os.PathLike | Checkpoint, target: Any = _ALL_TENSORS, *, mapping: Any = None,

@@ -49,6 +49,28 @@ def test_plan_and_load_pause_gc_and_restore_it(checkpoints, monkeypatch, call):
             gc.enable()
 
 
+def test_load_by_path_keeps_the_pause_from_open_to_load(checkpoints, monkeypatch):
+    """``jreshard.load(path)`` opens and loads in one pause: the collector does not come back between the open and
+    the load (where its first collection would rescan every object the open made)."""
+    states = []
+    real = jreshard.open_source
+
+    def open_source(*args, **kwargs):
+        out = real(*args, **kwargs)
+        states.append(gc.isenabled())  # the open's own pause has ended here
+        return out
+
+    monkeypatch.setattr(jreshard, "open_source", open_source)
+    with jreshard.open(checkpoints.dirs["plain"]) as ckpt:
+        name, info = next(iter(ckpt.tensors.items()))
+    target = {name: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=NamedSharding(make_mesh("2x4"), P()))}
+    assert states == [True]  # a plain open leaves the collector on
+    out = jreshard.load(checkpoints.dirs["plain"], target)
+    assert out[name].shape == info.shape
+    assert states == [True, False]
+    assert gc.isenabled()
+
+
 def test_concurrent_pauses_hold_until_the_last_ends():
     entered, release = threading.Event(), threading.Event()
 
