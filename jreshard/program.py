@@ -130,9 +130,10 @@ class Unit:
     rel: Box | None = None  # in-parts units: the part's box relative to each piece
     lanes: list[Lane] = field(default_factory=list)  # rows of runs as arrays (one lane, all files)
 
-    @property
+    @functools.cached_property
     def host_bytes(self) -> int:
-        """Bytes of the host buffers the unit reads into (its pieces and their cast temporaries)."""
+        """Bytes of the host buffers the unit reads into (its pieces and their cast temporaries); its steps are
+        fixed once planned, so this is summed once (a load asks for it at every step of its pipeline)."""
         return sum(math.prod(shape) * np.dtype(dt).itemsize for step in self.steps for shape, dt in step.slots())
 
 
