@@ -292,6 +292,50 @@ def test_any_byte_any_value(groups, data):
     _same_outcome(_changed(group, which, pos, value), mode)
 
 
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_templates_kept_across_calls(groups, counted, data):
+    """Templates kept from one call to the next (a load locates unit by unit, :func:`templates_for`): a later
+    call parses no layout an earlier one parsed, and an archive of it with one byte set to any value, at any
+    position the fast path reads, still gives exactly the general path's Archives, or its error."""
+    mode = MODES[data.draw(st.sampled_from(sorted(MODES)), "mode")]
+    kept = torchsave._Templates(torchsave.KEPT_TEMPLATES)
+    store, blobs, wheres = _file(_interleaved(groups))
+    first = open_archives(store, blobs, wheres, **mode, templates=kept)
+    assert _located(first) == _located(open_archives_general(store, blobs, wheres, **mode))
+    counted.update(general=0, parses=0)
+    assert _located(open_archives(store, blobs, wheres, **mode, templates=kept)) == _located(first)
+    assert counted == {"general": 0, "parses": 0}
+    g = data.draw(st.sampled_from([0, 1, 2, 3, 5]), "group")
+    group = _layout(groups, g)
+    which = data.draw(st.integers(0, len(group) - 2), "which")
+    pos = data.draw(st.sampled_from(_windows(len(group[which]), mode)), "pos")
+    value = data.draw(st.integers(0, 255), "value")
+    store, blobs, wheres = _file(_changed(group, which, pos, value))
+
+    def with_kept(*args, **kwargs):
+        return open_archives(*args, **kwargs, templates=kept)
+
+    assert _outcome(with_kept, store, blobs, wheres, mode) == _outcome(open_archives_general, store, blobs,
+                                                                         wheres, mode)
+
+
+def test_a_checkpoint_keeps_its_templates_per_kind_of_call(checkpoints, counted):
+    """A DCP checkpoint's chunks located in many calls (as a load locates them, unit by unit) are parsed once per
+    layout in all, with the Locators of one call for everything."""
+    with jreshard.open(checkpoints.dirs["plain"]) as ckpt:
+        items = [(info, c) for info in ckpt.tensors.values() for c in info.chunks if c.ref.kind == "torch_save"]
+        oracle = ckpt.format.locate_many(items, precise=True)  # one call
+        parses_one_call = counted["parses"]
+    with jreshard.open(checkpoints.dirs["plain"]) as ckpt:
+        items = [(info, c) for info in ckpt.tensors.values() for c in info.chunks if c.ref.kind == "torch_save"]
+        counted["parses"] = 0
+        got = [loc for k in range(0, len(items), 3) for loc in ckpt.format.locate_many(items[k : k + 3], precise=True)]
+        assert got == oracle
+        assert counted["parses"] == parses_one_call < len(items)
+
+
 def test_big_archives_go_to_the_general_path(counted):
     """An archive whose parse needs bytes outside the windows (a state dict of many tensors: a long data.pkl,
     a central directory beyond the last KiB) is parsed by the general path, and the same."""

@@ -24,7 +24,7 @@ from ..gate import _short, checked_int, checked_name, checked_shape, decoding
 from ..unpickle import (BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, StorageInfo, TensorRef,
                         TensorStorageMetadata, safe_loads)
 from .safetensors import Header, load_json, read_headers
-from .torchsave import MAX_INFLATED, SMALL_BLOB, Blob, materialize, open_archives
+from .torchsave import MAX_INFLATED, SMALL_BLOB, TAIL, Blob, materialize, open_archives, templates_for
 
 METADATA = ".metadata"
 
@@ -175,8 +175,9 @@ class DCPSource:
             wheres = [self._where(items[i][0], items[i][1]) for i in ts_idx]
             # Located precisely, a small archive's header reads are small too: its central directory (a few
             # entries) is in its last KiB.
-            archives = (open_archives(self.store, blobs, wheres, small=0, tail=1024) if precise
-                        else open_archives(self.store, blobs, wheres))
+            small, tail = (0, 1024) if precise else (SMALL_BLOB, TAIL)
+            archives = open_archives(self.store, blobs, wheres, small=small, tail=tail,
+                                     templates=templates_for(self, small, tail))
             for i, where, archive in zip(ts_idx, wheres, archives):
                 tensor, chunk = items[i]
                 out[i] = _chunk_locator(archive.obj, archive, tensor, chunk, where)

@@ -36,6 +36,7 @@ LOCAL_SLACK = 256  # local headers carry alignment padding in their extra field;
 HEAD = 1024  # the fast path's first window: data.pkl, byteorder and data/0's local header of a one-tensor archive
 WINDOW_TAIL = 1024  # its last window: the central directory and end records of an archive of a few entries
 TEMPLATES = 4096  # layouts the fast path remembers per open_archives call
+KEPT_TEMPLATES = 256  # layouts kept across the calls of one checkpoint (templates_for)
 PROBES_PER_LENGTH = 32  # places (and sizes) of data.pkl among the layouts of one archive length
 DECODED_CACHE = 4096  # distinct data.pkl (decoding to one tensor) remembered per open_archives call
 
@@ -300,7 +301,7 @@ def apply_transforms(data: bytes, transforms: Sequence[str], where: str, limit: 
 
 
 def open_archives(store: Store, blobs: Sequence[Blob], wheres: Sequence[str], small: int = SMALL_BLOB,
-                  tail: int = TAIL) -> list[Archive]:
+                  tail: int = TAIL, templates: _Templates | None = None) -> list[Archive]:
     """Parse the torch.save archives at ``blobs`` (batched reads; payloads are not read unless the archive
     is compressed or at most ``small`` bytes, in which case it is held in memory whole). ``tail``: the bytes
     the general path reads first from the end of the others, where the central directory is.
@@ -317,6 +318,9 @@ def open_archives(store: Store, blobs: Sequence[Blob], wheres: Sequence[str], sm
     as a template for archives of the same length: one whose bytes at every position the template's parse
     looked at are the template's is parsed the same, and gets the template's entries, byteorder and
     decoded data.pkl (shared: they are not changed after this returns) without a parse of its own.
+    ``templates``: where the templates are kept (and looked up first), for a caller that opens archives of one
+    checkpoint in many calls with the same ``small`` and ``tail`` (a load, unit by unit); by default they last
+    for this call only.
     """
     win_tail = min(WINDOW_TAIL, tail)
     reqs: list[tuple[str, int, int]] = []
@@ -329,7 +333,8 @@ def open_archives(store: Store, blobs: Sequence[Blob], wheres: Sequence[str], sm
     datas = store.read_ranges(reqs) if reqs else []
     archives: list[Archive | None] = [None] * len(blobs)
     general: list[int] = []
-    templates = _Templates()
+    if templates is None:
+        templates = _Templates()
     decoded: dict[bytes, TensorRef] = {}
     k = 0
     for i, b in enumerate(blobs):
@@ -532,17 +537,20 @@ class _Template:
 
 
 class _Templates:
-    """The templates of one open_archives call, by (held whole, archive length), then by where data.pkl is in
-    the windows, then by its bytes: an archive is compared with the one template whose data.pkl it holds
-    where that template has it (it matches no other), the last one made of that layout."""
+    """The templates of one open_archives call (or of several with the same windows: :func:`templates_for`), by
+    (held whole, archive length), then by where data.pkl is in the windows, then by its bytes: an archive is
+    compared with the one template whose data.pkl it holds where that template has it (it matches no other),
+    the last one made of that layout. At most ``limit`` are kept."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = TEMPLATES) -> None:
+        self.limit = limit
         self.count = 0
         self.by_key: dict[tuple[bool, int], dict[tuple[int, int, int], dict[bytes, _Template]]] = {}
 
     def find(self, key: tuple[bool, int], wins: list[tuple[int, bytes]]) -> _Template | None:
         """The template ``wins`` (windows of an archive of kind and length ``key``) match, if any."""
-        for (j, start, stop), table in self.by_key.get(key, {}).items():
+        # (a snapshot: another thread may add a layout meanwhile)
+        for (j, start, stop), table in list(self.by_key.get(key, {}).items()):
             t = table.get(wins[j][1][start:stop])
             if t is not None and t.matches(wins):
                 return t
@@ -551,7 +559,7 @@ class _Templates:
     def add(self, key: tuple[bool, int], t: _Template) -> None:
         """Keep ``t`` (in place of the template of its layout), up to TEMPLATES in all."""
         probes = self.by_key.setdefault(key, {})
-        if self.count >= TEMPLATES or (t.probe not in probes and len(probes) >= PROBES_PER_LENGTH):
+        if self.count >= self.limit or (t.probe not in probes and len(probes) >= PROBES_PER_LENGTH):
             return
         table = probes.setdefault(t.probe, {})
         self.count += t.pkl not in table
@@ -804,3 +812,21 @@ def materialize(obj: Any, archive: Any, store: Store, where: str, depth: int = 0
     if kind in (set, frozenset):
         return kind(each(obj))
     return obj
+
+
+def templates_for(owner: Any, small: int, tail: int) -> _Templates:
+    """The templates that :func:`open_archives` keeps on ``owner`` (a format reader: one checkpoint) for calls
+    with ``small`` and ``tail``, so that archives cut alike (a model's layers, located unit by unit) are parsed
+    once per layout, not once per call. At most KEPT_TEMPLATES per kind of call; they hold no archive's
+    own bytes (only those every matching archive shares).
+
+    Example:
+        >>> class Reader: pass
+        >>> r = Reader(); templates_for(r, 0, 1024) is templates_for(r, 0, 1024) is not templates_for(r, 1, 1024)
+        True
+    """
+    kept = owner.__dict__.setdefault("_archive_templates", {})
+    found = kept.get((small, tail))
+    if found is None:
+        found = kept[(small, tail)] = _Templates(KEPT_TEMPLATES)
+    return found
