@@ -84,6 +84,14 @@ def overlaps(chunks: Sequence[Chunk], box: Box) -> list[Overlap]:
         COUNTS["overlaps"] += len(found[0])
         return list(map(Overlap, *found))
     COUNTS["overlaps"] += len(chunks)  # a scan visits every chunk
+    memo = _scan_memo(chunks)
+    if memo is not None:
+        try:
+            hit = memo.get(box)
+        except TypeError:  # a box of lists: not kept
+            memo = hit = None
+        if hit is not None:
+            return list(hit)
     out = []
     for i, c in enumerate(chunks):
         lo = [max(o, b0) for o, (b0, _) in zip(c.offsets, box)]
@@ -92,7 +100,43 @@ def overlaps(chunks: Sequence[Chunk], box: Box) -> list[Overlap]:
             continue
         out.append(Overlap(i, tuple(l - o for l, o in zip(lo, c.offsets)), tuple(l - b0 for l, (b0, _) in zip(lo, box)),
                            tuple(h - l for l, h in zip(lo, hi))))
+    if memo is not None:
+        if len(memo) >= SCAN_MEMO_BOXES:
+            memo.clear()
+        memo[box] = tuple(out)  # (Overlaps are frozen: shared by every tensor of this layout)
     return out
+
+
+SCAN_MEMO_BOXES = 512  # boxes whose scanned overlaps are kept per chunk layout
+SCAN_MEMO_LAYOUTS = 4096  # chunk layouts kept; all are dropped when full
+_SCAN_MEMOS: dict[tuple, dict] = {}
+
+
+def _scan_memo(chunks: Sequence[Chunk]) -> dict | None:
+    """Where the scanned overlaps of ``chunks`` are kept, by box: one dict per layout (the chunks' offsets and
+    sizes), shared by every tensor cut alike (a model's layers: planned piece by piece, each scanned the same
+    few chunks for the same boxes). Only for a validated ChunkTuple (immutable, of frozen Chunks), whose layout
+    key is made once; None for anything else."""
+    from .catalog import ChunkTuple
+
+    if type(chunks) is not ChunkTuple:
+        return None
+    try:
+        return chunks._scan_memo
+    except AttributeError:
+        pass
+    layout = tuple((c.offsets, c.sizes) for c in chunks)
+    try:
+        memo = _SCAN_MEMOS.get(layout)
+    except TypeError:  # bounds that are lists (not validated): they could change, nothing is kept
+        chunks._scan_memo = None  # type: ignore[attr-defined]
+        return None
+    if memo is None:
+        if len(_SCAN_MEMOS) >= SCAN_MEMO_LAYOUTS:
+            _SCAN_MEMOS.clear()
+        memo = _SCAN_MEMOS[layout] = {}
+    chunks._scan_memo = memo  # type: ignore[attr-defined]
+    return memo
 
 
 def element_span(locator: Locator, overlap: Overlap, itemsize: int) -> tuple[int, int]:

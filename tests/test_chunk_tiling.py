@@ -431,6 +431,35 @@ def test_overlaps_index_with_uneven_chunks(data):
         assert as_tuples(overlaps(kept, box)) == overlaps_reference((40, 30), kept, box)
 
 
+@SETTINGS
+@given(st.data(), split_tiling(max_ndim=3, max_side=10, max_chunks=40, min_side=1))
+def test_scanned_overlaps_kept_per_layout_are_the_scans(data, tiling):
+    """Tensors cut alike (two validations of one layout, as a model's layers are) share the scanned overlaps of
+    a box: the second tensor gets the first's Overlap objects, equal to a fresh scan and to painting, for any
+    box, asked for in any order, any number of times; a box of lists is scanned, not kept."""
+    shape, chunks = tiling
+    first = validate_chunks("layer0", shape, chunks, "ckpt")
+    second = validate_chunks("layer1", shape, [Chunk(c.offsets, c.sizes) for c in chunks], "ckpt")
+    assert catalog.chunk_overlaps(first, tuple((0, d) for d in shape)) is None  # few chunks: scanned
+    boxes = [data.draw(target_box(shape)) for _ in range(3)]
+    for box in boxes + boxes[::-1]:
+        a, b = overlaps(first, box), overlaps(second, box)
+        assert as_tuples(a) == as_tuples(b) == overlaps_reference(shape, first, box)
+        assert all(x is y for x, y in zip(a, b))  # the same objects: kept once for the layout
+        assert a == overlaps(tuple(first), box)  # a plain tuple is scanned afresh: equal
+        assert as_tuples(overlaps(first, [list(r) for r in box])) == as_tuples(a)
+
+
+def test_layouts_that_differ_in_sizes_only_keep_their_own_overlaps():
+    """A layout is its chunks' offsets and sizes: two with the same offsets, one chunk longer, do not share."""
+    short = validate_chunks("a", (8, 3), [Chunk((0, 0), (4, 3)), Chunk((4, 0), (4, 3))], "ckpt")
+    long = validate_chunks("b", (10, 3), [Chunk((0, 0), (4, 3)), Chunk((4, 0), (6, 3))], "ckpt")
+    box = ((2, 10), (0, 3))
+    assert [o.size for o in overlaps(short, box)] == [(2, 3), (4, 3)]
+    assert [o.size for o in overlaps(long, box)] == [(2, 3), (6, 3)]
+    assert [o.size for o in overlaps(short, box)] == [(2, 3), (4, 3)]
+
+
 def test_overlaps_index_is_used_kept_with_the_chunks_and_not_pickled():
     chunks = [Chunk((i, j), (1, 1)) for i in range(10) for j in range(10)]
     kept = validate_chunks("t", (10, 10), chunks, "ckpt")
