@@ -16,8 +16,7 @@ OS or CPU, a sandbox that refuses ``io_setup``, a forked child whose contexts ar
 None and callers read the plain way.
 
 Contexts (``io_setup``) are kept in a free list per process, one per thread using it at a time, and reused; they
-are released when the process ends. Where the host has no context left to give (``fs.aio-max-nr`` reached by
-many processes), the process reads the plain way.
+are released when the process ends.
 """
 
 from __future__ import annotations
@@ -33,8 +32,7 @@ import numpy as np
 
 PREAD = 0  # IOCB_CMD_PREAD: buf is an address, count a byte count
 PREADV = 7  # IOCB_CMD_PREADV: buf is the address of (address, length) rows, count the number of rows
-EVENTS = 64  # reads per io_submit (the context's size: the kernel counts about twice this against the
-# system-wide fs.aio-max-nr, 65,536 by default, shared by every process on the host)
+EVENTS = 256  # reads per io_submit (the context's size)
 NOT_SERVED = -(2**62)  # the result of a row that no read answered
 
 # struct iocb of <linux/aio_abi.h> on a little-endian 64-bit CPU (aio_key before aio_rw_flags), 64 bytes.
