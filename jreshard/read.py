@@ -7,10 +7,9 @@ whole, decompressed zstd items) are plain strided copies. The others read from t
   at most ``coalesce_gap`` (larger gaps, up to LOCAL_GAP inside a chunk locally, only while they total at most
   1/WASTE of the bytes needed) and cut (between runs) near a request size, become requests; each request feeds
   (job, runs) parts, regular blocks of runs inside it. These requests are the plan's.
-* ``posix`` (local files): requests are cut near BOUNCE; the pool reads each with one scatter read
+* ``posix`` (local files): requests are cut near BOUNCE; the pool reads each with one scatter ``preadv``
   straight into the pieces (each run to its place, bridged gaps to a junk buffer: no staging copy,
-  no second pass over the bytes), a task's requests in one ``io_submit`` where Linux native AIO serves
-  (:meth:`LocalStore.fill_many`), else (or for a request it did not fill) with ``preadv``; only requests with runs placed element by element (transposed) are read
+  no second pass over the bytes); only requests with runs placed element by element (transposed) are read
   into a per-thread buffer (cache-sized) and copied out from there. No memory maps: a file truncated while being read gives a short read,
   hence a TruncatedDataError, where touching a map past the new end raises SIGBUS.
 * ``tensorstore`` (any KvStore): requests are cut near MAX_REQUEST, issued as one batch of byte-range reads;
@@ -353,18 +352,8 @@ class Executor:
                 k += 1
             nbytes = 0
             with store._use(key) as fd:
-                # Every request with a scatter list in one io_submit; the others, and any it did not fill
-                # whole, one by one (which raises the exact error).
-                listed = [j for j in range(i, k) if iovs[j] is not None]
-                filled = set()
-                if listed:
-                    done = store.fill_many(fd, [(requests[j][1], iovs[j]) for j in listed])
-                    filled = {j for j, ok in zip(listed, done) if ok}
-                for j in range(i, k):
-                    if j in filled:
-                        nbytes += requests[j][2] - requests[j][1]
-                    else:
-                        nbytes += self._pread(fd, requests[j], feeds[j], iovs[j])
+                for request, feed, iov in zip(requests[i:k], feeds[i:k], iovs[i:k]):
+                    nbytes += self._pread(fd, request, feed, iov)
             store.stats.add(nbytes, k - i)
             i = k
 

@@ -28,10 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from . import aio
 from .errors import (
     CheckpointClosedError,
-    JReshardError,
     MissingDataError,
     StorageError,
     TruncatedDataError,
@@ -145,7 +143,6 @@ def _check_length(store: Store, key: str, start: int, stop: int, got: int) -> No
 # Local files
 
 RANGES_BATCH = 256  # LocalStore.read_ranges: requests per task of its pool
-AIO_SMALL = 1 << 16  # LocalStore.read_ranges: requests up to this size are read in one io_submit
 RANGES_THREADS = 16  # threads of that pool (small reads of a cold disk are served concurrently)
 _RANGES_POOL: list[Any] = []
 _RANGES_LOCK = threading.Lock()
@@ -264,12 +261,8 @@ class LocalStore(Store):
         return out
 
     def _read_ranges(self, requests: Sequence[tuple[str, int, int]]) -> list[bytes]:
-        done = self._read_ranges_aio(requests) if len(requests) > 1 else {}
         out = []
-        for i, (key, start, stop) in enumerate(requests):
-            if i in done:
-                out.append(done[i])
-                continue
+        for key, start, stop in requests:
             if stop > start:
                 with self._use(key) as fd:
                     data = os.pread(fd, stop - start, start)
@@ -310,88 +303,6 @@ class LocalStore(Store):
                     f"{offset + done} (truncated file?)"
                 )
             done += got
-
-    def _read_ranges_aio(self, requests: Sequence[tuple[str, int, int]]) -> dict[int, bytes]:
-        """The small requests (at most AIO_SMALL bytes each) read in one ``io_submit``, by index: those served in
-        full (the others, and all where native AIO is not available, are left to plain reads, which raise the
-        exact errors)."""
-        small = [i for i, (_, start, stop) in enumerate(requests) if 0 < stop - start <= AIO_SMALL]
-        if len(small) < 2:
-            return {}
-        sizes = np.array([requests[i][2] - requests[i][1] for i in small], np.int64)
-        ends = np.cumsum(sizes)
-        buf = np.empty(int(ends[-1]), np.uint8)
-        cbs = aio.rows(len(small))
-        with contextlib.ExitStack() as stack:
-            fds = {}
-            try:
-                for i in small:
-                    key = requests[i][0]
-                    if key not in fds:
-                        fds[key] = stack.enter_context(self._use(key))
-            except JReshardError:
-                return {}  # the plain reads raise it, at the first request (in order) that fails
-            cbs["fildes"] = [fds[requests[i][0]] for i in small]
-            cbs["opcode"] = aio.PREAD
-            cbs["buf"] = buf.ctypes.data + (ends - sizes).astype(np.uint64)
-            cbs["nbytes"] = sizes
-            cbs["offset"] = [requests[i][1] for i in small]
-            res = aio.submit(cbs)
-        if res is None:
-            return {}
-        return {i: buf[e - n : e].tobytes() for i, n, e, ok in zip(small, sizes.tolist(), ends.tolist(),
-                                                                  (res == sizes).tolist()) if ok}
-
-    def fill_many(self, fd: int, parts: Sequence[tuple[int, np.ndarray]]) -> list[bool]:
-        """For each ``(offset, iov)``, fill the memory regions of ``iov`` (as :meth:`fill_scatter`, which this
-        reads the same) with consecutive bytes of descriptor ``fd`` from ``offset``: all the parts' reads in one
-        ``io_submit`` (:mod:`jreshard.aio`), so the thread takes the GIL back once, not once per 1,024 regions.
-        Returns, for each part, whether it was filled whole. A part not filled (a short read, an error, no native
-        AIO here) may have been filled in part: the caller reads it again with :meth:`fill_scatter`, which raises
-        the exact error. Not counted in :attr:`stats`.
-
-        Example:
-            >>> import tempfile, pathlib
-            >>> d = tempfile.mkdtemp(); _ = pathlib.Path(d, "a.bin").write_bytes(b"hello world")
-            >>> s = LocalStore(d); a, b = np.zeros(2, np.uint8), np.zeros(3, np.uint8)
-            >>> iov = np.array([[a.ctypes.data, 2], [b.ctypes.data, 3]], np.uint64)
-            >>> with s._use("a.bin") as fd:
-            ...     ok = s.fill_many(fd, [(6, iov)])
-            >>> bytes(a) + bytes(b) if ok[0] else b"world"
-            b'world'
-        """
-        blocks: list[tuple[int, int, int, int, int]] = []  # (part, rows address, rows, file offset, bytes)
-        filled = [False] * len(parts)
-        for p, (offset, iov) in enumerate(parts):
-            n = len(iov)
-            if not n:
-                filled[p] = True
-                continue
-            if iov.dtype != np.uint64 or iov.shape != (n, 2) or not iov.flags.c_contiguous:
-                continue
-            wants = np.add.reduceat(iov[:, 1], np.arange(0, n, _IOV_MAX)).tolist()
-            at = offset
-            for s, want in zip(range(0, n, _IOV_MAX), wants):
-                blocks.append((p, iov.ctypes.data + 16 * s, min(_IOV_MAX, n - s), at, want))
-                at += want
-        if not blocks:
-            return filled
-        table = np.array(blocks, np.int64)
-        cbs = aio.rows(len(blocks))
-        cbs["fildes"] = fd
-        cbs["opcode"] = aio.PREADV
-        cbs["buf"] = table[:, 1]
-        cbs["nbytes"] = table[:, 2]
-        cbs["offset"] = table[:, 3]
-        res = aio.submit(cbs)
-        if res is None:
-            return filled
-        short = np.unique(table[res != table[:, 4], 0]).tolist()
-        for p in np.unique(table[:, 0]).tolist():
-            filled[p] = True
-        for p in short:
-            filled[p] = False
-        return filled
 
     def fill_scatter(self, fd: int, key: str, offset: int, iov: np.ndarray) -> bool:
         """Fill the memory regions of ``iov`` (an ``(n, 2)`` uint64 array of ``(address, length)`` rows, which

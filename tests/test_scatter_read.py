@@ -60,14 +60,8 @@ def test_column_pieces_read_straight_into_pieces(checkpoints, monkeypatch):
         scattered.append(len(iov))
         return fill(self, fd, key, offset, iov)
 
-    def fill_many(self, fd, parts):  # the same scatter lists, all in one io_submit
-        scattered.extend(len(iov) for _, iov in parts)
-        return many(self, fd, parts)
-
-    many = storage.LocalStore.fill_many
     monkeypatch.setattr(read, "_copy_runs_from", copy_runs)
     monkeypatch.setattr(storage.LocalStore, "fill_scatter", fill_scatter)
-    monkeypatch.setattr(storage.LocalStore, "fill_many", fill_many)
     _load_plain(checkpoints)
     assert scattered and max(scattered) > 1  # requests scattered over several runs/pieces
     # Only runs placed element by element (a transposed destination) still go through a staging buffer.
@@ -190,8 +184,6 @@ def test_an_io_error_is_a_storage_error_naming_file_and_tensor(checkpoints, monk
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(storage.LocalStore, where, broken)
-    # The batched reads (io_submit) report EIO as parts not filled; the plain reads then raise it.
-    monkeypatch.setattr(storage.LocalStore, "fill_many", lambda self, fd, parts: [False] * len(parts))
     mesh = make_mesh("2x4")
     with jreshard.open(checkpoints.dirs["plain"], io="posix") as ckpt:
         targets = _targets(ckpt, mesh)
