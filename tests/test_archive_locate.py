@@ -307,6 +307,11 @@ def test_templates_kept_across_calls(groups, counted, data):
     counted.update(general=0, parses=0)
     assert _located(open_archives(store, blobs, wheres, **mode, templates=kept)) == _located(first)
     assert counted == {"general": 0, "parses": 0}
+    # What is kept holds no archive's own bytes, not even those of an archive held whole (its payload).
+    kinds = {held for held, _ in kept.by_key}
+    kept_archives = [t.archive for probes in kept.by_key.values() for table in probes.values() for t in table.values()]
+    assert kept_archives and all(a.data is None for a in kept_archives)
+    assert mode["small"] == 0 or True in kinds  # (archives held whole were among them)
     g = data.draw(st.sampled_from([0, 1, 2, 3, 5]), "group")
     group = _layout(groups, g)
     which = data.draw(st.integers(0, len(group) - 2), "which")

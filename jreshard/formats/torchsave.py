@@ -485,7 +485,10 @@ class _Template:
     def __init__(self, checks: tuple[tuple[int, Any, Any], ...], archive: Archive, pkl: bytes,
                  probe: tuple[int, int, int]) -> None:
         self.checks = checks
-        self.archive = archive
+        # What matching archives share, without the bytes of this one (held whole when small): templates may be
+        # kept for a checkpoint's life (templates_for).
+        self.archive = Archive(archive.blob, archive.where, archive.entries, prefix=archive.prefix, obj=archive.obj,
+                               byteorder=archive.byteorder, cd_off=archive.cd_off)
         self.pkl = pkl
         self.probe = probe  # (window, start, stop): where its data.pkl is (bytes it looked at)
 
