@@ -12,6 +12,7 @@ bytes.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -68,7 +69,9 @@ def overlaps(chunks: Sequence[Chunk], box: Box) -> list[Overlap]:
 
     For many chunks as :func:`jreshard.catalog.validate_chunks` returns them (``TensorInfo.chunks``), only the
     chunks that meet ``box`` are visited, found by an index built once for them
-    (:func:`jreshard.catalog.chunk_overlaps`): O(log n + candidates) per box instead of O(n).
+    (:func:`jreshard.catalog.chunk_overlaps`): O(log n + candidates) per box instead of O(n). Fewer chunks are
+    scanned, and what a scan finds is kept by layout and box (at most SCANNED_OVERLAPS Overlaps in all), for the
+    tensors cut alike.
 
     Example:
         >>> from jreshard.catalog import Chunk
@@ -84,12 +87,13 @@ def overlaps(chunks: Sequence[Chunk], box: Box) -> list[Overlap]:
         COUNTS["overlaps"] += len(found[0])
         return list(map(Overlap, *found))
     COUNTS["overlaps"] += len(chunks)  # a scan visits every chunk
-    memo = _scan_memo(chunks)
-    if memo is not None:
+    layout = _layout_id(chunks)
+    key = None if layout is None else (layout, box)
+    if key is not None:
         try:
-            hit = memo.get(box)
+            hit = _SCANNED.get(key)
         except TypeError:  # a box of lists: not kept
-            memo = hit = None
+            key = hit = None
         if hit is not None:
             return list(hit)
     out = []
@@ -100,43 +104,49 @@ def overlaps(chunks: Sequence[Chunk], box: Box) -> list[Overlap]:
             continue
         out.append(Overlap(i, tuple(l - o for l, o in zip(lo, c.offsets)), tuple(l - b0 for l, (b0, _) in zip(lo, box)),
                            tuple(h - l for l, h in zip(lo, hi))))
-    if memo is not None:
-        if len(memo) >= SCAN_MEMO_BOXES:
-            memo.clear()
-        memo[box] = tuple(out)  # (Overlaps are frozen: shared by every tensor of this layout)
+    if key is not None:
+        if _SCANNED_HELD[0] + len(out) > SCANNED_OVERLAPS:
+            _SCANNED.clear()  # all dropped at once: what is kept stays within the bound
+            _SCANNED_HELD[0] = 0
+        _SCANNED[key] = tuple(out)  # (Overlaps are frozen: shared by every tensor of this layout)
+        _SCANNED_HELD[0] += len(out)
     return out
 
 
-SCAN_MEMO_BOXES = 512  # boxes whose scanned overlaps are kept per chunk layout
-SCAN_MEMO_LAYOUTS = 4096  # chunk layouts kept; all are dropped when full
-_SCAN_MEMOS: dict[tuple, dict] = {}
+SCANNED_OVERLAPS = 1 << 15  # scanned Overlaps kept in all (overlaps(): one process-wide table)
+LAYOUTS = 4096  # chunk layouts numbered before the numbering starts over (new numbers, never reused)
+_SCANNED: dict[tuple[int, Any], tuple[Overlap, ...]] = {}  # (layout number, box) -> its overlaps
+_SCANNED_HELD = [0]
+_LAYOUT_IDS: dict[tuple, int] = {}
+_NEXT_LAYOUT = itertools.count()
 
 
-def _scan_memo(chunks: Sequence[Chunk]) -> dict | None:
-    """Where the scanned overlaps of ``chunks`` are kept, by box: one dict per layout (the chunks' offsets and
-    sizes), shared by every tensor cut alike (a model's layers: planned piece by piece, each scanned the same
-    few chunks for the same boxes). Only for a validated ChunkTuple (immutable, of frozen Chunks), whose layout
-    key is made once; None for anything else."""
+def _layout_id(chunks: Sequence[Chunk]) -> int | None:
+    """The number of the layout of ``chunks`` (their offsets and sizes), by which :func:`overlaps` keeps what a
+    scan found for a box, for every tensor cut alike (a model's layers: planned piece by piece, each scanning the
+    same few chunks for the same boxes). Only for a validated ChunkTuple (immutable, of frozen Chunks), which
+    remembers its number; None for anything else. Numbers are never reused, so a number a ChunkTuple holds
+    always means its own layout."""
     from .catalog import ChunkTuple
 
     if type(chunks) is not ChunkTuple:
         return None
     try:
-        return chunks._scan_memo
+        return chunks._layout_id
     except AttributeError:
         pass
     layout = tuple((c.offsets, c.sizes) for c in chunks)
     try:
-        memo = _SCAN_MEMOS.get(layout)
+        number = _LAYOUT_IDS.get(layout)
     except TypeError:  # bounds that are lists (not validated): they could change, nothing is kept
-        chunks._scan_memo = None  # type: ignore[attr-defined]
-        return None
-    if memo is None:
-        if len(_SCAN_MEMOS) >= SCAN_MEMO_LAYOUTS:
-            _SCAN_MEMOS.clear()
-        memo = _SCAN_MEMOS[layout] = {}
-    chunks._scan_memo = memo  # type: ignore[attr-defined]
-    return memo
+        number = None
+    else:
+        if number is None:
+            if len(_LAYOUT_IDS) >= LAYOUTS:
+                _LAYOUT_IDS.clear()
+            number = _LAYOUT_IDS[layout] = next(_NEXT_LAYOUT)
+    chunks._layout_id = number  # type: ignore[attr-defined]
+    return number
 
 
 def element_span(locator: Locator, overlap: Overlap, itemsize: int) -> tuple[int, int]:

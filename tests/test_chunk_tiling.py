@@ -460,6 +460,45 @@ def test_layouts_that_differ_in_sizes_only_keep_their_own_overlaps():
     assert [o.size for o in overlaps(short, box)] == [(2, 3), (4, 3)]
 
 
+def _fresh_scan_tables(monkeypatch, held: int, layouts: int) -> None:
+    from jreshard import planning
+
+    monkeypatch.setattr(planning, "SCANNED_OVERLAPS", held)
+    monkeypatch.setattr(planning, "LAYOUTS", layouts)
+    monkeypatch.setattr(planning, "_SCANNED", {})
+    monkeypatch.setattr(planning, "_SCANNED_HELD", [0])
+    monkeypatch.setattr(planning, "_LAYOUT_IDS", {})
+
+
+def test_scanned_overlaps_kept_stay_within_their_bound(monkeypatch):
+    """What overlaps() keeps of its scans never passes SCANNED_OVERLAPS Overlaps in all; every answer stays the
+    scan's."""
+    from jreshard import planning
+
+    _fresh_scan_tables(monkeypatch, held=10, layouts=4096)
+    tensors = [validate_chunks(f"t{k}", (4 * (k % 3 + 1), 6), [Chunk((4 * i, 0), (4, 6)) for i in range(k % 3 + 1)],
+                               "ckpt") for k in range(9)]
+    for _ in range(2):
+        for t in tensors:
+            shape = (4 * len(t), 6)
+            for box in (((0, shape[0]), (0, 6)), ((1, shape[0] - 1), (2, 5)), ((2, 3), (0, 6))):
+                assert as_tuples(overlaps(t, box)) == overlaps_reference(shape, t, box)
+                assert planning._SCANNED_HELD[0] == sum(len(v) for v in planning._SCANNED.values()) <= 10
+    assert planning._SCANNED  # (something was kept)
+
+
+def test_a_layout_numbering_that_starts_over_reuses_no_number(monkeypatch):
+    """Layouts numbered one at a time (the numbering starts over at each new one): a new layout never gets the
+    number an older tensor still holds, so a box asked of both gets each one's own overlaps."""
+    _fresh_scan_tables(monkeypatch, held=1 << 15, layouts=1)
+    halves = validate_chunks("a", (4, 6), [Chunk((0, 0), (2, 6)), Chunk((2, 0), (2, 6))], "ckpt")
+    whole = validate_chunks("b", (4, 6), [Chunk((0, 0), (4, 6))], "ckpt")
+    box = ((0, 4), (0, 6))
+    for _ in range(2):
+        assert [o.size for o in overlaps(halves, box)] == [(2, 6), (2, 6)]
+        assert [o.size for o in overlaps(whole, box)] == [(4, 6)]
+
+
 def test_overlaps_index_is_used_kept_with_the_chunks_and_not_pickled():
     chunks = [Chunk((i, j), (1, 1)) for i in range(10) for j in range(10)]
     kept = validate_chunks("t", (10, 10), chunks, "ckpt")
