@@ -47,6 +47,7 @@ def _load_plain(checkpoints, spec=None) -> None:
     for name, arr in out.items():
         check_loaded_array(arr, targets[name], np.asarray(ref[name]), f"plain: {name}")
 
+
 def test_column_pieces_read_straight_into_pieces(checkpoints, monkeypatch):
     staged, scattered = [], []
     copy, fill = read._copy_runs_from, storage.LocalStore.fill_scatter
@@ -116,6 +117,7 @@ def test_items_read_whole_do_not_hold_up_the_next_unit(checkpoints, monkeypatch)
     monkeypatch.setattr(read.Executor, "_pread_all", held_back)
     _load_plain(checkpoints, P())
     assert started.is_set() and not late
+
 
 def _short_preadv(limit):
     """A preadv that reads at most ``limit`` bytes per call (as a signal or a slow file system may)."""
