@@ -230,3 +230,81 @@ def test_partial_raw_copy_matches_jreshards_read(checkpoints):
         got = partial.raw_copy(ckpt, want, maps, _layoutread.file_locators(ckpt, want))
         for name, box in want.items():
             assert got[name].tobytes() == ckpt.read(name, box).tobytes(), name
+
+
+def _sharded_targets(ckpt, names):
+    import jax
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    return {n: jax.ShapeDtypeStruct(ckpt.tensor(n).shape, ckpt.tensor(n).dtype,
+                                    sharding=NamedSharding(mesh, P("data", "model"))) for n in names}
+
+
+def test_replayed_reads_are_the_loads_bytes_and_plan_file(checkpoints, tmp_path):
+    """replay.py's recording of a load holds every read it made: replayed into fresh blocks, the reads write the
+    bytes the load wrote, and they cover every byte of every device's piece exactly once; the plan file replay.c
+    reads holds the same reads."""
+    import struct
+
+    import replay
+
+    import jreshard
+
+    path = checkpoints.dirs["plain"]
+    names = ("mp.a", "mp.b", "mp.c", "mp.d", "mp.e")  # large enough to be read, not held whole
+    with jreshard.open(path) as ckpt:
+        targets = _sharded_targets(ckpt, names)
+    rec = replay.record(path, targets)
+    assert rec.reads and rec.block_sizes
+    again = replay.replay_in_python(rec)
+    covered = [np.zeros(n, np.int32) for n in rec.block_sizes]
+    for _, _, rows in rec.reads:
+        for b, o, n in rows.tolist():
+            if b >= 0:
+                covered[b][o : o + n] += 1
+                assert again[b][o : o + n].tobytes() == rec.blocks[b][o : o + n].tobytes()
+    assert all(int(c.max(initial=0)) <= 1 for c in covered)  # no byte written twice
+    ref = checkpoints.reference("plain")
+    assert sum(int(c.sum()) for c in covered) == sum(np.asarray(ref[n]).nbytes for n in names)
+    for name in names:  # and what the load returned is torch's tensor
+        got = np.asarray(rec.out[name])
+        assert got.tobytes() == np.asarray(ref[name]).tobytes(), name
+
+    plan = tmp_path / "plan.bin"
+    replay.write_plan(rec, plan)
+    data = plan.read_bytes()
+    nfiles, nblocks, nreads = struct.unpack_from("<qqq", data, 0)
+    pos = 24
+    files = []
+    for _ in range(nfiles):
+        (n,) = struct.unpack_from("<q", data, pos)
+        files.append(data[pos + 8 : pos + 8 + n].decode())
+        pos += 8 + n
+    assert [os.path.realpath(f) for f in files] == [os.path.realpath(f) for f in rec.files]
+    assert all(os.path.isfile(f) for f in files)
+    assert list(struct.unpack_from(f"<{nblocks}q", data, pos)) == rec.block_sizes
+    pos += 8 * nblocks
+    assert nreads == len(rec.reads)
+    for file, offset, rows in rec.reads:
+        assert struct.unpack_from("<qqq", data, pos) == (file, offset, len(rows))
+        pos += 24
+        assert np.array_equal(np.frombuffer(data, "<i8", 3 * len(rows), pos).reshape(-1, 3), rows)
+        pos += 24 * len(rows)
+    assert pos == len(data)
+
+
+def test_replay_refuses_a_read_into_memory_it_cannot_name(checkpoints, monkeypatch):
+    """A load whose reads go through a staging buffer (not one of its blocks) cannot be replayed as it ran."""
+    import replay
+
+    import jreshard
+    import jreshard.storage as storage
+
+    monkeypatch.setattr(storage.LocalStore, "fill_scatter", lambda self, fd, key, offset, iov: False)
+    path = checkpoints.dirs["plain"]
+    with jreshard.open(path) as ckpt:
+        targets = _sharded_targets(ckpt, ("mp.a",))
+    with pytest.raises(ValueError, match="outside the load's blocks"):
+        replay.record(path, targets)
