@@ -65,8 +65,7 @@ class Recording:
 def _recording() -> Iterator[tuple[list, list]]:
     """Patches jreshard's host allocation and local reads to note each block and each read; yields the two
     lists ``(blocks, reads)`` (reads as ``(file key, offset, [(address, length), ...])``)."""
-    import jreshard.place as place
-    import jreshard.storage as storage
+    from jreshard import place, storage
 
     blocks: list[np.ndarray] = []
     reads: list[tuple[str, int, list[tuple[int, int]]]] = []
@@ -79,13 +78,13 @@ def _recording() -> Iterator[tuple[list, list]]:
             blocks.append(block)
         return block
 
-    def rec_fill(self, fd, key, offset, view):  # noqa: ANN001 -- the patched method's own signature
+    def rec_fill(self, fd, key, offset, view):
         address = np.frombuffer(view, np.uint8).ctypes.data if len(view) else 0
         with lock:
             reads.append((key, offset, [(address, len(view))]))
         return fill(self, fd, key, offset, view)
 
-    def rec_fill_scatter(self, fd, key, offset, iov):  # noqa: ANN001
+    def rec_fill_scatter(self, fd, key, offset, iov):
         rows = [(int(a), int(n)) for a, n in iov.tolist()]  # before the call, which may change iov
         with lock:
             reads.append((key, offset, rows))

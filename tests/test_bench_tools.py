@@ -300,7 +300,7 @@ def test_replay_refuses_a_read_into_memory_it_cannot_name(checkpoints, monkeypat
     import replay
 
     import jreshard
-    import jreshard.storage as storage
+    from jreshard import storage
 
     monkeypatch.setattr(storage.LocalStore, "fill_scatter", lambda self, fd, key, offset, iov: False)
     path = checkpoints.dirs["plain"]
