@@ -28,7 +28,8 @@ Contenders (``_contenders.py``):
             target's device pieces (each saved row cut at the column boundaries of the (2, 4) mesh, so
             1-3 KiB per piece), the scatter lists built untimed, the reads on as many threads as jreshard
             uses; numpy pieces, no ``device_put``. Its "x raw" is what the layout itself costs; jreshard's
-            time over it (printed under the table) is what jreshard adds.
+            time over it (printed under the table) is what jreshard adds. ``replay.py`` measures the same with
+            no Python at all: jreshard's own recorded reads replayed by a C program against a C raw read.
 
   Conversion contenders (DCP -> a native Orbax checkpoint, the tree a nested dict of the dotted names, every
   array unsharded on the first device, dtypes as saved; the destination is removed, untimed, before each
