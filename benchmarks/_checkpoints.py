@@ -9,8 +9,10 @@ i.e. an FSDP-style checkpoint (or, with ``JRESHARD_BENCH_WRITER=jreshard``, the 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +48,18 @@ class Paths:
 
     def done_marker(self, what: str) -> Path:
         return self.root / f".{what}.done"
+
+
+def chosen_dcp(checkpoint: str | None, workdir: str) -> str | None:
+    """``checkpoint`` when given, else the newest DCP checkpoint restore.py wrote under ``workdir`` (None, with a
+    message on stderr, when there is none): the checkpoint partial.py and replay.py measure."""
+    if checkpoint:
+        return checkpoint
+    dirs = sorted(glob.glob(os.path.join(workdir, "*", "dcp")), key=os.path.getmtime)
+    if not dirs:
+        print(f"no DCP checkpoint under {workdir}: run benchmarks/restore.py first", file=sys.stderr)
+        return None
+    return dirs[-1]
 
 
 def _free_port() -> int:

@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+from _checkpoints import chosen_dcp
 from _layoutread import file_locators
 from _machine import facts
 
@@ -78,14 +79,9 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=5, help="passes per setting (median reported; default 5)")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = ap.parse_args()
-    if args.checkpoint:
-        directory = args.checkpoint
-    else:
-        dirs = sorted(glob.glob(os.path.join(args.workdir, "*", "dcp")), key=os.path.getmtime)
-        if not dirs:
-            print(f"no DCP checkpoint under {args.workdir}: run benchmarks/restore.py first", file=sys.stderr)
-            return 2
-        directory = dirs[-1]
+    directory = chosen_dcp(args.checkpoint, args.workdir)
+    if directory is None:
+        return 2
     machine = facts()
     ckpt = jreshard.open(directory)
     maps = {os.path.basename(f): np.memmap(f, np.uint8, "r") for f in glob.glob(os.path.join(directory, "*.distcp"))}

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import glob
 import json
 import os
 import shutil
@@ -203,20 +202,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from _checkpoints import chosen_dcp
     from _machine import facts
     from _model import build_model, make_targets
     from _pagecache import files_under, warm
 
     from jreshard.read import read_threads
 
-    if args.checkpoint:
-        directory = args.checkpoint
-    else:
-        dirs = sorted(glob.glob(os.path.join(args.workdir, "*", "dcp")), key=os.path.getmtime)
-        if not dirs:
-            print(f"no DCP checkpoint under {args.workdir}: run benchmarks/restore.py first", file=sys.stderr)
-            return 2
-        directory = dirs[-1]
+    directory = chosen_dcp(args.checkpoint, args.workdir)
+    if directory is None:
+        return 2
     threads = args.threads or read_threads()
     raw_threads = [int(t) for t in args.raw_threads.split(",")]
     rec = record(directory, make_targets(build_model(args.size_gib)))
