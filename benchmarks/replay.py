@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,24 +51,30 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 class Recording:
     """The reads of one load: ``files`` (absolute paths), ``block_sizes`` (bytes of each host block, in the order
     allocated) and ``reads``: ``(file index, offset, rows)`` with rows an ``(n, 3)`` int64 array of ``(block
-    index or -1 for the junk buffer, offset in it, length)``, in the order the reads were issued. ``blocks`` are
-    the live blocks after the load (what the reads wrote) and ``out`` what the load returned."""
+    index or -1 for the junk buffer, offset in it, length)``, in the order the reads were issued; ``junk_bytes``
+    the junk buffer's size. ``blocks`` are the live blocks after the load (what the reads wrote) and ``out`` what
+    the load returned (both let go of by :meth:`release`)."""
 
     files: list[str]
     block_sizes: list[int]
     reads: list[tuple[int, int, np.ndarray]]
+    junk_bytes: int
     blocks: list[np.ndarray]
     out: Any
+
+    def release(self) -> None:
+        """Lets go of the load's arrays and blocks (the model's size in memory), keeping the reads."""
+        self.blocks, self.out = [], None
 
 
 @contextlib.contextmanager
 def _recording() -> Iterator[tuple[list, list]]:
     """Patches jreshard's host allocation and local reads to note each block and each read; yields the two
-    lists ``(blocks, reads)`` (reads as ``(file key, offset, [(address, length), ...])``)."""
+    lists ``(blocks, reads)`` (reads as ``(file key, offset, (n, 2) array of (address, length) rows)``)."""
     from jreshard import place, storage
 
     blocks: list[np.ndarray] = []
-    reads: list[tuple[str, int, list[tuple[int, int]]]] = []
+    reads: list[tuple[str, int, np.ndarray]] = []
     lock = threading.Lock()
     empty, fill, fill_scatter = place._empty, storage.LocalStore.fill, storage.LocalStore.fill_scatter
 
@@ -80,11 +87,11 @@ def _recording() -> Iterator[tuple[list, list]]:
     def rec_fill(self, fd, key, offset, view):
         address = np.frombuffer(view, np.uint8).ctypes.data if len(view) else 0
         with lock:
-            reads.append((key, offset, [(address, len(view))]))
+            reads.append((key, offset, np.array([[address, len(view)]], np.uint64)))
         return fill(self, fd, key, offset, view)
 
     def rec_fill_scatter(self, fd, key, offset, iov):
-        rows = [(int(a), int(n)) for a, n in iov.tolist()]  # before the call, which may change iov
+        rows = iov.copy()  # before the call, which may change iov
         with lock:
             reads.append((key, offset, rows))
         return fill_scatter(self, fd, key, offset, iov)
@@ -99,12 +106,7 @@ def _recording() -> Iterator[tuple[list, list]]:
 def record(path: str | Path, targets: Any) -> Recording:
     """Runs ``jreshard.load(path, targets)`` and records its reads. A read into memory that is neither one of the
     load's host blocks nor the junk buffer (a staged read, copied out afterwards) cannot be replayed as it was:
-    ValueError.
-
-    Example:
-        >>> import jax, numpy as np, jreshard.sample
-        >>> path = jreshard.sample.path()
-        >>> rec = record(path, {"model.embed.weight": jax.ShapeDtypeStruct((256, 64), np.float32)})  # doctest: +SKIP
+    ValueError. (A checkpoint whose chunks are all small archives, read whole, records no reads.)
     """
     import jax
 
@@ -114,33 +116,33 @@ def record(path: str | Path, targets: Any) -> Recording:
     junk = jread._junk()
     with _recording() as (blocks, raw_reads):
         out = jax.block_until_ready(jreshard.load(str(path), targets))
-    spans = sorted((b.ctypes.data, len(b), k) for k, b in enumerate(blocks))
-    starts = [s[0] for s in spans]
-    j0, jn = junk.ctypes.data, len(junk)
+    # The junk buffer (index -1) and the blocks, by address: every row's region is looked up at once.
+    spans = sorted([(junk.ctypes.data, len(junk), -1)] + [(b.ctypes.data, len(b), k) for k, b in enumerate(blocks)])
+    starts, sizes, ids = (np.array(col, np.int64) for col in zip(*spans))
 
-    def where(address: int, length: int) -> tuple[int, int]:
-        if j0 <= address and address + length <= j0 + jn:
-            return -1, address - j0
-        i = int(np.searchsorted(starts, address, "right")) - 1
-        if i >= 0 and address + length <= spans[i][0] + spans[i][1]:
-            return spans[i][2], address - spans[i][0]
-        raise ValueError(f"a read of {length} bytes into memory outside the load's blocks: not replayable")
+    def where(rows: np.ndarray) -> np.ndarray:
+        address, length = rows[:, 0].astype(np.int64), rows[:, 1].astype(np.int64)
+        i = np.searchsorted(starts, address, "right") - 1
+        inside = (i >= 0) & (address + length <= starts[i] + sizes[i])
+        if not inside.all():
+            n = int(length[~inside][0])
+            raise ValueError(f"a read of {n} bytes into memory outside the load's blocks: not replayable")
+        return np.stack([ids[i], address - starts[i], length], axis=1)
 
     root = Path(path)
     keys = sorted({key for key, _, _ in raw_reads})
     index = {key: k for k, key in enumerate(keys)}
-    reads = [(index[key], offset, np.array([(*where(a, n), n) for a, n in rows], np.int64).reshape(-1, 3))
-             for key, offset, rows in raw_reads]
+    reads = [(index[key], offset, where(rows)) for key, offset, rows in raw_reads]
     files = [str((root if root.is_dir() else root.parent) / key) for key in keys]
-    return Recording(files, [len(b) for b in blocks], reads, list(blocks), out)
+    return Recording(files, [len(b) for b in blocks], reads, len(junk), list(blocks), out)
 
 
 def write_plan(rec: Recording, dest: Path) -> None:
-    """The plan file ``replay.c`` reads (little-endian int64 throughout): file, block and read counts; each file's
-    path (its length, then its bytes); each block's size; each read's file index, offset and row count, then its
-    rows."""
+    """The plan file ``replay.c`` reads (little-endian int64 throughout): file, block and read counts and the junk
+    buffer's size; each file's path (its length, then its bytes); each block's size; each read's file index,
+    offset and row count, then its rows."""
     with open(dest, "wb") as f:
-        f.write(struct.pack("<qqq", len(rec.files), len(rec.block_sizes), len(rec.reads)))
+        f.write(struct.pack("<qqqq", len(rec.files), len(rec.block_sizes), len(rec.reads), rec.junk_bytes))
         for name in rec.files:
             raw = os.fsencode(name)
             f.write(struct.pack("<q", len(raw)) + raw)
@@ -150,11 +152,11 @@ def write_plan(rec: Recording, dest: Path) -> None:
             f.write(np.ascontiguousarray(rows, "<i8").tobytes())
 
 
-def replay_in_python(rec: Recording, junk_bytes: int = 1 << 20) -> list[np.ndarray]:
+def replay_in_python(rec: Recording) -> list[np.ndarray]:
     """What ``replay.c`` does, in Python and on one thread: every recorded read into fresh zeroed blocks; returns
     the blocks (the reference the tests hold the C program's semantics and the recording to)."""
     blocks = [np.zeros(n, np.uint8) for n in rec.block_sizes]
-    junk = np.empty(junk_bytes, np.uint8)
+    junk = np.empty(rec.junk_bytes, np.uint8)
     fds = [os.open(name, os.O_RDONLY) for name in rec.files]
     try:
         for file, offset, rows in rec.reads:
@@ -219,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = sum(int(r[r[:, 0] >= 0, 2].sum()) for _, _, r in rec.reads)
     print(f"checkpoint {directory}: {len(rec.reads)} reads, {rows} scatter rows, {wanted / 2**30:.3f} GiB into "
           f"{len(rec.block_sizes)} blocks; replay on {threads} threads")
-    del rec.out, rec.blocks
+    rec.release()
     names = [f"raw-t{t}" for t in raw_threads] + [f"replay-t{threads}"]
     runs: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
@@ -229,10 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         warm(files_under(Path(directory)))
         for _ in range(args.rounds):
             for name in names:
-                if args.settle:
-                    import time
-
-                    time.sleep(args.settle)
+                time.sleep(args.settle)
                 mode, t = name.split("-t")
                 runs[name].append(_run(exe, plan, mode, int(t)))
     med = {n: statistics.median(r["wall"] for r in runs[n]) for n in names}

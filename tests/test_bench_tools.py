@@ -4,6 +4,7 @@ anchor and the README rewrite (benchmarks/*.py; they are scripts, not part of th
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -169,6 +170,17 @@ _LAYOUT_NAMES = ("d1.s0", "d1.s1", "d1.uneven_s0", "d1.uneven_s1", "d1.vec", "d1
                  "dtypes.sharded.bfloat16", "dtypes.uneven.int16")
 
 
+def _targets(ckpt, names, spec_of):
+    """Targets for ``names`` of ``ckpt`` on a (2, 4) ('data', 'model') mesh of the 8 devices, each with the
+    PartitionSpec ``spec_of(shape)``."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding
+
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    return {n: jax.ShapeDtypeStruct(ckpt.tensor(n).shape, ckpt.tensor(n).dtype,
+                                    sharding=NamedSharding(mesh, spec_of(ckpt.tensor(n).shape))) for n in names}
+
+
 def _layout_spec(shape):
     from jax.sharding import PartitionSpec as P
 
@@ -187,17 +199,13 @@ def test_layout_floor_puts_every_saved_byte_in_its_device_piece(checkpoints, mon
     whether a chunk's scatter list is one task or cut into many."""
     import _layoutread
     import jax
-    from jax.sharding import Mesh, NamedSharding
 
     import jreshard
 
     monkeypatch.setattr(_layoutread, "TASK", task)
-    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
     path = checkpoints.dirs["plain"]
     with jreshard.open(path) as ckpt:
-        targets = {n: jax.ShapeDtypeStruct(ckpt.tensor(n).shape, ckpt.tensor(n).dtype,
-                                           sharding=NamedSharding(mesh, _layout_spec(ckpt.tensor(n).shape)))
-                   for n in _LAYOUT_NAMES}
+        targets = _targets(ckpt, _LAYOUT_NAMES, _layout_spec)
     read = _layoutread.LayoutRead(path, targets, threads=3)
     if task == 40:
         assert len(read.tasks) > len(_LAYOUT_NAMES) * 4  # chunks were cut into several tasks
@@ -233,13 +241,9 @@ def test_partial_raw_copy_matches_jreshards_read(checkpoints):
 
 
 def _sharded_targets(ckpt, names):
-    import jax
-    from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
-    return {n: jax.ShapeDtypeStruct(ckpt.tensor(n).shape, ckpt.tensor(n).dtype,
-                                    sharding=NamedSharding(mesh, P("data", "model"))) for n in names}
+    return _targets(ckpt, names, lambda shape: P("data", "model"))
 
 
 def test_replayed_reads_are_the_loads_bytes_and_plan_file(checkpoints, tmp_path):
@@ -275,8 +279,9 @@ def test_replayed_reads_are_the_loads_bytes_and_plan_file(checkpoints, tmp_path)
     plan = tmp_path / "plan.bin"
     replay.write_plan(rec, plan)
     data = plan.read_bytes()
-    nfiles, nblocks, nreads = struct.unpack_from("<qqq", data, 0)
-    pos = 24
+    nfiles, nblocks, nreads, junk_bytes = struct.unpack_from("<qqqq", data, 0)
+    assert junk_bytes == len(jreshard.read._junk())
+    pos = 32
     files = []
     for _ in range(nfiles):
         (n,) = struct.unpack_from("<q", data, pos)
@@ -308,3 +313,81 @@ def test_replay_refuses_a_read_into_memory_it_cannot_name(checkpoints, monkeypat
         targets = _sharded_targets(ckpt, ("mp.a",))
     with pytest.raises(ValueError, match="outside the load's blocks"):
         replay.record(path, targets)
+
+
+_CC = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+
+
+@pytest.mark.skipif(_CC is None, reason="replay.c needs a C compiler")
+def test_replay_program_refuses_a_plan_that_reaches_outside_its_buffers(checkpoints, tmp_path):
+    """replay.c checks every count, size and row of a plan before it maps a buffer: the recorded plan replays
+    (exit 0); a row past its block or the junk buffer, a block index past the last, a negative offset, a file
+    index past the last, counts the plan has no bytes for, or a truncated plan exit 2 naming the plan; a read past
+    a file's end exits 3; and no change of any byte of the plan ends it by a signal."""
+    import struct
+    import subprocess
+
+    import replay
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    import jreshard
+
+    path = checkpoints.dirs["plain"]
+    with jreshard.open(path) as ckpt:
+        rec = replay.record(path, _sharded_targets(ckpt, ("mp.a", "mp.d")))
+    exe = replay.build(tmp_path)
+    plan = tmp_path / "plan.bin"
+    replay.write_plan(rec, plan)
+    good = plan.read_bytes()
+    nfiles, nblocks, _, junk = struct.unpack_from("<qqqq", good, 0)
+    pos = 32
+    for _ in range(nfiles):
+        pos += 8 + struct.unpack_from("<q", good, pos)[0]
+    first_size = struct.unpack_from("<q", good, pos)[0]
+    read_at = pos + 8 * nblocks  # the first read: file, offset, row count, then its rows
+    row_at = read_at + 24
+    assert struct.unpack_from("<q", good, read_at + 16)[0] > 0 and struct.unpack_from("<q", good, row_at)[0] == 0
+
+    def run(data: bytes) -> subprocess.CompletedProcess:
+        bad = tmp_path / "bad.bin"
+        bad.write_bytes(data)
+        got = subprocess.run([str(exe), str(bad), "replay", "2"], capture_output=True, timeout=60, check=False)
+        got.stderr = got.stderr.decode(errors="replace")  # (a changed path is printed as it is)
+        return got
+
+    def patched(at: int, *values: int) -> bytes:
+        data = bytearray(good)
+        struct.pack_into(f"<{len(values)}q", data, at, *values)
+        return bytes(data)
+
+    assert run(good).returncode == 0
+    refused = {
+        "row past its block": patched(row_at, 0, 0, first_size + 1),
+        "row ending past its block": patched(row_at, 0, first_size - 1, 2),
+        "row past the junk buffer": patched(row_at, -1, 0, junk + 1),
+        "block index past the last": patched(row_at, nblocks, 0, 1),
+        "block index below the junk's": patched(row_at, -2, 0, 1),
+        "negative row offset": patched(row_at, 0, -1, 1),
+        "negative row length": patched(row_at, 0, 0, -1),
+        "file index past the last": patched(read_at, nfiles),
+        "negative file offset": patched(read_at + 8, -1),
+        "more reads than the plan holds": patched(16, 1 << 40),
+        "more blocks than the plan holds": patched(8, 1 << 40),
+        "more rows than the plan holds": patched(read_at + 16, 1 << 40),
+        "truncated plan": good[:-8],
+    }
+    for what, data in refused.items():
+        got = run(data)
+        assert got.returncode == 2 and "bad plan" in got.stderr, (what, got.returncode, got.stderr)
+    past_end = run(patched(read_at + 8, 1 << 40))
+    assert past_end.returncode == 3 and "short read" in past_end.stderr
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.integers(0, len(good) - 1), st.integers(0, 255))
+    def any_byte(at: int, value: int) -> None:
+        data = bytearray(good)
+        data[at] = value
+        assert run(bytes(data)).returncode in (0, 2, 3)  # never negative: killed by a signal
+
+    any_byte()
