@@ -560,7 +560,7 @@ class _Templates:
         return None
 
     def add(self, key: tuple[bool, int], t: _Template) -> None:
-        """Keep ``t`` (in place of the template of its layout), up to TEMPLATES in all."""
+        """Keep ``t`` (in place of the template of its layout), up to ``limit`` in all."""
         probes = self.by_key.setdefault(key, {})
         if self.count >= self.limit or (t.probe not in probes and len(probes) >= PROBES_PER_LENGTH):
             return
